@@ -1,0 +1,22 @@
+"""The Celery app for AGENTOPS_QUEUE=celery. Start a worker with
+``celery -A agentops worker``. Tasks take ids only and are acknowledged late, so a
+worker lost mid-slice hands the run back; the run's lease keeps two workers apart."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentops.settings")
+
+app = Celery("agentops")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+
+
+@app.task(name="agentops.run_advance", acks_late=True, ignore_result=True)
+def run_advance_task(run_id: str) -> str:
+    from agentops.runtime.engine import advance
+
+    return advance(uuid.UUID(run_id)).value

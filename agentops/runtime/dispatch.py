@@ -1,0 +1,37 @@
+"""Hand a run to the configured queue. The engine never knows which queue called it."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import transaction
+
+
+def enqueue(run_id: uuid.UUID) -> None:
+    """Queue ``advance(run_id)`` once the current transaction commits, so a worker never
+    sees a run before the change that queued it is visible."""
+    transaction.on_commit(lambda: _send(run_id))
+
+
+def _send(run_id: uuid.UUID) -> None:
+    if settings.AGENTOPS_QUEUE == "celery":
+        from agentops.celery import run_advance_task
+
+        run_advance_task.delay(str(run_id))
+    else:
+        from django_q.tasks import async_task
+
+        async_task(
+            "agentops.runtime.dispatch.run_advance_job",
+            str(run_id),
+            task_name=f"run {run_id}",
+            group="runs",
+        )
+
+
+def run_advance_job(run_id: str) -> str:
+    """The django-q2 job: takes the id only, and lets the engine re-fetch everything."""
+    from agentops.runtime.engine import advance
+
+    return advance(uuid.UUID(run_id)).value

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import openai
+
+from agentops.runtime.models.base import ModelError, ModelTurn, ToolCallRequest
+
+TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class OpenAICompatibleClient:
+    """Chat Completions with tool calling, through the openai package.
+
+    The client does not retry by itself (``max_retries=0``): the engine owns retries, so
+    every attempt is visible in the run's record.
+    """
+
+    def __init__(
+        self, *, model: str, api_key: str, base_url: str | None, timeout: float
+    ) -> None:
+        self.model = model
+        self.label = model
+        # Local servers (Ollama, vLLM) ignore the key, but the package insists on one.
+        self._client = openai.OpenAI(
+            api_key=api_key or "not-needed",
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+        )
+
+    def complete(self, *, messages: list[dict], tools: list[dict]) -> ModelTurn:
+        request: dict = {"model": self.model, "messages": messages}
+        if tools:
+            request["tools"] = tools
+        try:
+            response = self._client.chat.completions.create(**request)
+        except openai.APITimeoutError as error:
+            raise ModelError(f"the model server timed out: {error}", transient=True) from error
+        except openai.APIConnectionError as error:
+            raise ModelError(
+                f"could not reach the model server: {error}", transient=True
+            ) from error
+        except openai.APIStatusError as error:
+            raise ModelError(
+                f"the model server answered {error.status_code}: {_error_text(error)}",
+                transient=error.status_code in TRANSIENT_STATUSES,
+                status=error.status_code,
+            ) from error
+        if not response.choices:
+            raise ModelError("the model server returned no choices", transient=True)
+        choice = response.choices[0]
+        message = choice.message
+        calls = [
+            ToolCallRequest(
+                id=call.id or "",
+                name=call.function.name,
+                arguments=call.function.arguments or "{}",
+            )
+            for call in (message.tool_calls or [])
+            if getattr(call, "function", None) is not None
+        ]
+        usage = response.usage
+        return ModelTurn(
+            content=message.content or "",
+            tool_calls=calls,
+            tokens_in=usage.prompt_tokens if usage else 0,
+            tokens_out=usage.completion_tokens if usage else 0,
+            model=response.model or self.model,
+            finish_reason=choice.finish_reason or "",
+        )
+
+
+def _error_text(error: openai.APIStatusError) -> str:
+    body = error.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return error.message

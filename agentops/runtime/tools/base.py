@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+if TYPE_CHECKING:
+    from tasks.models import Tool
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool is told about the call it serves. A tool with idempotency ``key``
+    must make a repeat with the same ``idempotency_key`` have no new effect."""
+
+    run_id: uuid.UUID
+    step_number: int
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    ok: bool
+    value: Any = None
+    error: str = ""
+    # Transient errors (timeouts, refused connections) may be retried; others go back
+    # to the model so it can re-plan.
+    transient: bool = False
+    details: dict = field(default_factory=dict)
+
+
+class ToolError(Exception):
+    """Raised by a tool to report a failure the model should see and re-plan around."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class ToolExecutor(Protocol):
+    def validate(self, tool: Tool, arguments: dict) -> list[str]: ...
+
+    def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
+
+
+def arguments_errors(schema: dict, arguments: Any) -> list[str]:
+    """Every way ``arguments`` break ``schema``, as sentences naming the field."""
+    try:
+        validator = Draft202012Validator(schema or {"type": "object"})
+        validator.check_schema(validator.schema)
+    except SchemaError as error:
+        return [f"the tool's own input schema is invalid: {error.message}"]
+    messages = []
+    for error in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
+        where = "/".join(str(part) for part in error.path) or "(the arguments)"
+        messages.append(f"{where}: {error.message}")
+    return messages
+
+
+def executor_for(tool: Tool) -> ToolExecutor:
+    from agentops.runtime.tools.python import PythonExecutor
+
+    executors: dict[str, ToolExecutor] = {"python": PythonExecutor()}
+    try:
+        return executors[tool.kind]
+    except KeyError:
+        raise LookupError(f"no executor for tools of kind {tool.kind!r}") from None

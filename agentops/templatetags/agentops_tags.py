@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def json_pretty(value: Any) -> str:
+    """Show a JSON value as indented JSON (not Python's repr)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from tasks.models import Run, Step
+
+
+class ApprovalKind(models.TextChoices):
+    ACTION = "action", "Approve an action"
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+class Approval(models.Model):
+    """A human checkpoint. For an action it is bound to one exact call: ``call_digest``
+    is the hash of the tool name and arguments, and the engine fires only a call whose
+    digest matches an approved Approval."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="approvals")
+    step = models.ForeignKey(
+        Step, null=True, blank=True, on_delete=models.CASCADE, related_name="approvals"
+    )
+    kind = models.CharField(max_length=16, choices=ApprovalKind.choices)
+    status = models.CharField(
+        max_length=16, choices=ApprovalStatus.choices, default=ApprovalStatus.PENDING
+    )
+    tool_name = models.CharField(max_length=64, blank=True)
+    arguments = models.JSONField(null=True, blank=True)
+    call_digest = models.CharField(max_length=64, blank=True)
+    side_effect = models.CharField(max_length=16, blank=True)
+    gate = models.CharField(max_length=300, help_text="The rule or gate that stopped the call.")
+    reasoning = models.TextField(blank=True, help_text="What the agent said before this call.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    decision_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["status", "created_at"], name="approval_status_created")]
+        permissions = [("decide_approval", "Can decide approvals")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()}: {self.tool_name} ({self.status})"
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status == ApprovalStatus.PENDING

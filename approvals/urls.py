@@ -1,0 +1,10 @@
+from django.urls import path
+
+from approvals import views
+
+app_name = "approvals"
+urlpatterns = [
+    path("", views.inbox, name="inbox"),
+    path("count/", views.inbox_count, name="count"),
+    path("<int:approval_id>/decide/", views.decide, name="decide"),
+]

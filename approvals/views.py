@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import trigger_client_event
+
+from agentops.http import see_other
+from approvals import selectors
+from approvals.forms import DecisionForm
+from approvals.models import Approval
+from approvals.services import DecisionError, approval_decide
+
+
+@require_GET
+@login_required
+def inbox(request: HttpRequest) -> HttpResponse:
+    context = {
+        "pending": selectors.approvals_pending_for(request.user),
+        "decided": selectors.approvals_decided_for(request.user),
+        "can_decide": request.user.has_perm("approvals.decide_approval"),
+    }
+    return render(request, "approvals/inbox.html", context)
+
+
+@require_GET
+@login_required
+def inbox_count(request: HttpRequest) -> HttpResponse:
+    return render(
+        request,
+        "base.html#inbox-count",
+        {"inbox_count": selectors.inbox_count_for(request.user)},
+    )
+
+
+@require_POST
+@login_required
+def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
+    try:
+        approval = selectors.approval_for_user(request.user, approval_id)
+    except Approval.DoesNotExist:
+        raise Http404("no such approval, or you may not decide it") from None
+    form = DecisionForm(request.POST)
+    error = ""
+    if form.is_valid():
+        try:
+            approval = approval_decide(
+                approval=approval,
+                user=request.user,
+                approve=form.cleaned_data["decision"] == "approve",
+                reason=form.cleaned_data["reason"],
+            )
+        except DecisionError as refusal:
+            error = str(refusal)
+    else:
+        error = " ".join(message for errors in form.errors.values() for message in errors)
+    if request.htmx:
+        # The item swaps in place either way; a refusal is shown inside it.
+        approval.refresh_from_db()
+        response = render(
+            request, "approvals/inbox.html#approval", {"approval": approval, "error": error}
+        )
+        return trigger_client_event(response, "approvals-changed")
+    if error:
+        messages.error(request, f"Not decided: {error}")
+    else:
+        messages.success(request, f"{approval.get_status_display()}: {approval.tool_name}.")
+    return see_other("approvals:inbox")

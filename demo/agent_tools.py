@@ -1,0 +1,146 @@
+"""The demo's tools and its scripted model: reconcile an invoice batch against the
+payments received, and email finance a summary once a person approves."""
+
+from __future__ import annotations
+
+import json
+
+from django.core.mail import EmailMessage
+
+from agentops.runtime.models import ModelTurn
+from agentops.runtime.models.scripted import script, scripted_turn
+from agentops.runtime.tools import ToolContext, ToolError, tool
+from demo.ledger import ledger_query
+
+BATCH_SCHEMA = {
+    "type": "object",
+    "properties": {"batch": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}},
+    "required": ["batch"],
+    "additionalProperties": False,
+}
+
+
+@tool(schema=BATCH_SCHEMA, side_effect="read", idempotent=True)
+def ledger_invoices(ctx: ToolContext, *, batch: str) -> dict:
+    """List the invoices of a batch (YYYY-MM), with customer and amount in cents."""
+    rows = ledger_query(
+        "SELECT number, customer, amount_cents FROM invoice WHERE batch = ? ORDER BY number",
+        (batch,),
+    )
+    return {"batch": batch, "invoices": rows}
+
+
+@tool(schema=BATCH_SCHEMA, side_effect="read", idempotent=True)
+def ledger_payments(ctx: ToolContext, *, batch: str) -> dict:
+    """List the payments received against the invoices of a batch (YYYY-MM)."""
+    rows = ledger_query(
+        "SELECT p.reference, p.invoice, p.amount_cents FROM payment p "
+        "JOIN invoice i ON i.number = p.invoice WHERE i.batch = ? ORDER BY p.reference",
+        (batch,),
+    )
+    return {"batch": batch, "payments": rows}
+
+
+@tool(
+    schema={
+        "type": "object",
+        "properties": {
+            "to": {"type": "string", "format": "email", "pattern": "^[^@\\s]+@[^@\\s]+$"},
+            "subject": {"type": "string", "minLength": 1, "maxLength": 200},
+            "body": {"type": "string", "minLength": 1},
+        },
+        "required": ["to", "subject", "body"],
+        "additionalProperties": False,
+    },
+    side_effect="irreversible",
+)
+def email_send(ctx: ToolContext, *, to: str, subject: str, body: str) -> dict:
+    """Send an email through the configured mail backend."""
+    message = EmailMessage(subject=subject, body=body, to=[to])
+    message.extra_headers["X-Agentops-Idempotency-Key"] = ctx.idempotency_key
+    try:
+        sent = message.send(fail_silently=False)
+    except OSError as error:
+        raise ToolError(f"the mail server refused the message: {error}", transient=True) from error
+    return {"sent": sent, "to": to, "subject": subject}
+
+
+def reconcile(invoices: list[dict], payments: list[dict]) -> list[str]:
+    """The scripted model's 'reasoning': compare what was billed with what was paid."""
+    paid: dict[str, list[dict]] = {}
+    for payment in payments:
+        paid.setdefault(payment["invoice"], []).append(payment)
+    findings = []
+    for invoice in invoices:
+        got = paid.get(invoice["number"], [])
+        total = sum(p["amount_cents"] for p in got)
+        billed = invoice["amount_cents"]
+        if not got:
+            findings.append(f"{invoice['number']} ({invoice['customer']}): no payment received, "
+                            f"{billed / 100:,.2f} outstanding")
+        elif len(got) > 1:
+            refs = ", ".join(p["reference"] for p in got)
+            findings.append(f"{invoice['number']} ({invoice['customer']}): paid {len(got)} times "
+                            f"({refs}), {(total - billed) / 100:,.2f} overpaid")
+        elif total != billed:
+            findings.append(f"{invoice['number']} ({invoice['customer']}): paid {total / 100:,.2f} "
+                            f"of {billed / 100:,.2f}, {(billed - total) / 100:,.2f} short")
+    return findings
+
+
+def tool_results(messages: list[dict]) -> dict[str, dict]:
+    """The latest result of each tool, read from the transcript."""
+    names = {}
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            names[call["id"]] = call["function"]["name"]
+    results = {}
+    for message in messages:
+        if message["role"] == "tool":
+            results[names.get(message["tool_call_id"], "?")] = json.loads(message["content"])
+    return results
+
+
+@script("invoice-reconcile")
+def invoice_reconcile(messages: list[dict]) -> ModelTurn:
+    """A deterministic stand-in for a model, so the demo runs offline. It reads only
+    the transcript, as a model would."""
+    user = next(m for m in messages if m["role"] == "user")["content"]
+    batch = json.loads(user.split("Input:\n", 1)[1])["batch"] if "Input:\n" in user else ""
+    done = tool_results(messages)
+    turn = sum(1 for m in messages if m["role"] == "assistant")
+    usage = {"tokens_in": 400 + 120 * turn, "tokens_out": 60}
+    if "ledger_invoices" not in done:
+        return scripted_turn({
+            "content": f"Plan: list the invoices of batch {batch}, list the payments against "
+                       "them, compare the two, and email finance a summary of the mismatches.",
+            "calls": [("ledger_invoices", {"batch": batch})], **usage}, turn)
+    if "ledger_payments" not in done:
+        count = len(done["ledger_invoices"].get("invoices", []))
+        return scripted_turn({
+            "content": f"Found {count} invoices. Next, the payments received against them.",
+            "calls": [("ledger_payments", {"batch": batch})], **usage}, turn)
+    invoices = done["ledger_invoices"].get("invoices", [])
+    payments = done["ledger_payments"].get("payments", [])
+    findings = reconcile(invoices, payments)
+    summary = (f"Batch {batch}: {len(invoices)} invoices, {len(payments)} payments, "
+               f"{len(findings)} mismatches.")
+    email = done.get("email_send")
+    if email is None:
+        body = summary + "\n\n" + "\n".join(f"- {line}" for line in findings) + (
+            "\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)")
+        return scripted_turn({
+            "content": f"{summary} Emailing finance the list; this is irreversible, so it "
+                       "needs approval.",
+            "calls": [("email_send", {"to": "finance@example.com",
+                                      "subject": f"Reconciliation of batch {batch}: "
+                                                 f"{len(findings)} mismatches",
+                                      "body": body})], **usage}, turn)
+    if "error" in email:
+        return scripted_turn({
+            "content": f"{summary} The summary email was not sent ({email['error']}). "
+                       "Mismatches:\n" + "\n".join(f"- {line}" for line in findings), **usage},
+            turn)
+    return scripted_turn({
+        "content": f"{summary} Finance has the list by email.\n" +
+                   "\n".join(f"- {line}" for line in findings), **usage}, turn)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from demo.ledger import ledger_create
+from tasks.models import Task, Tool, ToolGrant
+from tasks.services import task_version_current, tools_sync
+
+DEMO_SLUG = "reconcile-invoices"
+
+
+class Command(BaseCommand):
+    help = "Load the demo: the sample ledger, the reconcile-invoices task, and a demo login."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--username", default="demo")
+        parser.add_argument("--password", default="demo-password")
+
+    @transaction.atomic
+    def handle(self, *args, **options):
+        ledger = ledger_create()
+        tools_sync()
+        task, created = Task.objects.update_or_create(
+            slug=DEMO_SLUG,
+            defaults={
+                "name": "Reconcile invoices",
+                "description": "Reconcile a month's invoices against the payments received "
+                "and email finance the mismatches. Runs offline on a scripted model.",
+                "objective_template": "Reconcile the invoices of batch {batch} against the "
+                "payments received, and email finance@example.com a summary of every mismatch.",
+                "instructions": "Amounts are in cents. Report every unpaid, short or double "
+                "payment. Emailing is irreversible: send one summary only.",
+                "input_schema": {
+                    "type": "object",
+                    "properties": {"batch": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$",
+                                             "description": "the month, YYYY-MM"}},
+                    "required": ["batch"],
+                    "additionalProperties": False,
+                },
+                "example_input": {"batch": "2026-11"},
+                "model": "scripted:invoice-reconcile",
+                "max_steps": 20,
+                "autonomy_level": 1,
+            },
+        )
+        for name in ("ledger_invoices", "ledger_payments", "email_send"):
+            ToolGrant.objects.get_or_create(task=task, tool=Tool.objects.get(name=name))
+        version = task_version_current(task=task)
+
+        User = get_user_model()
+        user, _ = User.objects.get_or_create(username=options["username"])
+        user.is_staff = True
+        user.is_superuser = True
+        user.set_password(options["password"])
+        user.save()
+
+        self.stdout.write(f"Sample ledger: {ledger}")
+        self.stdout.write(f"Task: {task.name} ({task.slug}) v{version.number}")
+        self.stdout.write(f"Login: {user.username} / {options['password']}")

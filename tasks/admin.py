@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from django.contrib import admin
+
+from tasks.models import Run, Step, Task, TaskVersion, Tool, ToolGrant, Trigger
+from tasks.services import task_version_current
+
+
+class ToolGrantInline(admin.TabularInline):
+    model = ToolGrant
+    extra = 1
+    autocomplete_fields = ["tool"]
+
+
+class TriggerInline(admin.TabularInline):
+    model = Trigger
+    extra = 0
+
+
+@admin.register(Task)
+class TaskAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "autonomy_level", "model", "max_steps", "updated_at"]
+    list_filter = ["autonomy_level"]
+    search_fields = ["name", "slug", "description"]
+    prepopulated_fields = {"slug": ["name"]}
+    inlines = [ToolGrantInline, TriggerInline]
+    fieldsets = [
+        (None, {"fields": ["name", "slug", "description"]}),
+        ("What the agent does", {"fields": ["objective_template", "instructions", "input_schema", "example_input", "model"]}),
+        ("Rails", {"fields": ["autonomy_level", "max_steps"]}),
+    ]
+
+    def save_related(self, request, form, formsets, change):
+        # Grants are saved with the inlines, so the version is taken after them.
+        super().save_related(request, form, formsets, change)
+        version = task_version_current(task=form.instance, user=request.user)
+        self.message_user(request, f"{form.instance.name} is now at version {version.number}.")
+
+
+@admin.register(Tool)
+class ToolAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "side_effect", "idempotency", "always_approve", "available"]
+    list_filter = ["kind", "side_effect", "always_approve", "available"]
+    search_fields = ["name", "description"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A code tool's contract is declared in code; the operator adds hard gates.
+        if obj is not None and obj.kind == Tool.Kind.PYTHON:
+            return ["name", "kind", "description", "input_schema", "side_effect", "idempotency", "available"]
+        return []
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(TaskVersion)
+class TaskVersionAdmin(admin.ModelAdmin):
+    list_display = ["task", "number", "created_at", "created_by"]
+    readonly_fields = ["task", "number", "definition", "digest", "created_at", "created_by"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class StepInline(admin.TabularInline):
+    model = Step
+    fields = ["number", "kind", "status", "tool_name", "idempotency_key", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    """Runs change only through the runtime and the pages; the admin shows them."""
+
+    list_display = ["id", "task", "status", "created_at", "steps_used"]
+    list_filter = ["status", "task"]
+    inlines = [StepInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in Run._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import json
+
+from django import forms
+
+
+class RunStartForm(forms.Form):
+    input = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4, "spellcheck": "false", "class": "mono"}),
+        required=False,
+        help_text="The run's input, a JSON object matching the task's input schema.",
+    )
+
+    def clean_input(self) -> dict:
+        raw = self.cleaned_data["input"].strip() or "{}"
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise forms.ValidationError(
+                f"This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
+            ) from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError("The input must be a JSON object, like {\"batch\": \"2026-11\"}.")
+        return value

@@ -1,0 +1,263 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+
+from agentops import states
+
+TOOL_NAME_VALIDATOR = RegexValidator(
+    r"^[A-Za-z0-9_-]{1,64}$",
+    "Use 1 to 64 letters, digits, underscores or hyphens (the model sees this name).",
+)
+
+
+class SideEffect(models.TextChoices):
+    READ = "read", "Read only"
+    REVERSIBLE = "reversible", "Reversible"
+    IRREVERSIBLE = "irreversible", "Irreversible"
+
+
+class AutonomyLevel(models.IntegerChoices):
+    SHADOW = 0, "0 · Shadow"
+    SUPERVISED = 1, "1 · Supervised"
+    GUARDED = 2, "2 · Guarded"
+    AUTONOMOUS = 3, "3 · Autonomous"
+
+
+class Tool(models.Model):
+    """A typed action an agent may be granted. Python tools are declared in code with
+    ``@agentops.runtime.tools.tool`` and synced here; the operator sets ``always_approve``."""
+
+    class Kind(models.TextChoices):
+        PYTHON = "python", "Python function"
+
+    class Idempotency(models.TextChoices):
+        NONE = "none", "None: a repeat may repeat the effect"
+        KEY = "key", "Key: a repeat with the same key has no new effect"
+
+    name = models.CharField(max_length=64, unique=True, validators=[TOOL_NAME_VALIDATOR])
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.PYTHON)
+    description = models.TextField(blank=True)
+    input_schema = models.JSONField(default=dict)
+    side_effect = models.CharField(max_length=16, choices=SideEffect.choices)
+    idempotency = models.CharField(max_length=8, choices=Idempotency.choices, default="none")
+    always_approve = models.BooleanField(
+        default=False, help_text="Hold every call for a person, whatever the task's autonomy."
+    )
+    available = models.BooleanField(
+        default=True, help_text="False when the code that implements the tool is gone."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def idempotent(self) -> bool:
+        return self.idempotency == self.Idempotency.KEY
+
+
+class Task(models.Model):
+    """A named definition operators author. Editing it makes a new TaskVersion the next
+    time it is saved or started; a Run pins the version it started on."""
+
+    slug = models.SlugField(max_length=80, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    objective_template = models.TextField(
+        help_text="What the agent is asked to achieve. {field} inserts a top-level input field."
+    )
+    instructions = models.TextField(blank=True, help_text="Standing guidance for the agent.")
+    input_schema = models.JSONField(
+        default=dict, blank=True, help_text="JSON Schema the run's input must match."
+    )
+    example_input = models.JSONField(default=dict, blank=True)
+    model = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Model name on the OpenAI-compatible server (blank: AGENTOPS_MODEL), "
+        "or scripted:NAME for a scripted, offline model.",
+    )
+    max_steps = models.PositiveIntegerField(
+        default=30, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
+    )
+    autonomy_level = models.PositiveSmallIntegerField(
+        choices=AutonomyLevel.choices, default=AutonomyLevel.SUPERVISED
+    )
+    tools = models.ManyToManyField(Tool, through="ToolGrant", related_name="tasks")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class TaskVersion(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    definition = models.JSONField()
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+
+    class Meta:
+        ordering = ["task", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["task", "number"], name="task_version_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task.slug} v{self.number}"
+
+
+class ToolGrant(models.Model):
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="grants")
+    tool = models.ForeignKey(Tool, on_delete=models.PROTECT, related_name="grants")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["tool__name"]
+        constraints = [models.UniqueConstraint(fields=["task", "tool"], name="tool_grant_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.task.slug} → {self.tool.name}"
+
+
+class Trigger(models.Model):
+    """How runs of a task start. Every firing names a unique key, so a firing seen twice
+    (two schedulers, a redelivered message) makes one run."""
+
+    class Kind(models.TextChoices):
+        MANUAL = "manual", "Manual (a person, the shell)"
+
+    task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="triggers")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.MANUAL)
+    name = models.CharField(max_length=120)
+    enabled = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.task.slug}: {self.name}"
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING = "waiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    HALTED = "halted"
+    CANCELLED = "cancelled"
+
+
+LIVE_RUN_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING)
+
+
+class Run(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    task = models.ForeignKey(Task, on_delete=models.PROTECT, related_name="runs")
+    task_version = models.ForeignKey(TaskVersion, on_delete=models.PROTECT, related_name="runs")
+    trigger = models.ForeignKey(Trigger, null=True, blank=True, on_delete=models.SET_NULL)
+    trigger_kind = models.CharField(max_length=16, default=Trigger.Kind.MANUAL)
+    firing_key = models.CharField(max_length=200, null=True, blank=True, unique=True)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    input = models.JSONField(default=dict)
+    objective = models.TextField()
+    model_label = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    outcome = models.TextField(blank=True, help_text="The agent's final answer.")
+    reason = models.TextField(blank=True, help_text="Why the run failed, halted or waits.")
+    steps_used = models.PositiveIntegerField(default=0)
+    tokens_in = models.PositiveBigIntegerField(default=0)
+    tokens_out = models.PositiveBigIntegerField(default=0)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "created_at"], name="run_status_created"),
+            models.Index(fields=["task", "-created_at"], name="run_task_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.task.slug} {self.id}"
+
+    @property
+    def is_live(self) -> bool:
+        return self.status in LIVE_RUN_STATUSES
+
+    @property
+    def is_finished(self) -> bool:
+        return states.RUN.terminal(self.status)
+
+    @property
+    def is_scripted(self) -> bool:
+        return self.model_label.startswith("scripted:")
+
+
+class StepKind(models.TextChoices):
+    MODEL = "model"
+    TOOL = "tool"
+    PLAN = "plan"
+    CHECK = "check"
+    HUMAN = "human"
+
+
+class StepStatus(models.TextChoices):
+    PROPOSED = "proposed"
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    REFUSED = "refused"
+    SIMULATED = "simulated"
+
+
+class Step(models.Model):
+    """One numbered unit of work in a run. A model step records the model's turn (its
+    text and the tool calls it asked for); a tool step is the ledger entry of one call."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    number = models.PositiveIntegerField()
+    kind = models.CharField(max_length=8, choices=StepKind.choices)
+    status = models.CharField(max_length=16, choices=StepStatus.choices)
+    content = models.TextField(blank=True, help_text="The model's text for this turn.")
+    tool_calls = models.JSONField(default=list, blank=True)
+    tool = models.ForeignKey(Tool, null=True, blank=True, on_delete=models.PROTECT)
+    tool_name = models.CharField(max_length=64, blank=True)
+    tool_call_id = models.CharField(max_length=100, blank=True)
+    arguments = models.JSONField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=100, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    gate = models.CharField(max_length=300, blank=True, help_text="Why the call was held.")
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "number"]
+        constraints = [models.UniqueConstraint(fields=["run", "number"], name="step_run_number")]
+
+    def __str__(self) -> str:
+        return f"#{self.number} {self.kind} {self.status}"

@@ -1,0 +1,268 @@
+"""Writes for tasks and runs. Every change to a run's state goes through here, in one
+transaction with the lineage events that describe it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from agentops import states
+from agentops.runtime import dispatch
+from agentops.runtime.models import client_for, model_label_for
+from agentops.runtime.tools import REGISTRY, arguments_errors
+from lineage.services import event_append
+from tasks.models import Run, RunStatus, Task, TaskVersion, Tool, Trigger
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RunStartError(Exception):
+    """The run could not start; the message says what to fix. Nothing was written."""
+
+
+def actor_for(user: AbstractBaseUser | None) -> str:
+    return f"user:{user.get_username()}" if user is not None else "system"
+
+
+# Tools -------------------------------------------------------------------------------
+
+
+def tools_sync() -> list[Tool]:
+    """Make a Tool row for every registered code tool; mark rows whose code is gone.
+
+    The code declares the schema, description, side-effect class and idempotency; the
+    operator's own setting (``always_approve``) is never overwritten."""
+    synced = []
+    with transaction.atomic():
+        for spec in REGISTRY.values():
+            tool, _ = Tool.objects.update_or_create(
+                name=spec.name,
+                defaults={
+                    "kind": Tool.Kind.PYTHON,
+                    "description": spec.description,
+                    "input_schema": spec.input_schema,
+                    "side_effect": spec.side_effect,
+                    "idempotency": "key" if spec.idempotent else "none",
+                    "available": True,
+                },
+            )
+            synced.append(tool)
+        Tool.objects.filter(kind=Tool.Kind.PYTHON, available=True).exclude(
+            name__in=list(REGISTRY)
+        ).update(available=False)
+    return synced
+
+
+def tools_sync_on_migrate(**kwargs: Any) -> None:
+    tools_sync()
+
+
+# Task versions -----------------------------------------------------------------------
+
+
+def task_definition(task: Task) -> dict[str, Any]:
+    """Everything a run of the task depends on, as plain JSON."""
+    return {
+        "slug": task.slug,
+        "name": task.name,
+        "objective_template": task.objective_template,
+        "instructions": task.instructions,
+        "input_schema": task.input_schema,
+        "model": task.model,
+        "max_steps": task.max_steps,
+        "autonomy_level": task.autonomy_level,
+        "tools": sorted(task.grants.values_list("tool__name", flat=True)),
+    }
+
+
+def task_version_current(*, task: Task, user: AbstractBaseUser | None = None) -> TaskVersion:
+    """The version matching the task as it is now: the latest one, or a new one when the
+    definition changed since."""
+    definition = task_definition(task)
+    digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+    with transaction.atomic():
+        latest = (
+            TaskVersion.objects.select_for_update().filter(task=task).order_by("-number").first()
+        )
+        if latest is not None and latest.digest == digest:
+            return latest
+        return TaskVersion.objects.create(
+            task=task,
+            number=(latest.number + 1) if latest else 1,
+            definition=definition,
+            digest=digest,
+            created_by=user if user is not None and user.is_authenticated else None,
+        )
+
+
+# Runs --------------------------------------------------------------------------------
+
+
+def objective_render(template: str, run_input: dict[str, Any]) -> str:
+    """Fill ``{field}`` with top-level input fields; a missing field is an error."""
+    missing = [name for name in PLACEHOLDER.findall(template) if name not in run_input]
+    if missing:
+        raise RunStartError(
+            f"the objective uses {', '.join('{' + m + '}' for m in missing)} "
+            "but the input has no such field"
+        )
+
+    def fill(match: re.Match) -> str:
+        value = run_input[match.group(1)]
+        return value if isinstance(value, str) else json.dumps(value)
+
+    return PLACEHOLDER.sub(fill, template)
+
+
+def run_start(
+    *,
+    task: Task,
+    run_input: dict[str, Any],
+    user: AbstractBaseUser | None = None,
+    trigger_kind: str = Trigger.Kind.MANUAL,
+    firing_key: str | None = None,
+) -> Run:
+    """Validate the input, pin the task's current version, queue the run."""
+    if not isinstance(run_input, dict):
+        raise RunStartError("the input must be a JSON object")
+    errors = arguments_errors(task.input_schema or {"type": "object"}, run_input)
+    if errors:
+        raise RunStartError("the input does not match the task's schema: " + "; ".join(errors))
+    objective = objective_render(task.objective_template, run_input)
+    try:
+        label = model_label_for(task.model)
+        client_for(label)
+    except Exception as error:
+        raise RunStartError(str(error)) from error
+    unavailable = list(task.tools.filter(available=False).values_list("name", flat=True))
+    if unavailable:
+        raise RunStartError(f"granted tools whose code is not installed: {', '.join(unavailable)}")
+
+    with transaction.atomic():
+        version = task_version_current(task=task, user=user)
+        run = Run.objects.create(
+            id=uuid.uuid4(),
+            task=task,
+            task_version=version,
+            trigger_kind=trigger_kind,
+            firing_key=firing_key,
+            started_by=user if user is not None and user.is_authenticated else None,
+            input=run_input,
+            objective=objective,
+            model_label=label,
+        )
+        event_append(
+            run_uuid=run.id,
+            kind="run.queued",
+            actor=actor_for(user),
+            payload={
+                "task": task.slug,
+                "task_version": version.number,
+                "definition_digest": version.digest,
+                "trigger": trigger_kind,
+                "firing_key": firing_key,
+                "input": run_input,
+                "objective": objective,
+                "model": label,
+            },
+        )
+        dispatch.enqueue(run.id)
+    return run
+
+
+def run_transition(
+    *,
+    run: Run,
+    to: str,
+    actor: str,
+    reason: str | None = None,
+    payload: dict[str, Any] | None = None,
+    **fields: Any,
+) -> Run:
+    """Move the run to ``to`` if the table allows it and nobody moved it first.
+
+    A conditional UPDATE on the old status is the claim: zero rows changed means another
+    actor won, and ``InvalidTransition`` rolls the caller's transaction back."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("run_transition must run inside a transaction")
+    states.RUN.check(run.status, to)
+    now = timezone.now()
+    changes: dict[str, Any] = {"status": to, **fields}
+    if reason is not None:
+        changes["reason"] = reason
+    if to == RunStatus.RUNNING and run.started_at is None:
+        changes["started_at"] = now
+    if states.RUN.terminal(to):
+        changes["finished_at"] = now
+        changes["lease_owner"] = ""
+        changes["lease_expires_at"] = None
+    updated = Run.objects.filter(pk=run.pk, status=run.status).update(**changes)
+    if updated != 1:
+        current = Run.objects.filter(pk=run.pk).values_list("status", flat=True).first()
+        raise states.InvalidTransition(
+            f"the run is {current or 'gone'} now, not {run.status}: it was changed meanwhile"
+        )
+    previous = run.status
+    for name, value in changes.items():
+        setattr(run, name, value)
+    event_append(
+        run_uuid=run.pk,
+        kind=f"run.{to}",
+        actor=actor,
+        payload={"from": previous, **({"reason": reason} if reason else {}), **(payload or {})},
+    )
+    return run
+
+
+def run_cancel(*, run: Run, user: AbstractBaseUser) -> Run:
+    """Cancel a live run: a worker stops at its next commit, pending approvals close."""
+    from approvals.services import approvals_cancel_for_run
+
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run.pk)
+        if not run.is_live:
+            raise states.InvalidTransition(f"the run has already ended ({run.status})")
+        run_transition(
+            run=run, to=RunStatus.CANCELLED, actor=actor_for(user), reason="cancelled by a person"
+        )
+        approvals_cancel_for_run(run=run, actor=actor_for(user))
+    return run
+
+
+# Steps -------------------------------------------------------------------------------
+
+
+def step_create(*, run: Run, number: int, event: str, payload: dict[str, Any], **fields: Any):
+    """Record a new step and the lineage event that describes it."""
+    from tasks.models import Step
+
+    step = Step.objects.create(run=run, number=number, **fields)
+    event_append(run_uuid=run.pk, kind=event, actor="engine", payload={"step": number, **payload})
+    return step
+
+
+def step_transition(*, step, to: str, event: str, payload: dict[str, Any], **fields: Any):
+    """Move a tool step to ``to``: a conditional UPDATE on its old status, and the event.
+
+    Zero rows changed means another worker recorded this step first; the caller's
+    transaction rolls back with ``InvalidTransition``."""
+    from tasks.models import Step
+
+    states.STEP.check(step.status, to)
+    updated = Step.objects.filter(pk=step.pk, status=step.status).update(status=to, **fields)
+    if updated != 1:
+        raise states.InvalidTransition(f"step #{step.number} was changed meanwhile")
+    step.status = to
+    for name, value in fields.items():
+        setattr(step, name, value)
+    event_append(
+        run_uuid=step.run_id, kind=event, actor="engine", payload={"step": step.number, **payload}
+    )
+    return step

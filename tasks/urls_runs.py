@@ -1,0 +1,11 @@
+from django.urls import include, path
+
+from tasks import views
+
+app_name = "runs"
+urlpatterns = [
+    path("", views.run_list, name="list"),
+    path("<uuid:run_id>/", views.run_detail, name="detail"),
+    path("<uuid:run_id>/cancel/", views.run_cancel_view, name="cancel"),
+    path("<uuid:run_id>/lineage/", include("lineage.urls")),
+]
