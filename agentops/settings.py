@@ -20,6 +20,7 @@ from agentops.config import (
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("AGENTOPS_VAR_DIR") or BASE_DIR / "var")
+VAR_DIR.mkdir(parents=True, exist_ok=True)  # the SQLite file, the dev secret key, demo mail
 
 DEBUG = env_bool("DEBUG", default=False)
 SECRET_KEY = secret_key(debug=DEBUG, key_file=VAR_DIR / "secret_key")

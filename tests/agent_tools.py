@@ -1,0 +1,50 @@
+"""Tools the tests grant. Each records its effects in EFFECTS so a test can count them."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from agentops.runtime.tools import ToolContext, ToolError, tool
+
+EFFECTS: Counter[str] = Counter()
+
+TEXT = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 100}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
+@tool(schema=TEXT, side_effect="read", idempotent=True)
+def test_echo(ctx: ToolContext, *, text: str) -> dict:
+    """Return the text."""
+    EFFECTS[f"echo:{text}"] += 1
+    return {"echo": text}
+
+
+@tool(schema=TEXT, side_effect="reversible")
+def test_note(ctx: ToolContext, *, text: str) -> dict:
+    """Write a note (reversible)."""
+    EFFECTS[f"note:{text}"] += 1
+    return {"noted": text, "key": ctx.idempotency_key}
+
+
+@tool(schema=TEXT, side_effect="irreversible")
+def test_send(ctx: ToolContext, *, text: str) -> dict:
+    """Send a message (irreversible, not idempotent)."""
+    EFFECTS[f"send:{text}"] += 1
+    return {"sent": text}
+
+
+@tool(schema=TEXT, side_effect="irreversible", idempotent=True)
+def test_charge(ctx: ToolContext, *, text: str) -> dict:
+    """Charge, de-duplicated by the idempotency key (irreversible, idempotent)."""
+    EFFECTS[f"charge:{ctx.idempotency_key}"] += 1
+    return {"charged": text, "key": ctx.idempotency_key}
+
+
+@tool(schema=TEXT, side_effect="read")
+def test_broken(ctx: ToolContext, *, text: str) -> dict:
+    """Always fails."""
+    raise ToolError(f"the backend said no to {text!r}")

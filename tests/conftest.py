@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from io import StringIO
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.core.management import call_command
+from django.db import connection
+
+import tests.agent_tools  # noqa: F401  (registers the tools the tests grant)
+from agentops.runtime.engine import Outcome, advance
+from agentops.runtime.models.scripted import SCRIPTS, turns_script
+from lineage.triggers import triggers_install, triggers_remove
+from tasks.models import Run, Task, Tool, ToolGrant
+from tasks.services import tools_sync
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose peer is missing here; in CI, fail it instead."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must run this test, but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def lineage_append_only(request):
+    """The append-only triggers are in force in every database test.
+
+    A transactional test's database is emptied by a flush afterwards (DELETE on SQLite,
+    TRUNCATE on PostgreSQL), which the triggers rightly refuse: they are lifted for the
+    flush and put back at the start of the next test."""
+    marker = request.node.get_closest_marker("django_db")
+    names = request.fixturenames
+    transactional = any(n in names for n in ("transactional_db", "live_server")) or bool(
+        marker and marker.kwargs.get("transaction")
+    )
+    if not (marker or transactional or "db" in names):
+        yield
+        return
+    request.getfixturevalue("transactional_db" if transactional else "db")
+    triggers_install(connection)
+    yield
+    if transactional:
+        triggers_remove(connection)
+
+
+@pytest.fixture
+def operator(db) -> User:
+    """A person who may decide approvals."""
+    user = User.objects.create_user("olivia", "olivia@example.com", "pw-olivia-123")
+    user.user_permissions.add(Permission.objects.get(codename="decide_approval"))
+    return User.objects.get(pk=user.pk)
+
+
+@pytest.fixture
+def outsider(db) -> User:
+    """A logged-in person without the permission to decide."""
+    return User.objects.create_user("oscar", "oscar@example.com", "pw-oscar-123")
+
+
+@pytest.fixture
+def operator_client(client, operator):
+    client.force_login(operator)
+    return client
+
+
+@pytest.fixture
+def demo_task(db) -> Task:
+    call_command("load_demo", stdout=StringIO())
+    return Task.objects.get(slug="reconcile-invoices")
+
+
+@pytest.fixture
+def make_task(db) -> Callable[..., Task]:
+    """A task on a scripted model: ``make_task(turns, tools=[...], autonomy_level=1)``."""
+    tools_sync()
+
+    def make(turns: list[dict], *, tools: list[str] = (), **fields) -> Task:
+        name = f"test-{uuid.uuid4().hex[:8]}"
+        SCRIPTS[name] = turns_script(turns)
+        task = Task.objects.create(
+            slug=name,
+            name=f"Test task {name}",
+            objective_template=fields.pop("objective_template", "Do the test thing."),
+            model=f"scripted:{name}",
+            **fields,
+        )
+        for tool_name in tools:
+            ToolGrant.objects.create(task=task, tool=Tool.objects.get(name=tool_name))
+        return task
+
+    return make
+
+
+def run_until_rest(run: Run, *, limit: int = 50) -> Outcome:
+    """Advance the run as a worker would until it waits for a person or ends."""
+    for _ in range(limit):
+        outcome = advance(run.pk)
+        if outcome is not Outcome.YIELDED:
+            run.refresh_from_db()
+            return outcome
+    raise AssertionError(f"run {run.pk} did not come to rest in {limit} slices")
+
+
+@pytest.fixture(autouse=True)
+def effects_reset():
+    tests.agent_tools.EFFECTS.clear()
+    yield
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or (
+        "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+    )
