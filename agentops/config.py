@@ -91,14 +91,16 @@ def database_from_url(name: str, url: str, *, base_dir: Path) -> dict:
     if scheme == "sqlite":
         # sqlite:///relative/path  or sqlite:////absolute/path
         path = unquote(url[len("sqlite://") :])
-        if path.startswith("/") and not path.startswith("//"):
-            path = path[1:]
-        elif path.startswith("//"):
+        if (path.startswith("/") and not path.startswith("//")) or path.startswith("//"):
             path = path[1:]
         if not path:
             raise ImproperlyConfigured(f"{name}={url!r} names no SQLite file")
         file = Path(path) if Path(path).is_absolute() else base_dir / path
-        return {"ENGINE": "django.db.backends.sqlite3", "NAME": str(file), "OPTIONS": SQLITE_OPTIONS}
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(file),
+            "OPTIONS": SQLITE_OPTIONS,
+        }
     if scheme in {"postgres", "postgresql", "pgsql"}:
         database = unquote(parts.path.lstrip("/"))
         if not database:
@@ -134,10 +136,14 @@ def secret_key(*, debug: bool, key_file: Path) -> str:
             "SECRET_KEY is not set: it is required when DEBUG is off "
             "(set DEBUG=true for development, where a key is generated for you)"
         )
-    if key_file.exists():
-        return key_file.read_text().strip()
     key_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Created private and exclusively: when web and worker start together, one
+        # writes the key and the other reads that same key.
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_text().strip()
     value = secrets.token_urlsafe(50)
-    key_file.write_text(value)
-    key_file.chmod(0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(value)
     return value

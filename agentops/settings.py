@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from agentops.config import (
-    SQLITE_OPTIONS,
     database_from_url,
     env_bool,
     env_choice,
@@ -19,7 +18,7 @@ from agentops.config import (
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = Path(env_str("AGENTOPS_VAR_DIR") or BASE_DIR / "var")
+VAR_DIR = BASE_DIR / (env_str("AGENTOPS_VAR_DIR") or "var")  # relative: to the project
 VAR_DIR.mkdir(parents=True, exist_ok=True)  # the SQLite file, the dev secret key, demo mail
 
 DEBUG = env_bool("DEBUG", default=False)
@@ -77,11 +76,6 @@ TEMPLATES = [
 
 DATABASE_URL = env_str("DATABASE_URL") or f"sqlite:///{VAR_DIR / 'agentops.sqlite3'}"
 DATABASES = {"default": database_from_url("DATABASE_URL", DATABASE_URL, base_dir=BASE_DIR)}
-if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # The test database is a file, so that worker processes started by the tests
-    # (django-q2 clusters, crash tests) see the same data as the test itself.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}
-    DATABASES["default"]["OPTIONS"] = dict(SQLITE_OPTIONS)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

@@ -9,4 +9,12 @@ os.environ.setdefault(
     "AGENTOPS_VAR_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test")
 )
 
-from agentops.settings import *  # noqa: E402,F403
+from agentops.settings import *  # noqa: F403
+
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
+    # The test database is a file, so that worker processes started by the tests see
+    # the same data as the test itself; one per test process, so two runs never meet.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}  # noqa: F405
+
+# Hashing test passwords at full strength would cost most of the suite's time.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -10,5 +10,7 @@ class DecisionForm(forms.Form):
     def clean(self) -> dict:
         cleaned = super().clean()
         if cleaned.get("decision") == "reject" and not (cleaned.get("reason") or "").strip():
-            self.add_error("reason", "Say why you reject it: the agent reads the reason to re-plan.")
+            self.add_error(
+                "reason", "Say why you reject it: the agent reads the reason to re-plan."
+            )
         return cleaned

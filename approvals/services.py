@@ -67,7 +67,11 @@ def approval_decide(
             who = approval.decided_by.get_username() if approval.decided_by else "the system"
             raise DecisionError(
                 f"this approval was already {approval.status} by {who}"
-                + (f" at {approval.decided_at:%Y-%m-%d %H:%M:%S} UTC" if approval.decided_at else "")
+                + (
+                    f" at {approval.decided_at:%Y-%m-%d %H:%M:%S} UTC"
+                    if approval.decided_at
+                    else ""
+                )
             )
         if run.status != RunStatus.WAITING:
             raise DecisionError(f"the run is {run.status}, so it no longer waits for this decision")

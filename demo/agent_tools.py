@@ -76,15 +76,21 @@ def reconcile(invoices: list[dict], payments: list[dict]) -> list[str]:
         total = sum(p["amount_cents"] for p in got)
         billed = invoice["amount_cents"]
         if not got:
-            findings.append(f"{invoice['number']} ({invoice['customer']}): no payment received, "
-                            f"{billed / 100:,.2f} outstanding")
+            findings.append(
+                f"{invoice['number']} ({invoice['customer']}): no payment received, "
+                f"{billed / 100:,.2f} outstanding"
+            )
         elif len(got) > 1:
             refs = ", ".join(p["reference"] for p in got)
-            findings.append(f"{invoice['number']} ({invoice['customer']}): paid {len(got)} times "
-                            f"({refs}), {(total - billed) / 100:,.2f} overpaid")
+            findings.append(
+                f"{invoice['number']} ({invoice['customer']}): paid {len(got)} times "
+                f"({refs}), {(total - billed) / 100:,.2f} overpaid"
+            )
         elif total != billed:
-            findings.append(f"{invoice['number']} ({invoice['customer']}): paid {total / 100:,.2f} "
-                            f"of {billed / 100:,.2f}, {(billed - total) / 100:,.2f} short")
+            findings.append(
+                f"{invoice['number']} ({invoice['customer']}): paid {total / 100:,.2f} "
+                f"of {billed / 100:,.2f}, {(billed - total) / 100:,.2f} short"
+            )
     return findings
 
 
@@ -111,36 +117,73 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
     turn = sum(1 for m in messages if m["role"] == "assistant")
     usage = {"tokens_in": 400 + 120 * turn, "tokens_out": 60}
     if "ledger_invoices" not in done:
-        return scripted_turn({
-            "content": f"Plan: list the invoices of batch {batch}, list the payments against "
-                       "them, compare the two, and email finance a summary of the mismatches.",
-            "calls": [("ledger_invoices", {"batch": batch})], **usage}, turn)
+        return scripted_turn(
+            {
+                "content": f"Plan: list the invoices of batch {batch}, list the payments against "
+                "them, compare the two, and email finance a summary of the mismatches.",
+                "calls": [("ledger_invoices", {"batch": batch})],
+                **usage,
+            },
+            turn,
+        )
     if "ledger_payments" not in done:
         count = len(done["ledger_invoices"].get("invoices", []))
-        return scripted_turn({
-            "content": f"Found {count} invoices. Next, the payments received against them.",
-            "calls": [("ledger_payments", {"batch": batch})], **usage}, turn)
+        return scripted_turn(
+            {
+                "content": f"Found {count} invoices. Next, the payments received against them.",
+                "calls": [("ledger_payments", {"batch": batch})],
+                **usage,
+            },
+            turn,
+        )
     invoices = done["ledger_invoices"].get("invoices", [])
     payments = done["ledger_payments"].get("payments", [])
     findings = reconcile(invoices, payments)
-    summary = (f"Batch {batch}: {len(invoices)} invoices, {len(payments)} payments, "
-               f"{len(findings)} mismatches.")
+    summary = (
+        f"Batch {batch}: {len(invoices)} invoices, {len(payments)} payments, "
+        f"{len(findings)} mismatches."
+    )
     email = done.get("email_send")
     if email is None:
-        body = summary + "\n\n" + "\n".join(f"- {line}" for line in findings) + (
-            "\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)")
-        return scripted_turn({
-            "content": f"{summary} Emailing finance the list; this is irreversible, so it "
-                       "needs approval.",
-            "calls": [("email_send", {"to": "finance@example.com",
-                                      "subject": f"Reconciliation of batch {batch}: "
-                                                 f"{len(findings)} mismatches",
-                                      "body": body})], **usage}, turn)
+        body = (
+            summary
+            + "\n\n"
+            + "\n".join(f"- {line}" for line in findings)
+            + ("\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)")
+        )
+        return scripted_turn(
+            {
+                "content": f"{summary} Emailing finance the list; this is irreversible, so it "
+                "needs approval.",
+                "calls": [
+                    (
+                        "email_send",
+                        {
+                            "to": "finance@example.com",
+                            "subject": f"Reconciliation of batch {batch}: "
+                            f"{len(findings)} mismatches",
+                            "body": body,
+                        },
+                    )
+                ],
+                **usage,
+            },
+            turn,
+        )
     if "error" in email:
-        return scripted_turn({
-            "content": f"{summary} The summary email was not sent ({email['error']}). "
-                       "Mismatches:\n" + "\n".join(f"- {line}" for line in findings), **usage},
-            turn)
-    return scripted_turn({
-        "content": f"{summary} Finance has the list by email.\n" +
-                   "\n".join(f"- {line}" for line in findings), **usage}, turn)
+        return scripted_turn(
+            {
+                "content": f"{summary} The summary email was not sent ({email['error']}). "
+                "Mismatches:\n" + "\n".join(f"- {line}" for line in findings),
+                **usage,
+            },
+            turn,
+        )
+    return scripted_turn(
+        {
+            "content": f"{summary} Finance has the list by email.\n"
+            + "\n".join(f"- {line}" for line in findings),
+            **usage,
+        },
+        turn,
+    )

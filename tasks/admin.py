@@ -26,7 +26,18 @@ class TaskAdmin(admin.ModelAdmin):
     inlines = [ToolGrantInline, TriggerInline]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
-        ("What the agent does", {"fields": ["objective_template", "instructions", "input_schema", "example_input", "model"]}),
+        (
+            "What the agent does",
+            {
+                "fields": [
+                    "objective_template",
+                    "instructions",
+                    "input_schema",
+                    "example_input",
+                    "model",
+                ]
+            },
+        ),
         ("Rails", {"fields": ["autonomy_level", "max_steps"]}),
     ]
 
@@ -46,7 +57,15 @@ class ToolAdmin(admin.ModelAdmin):
     def get_readonly_fields(self, request, obj=None):
         # A code tool's contract is declared in code; the operator adds hard gates.
         if obj is not None and obj.kind == Tool.Kind.PYTHON:
-            return ["name", "kind", "description", "input_schema", "side_effect", "idempotency", "available"]
+            return [
+                "name",
+                "kind",
+                "description",
+                "input_schema",
+                "side_effect",
+                "idempotency",
+                "available",
+            ]
         return []
 
     def has_add_permission(self, request):

@@ -21,5 +21,7 @@ class RunStartForm(forms.Form):
                 f"This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
             ) from None
         if not isinstance(value, dict):
-            raise forms.ValidationError("The input must be a JSON object, like {\"batch\": \"2026-11\"}.")
+            raise forms.ValidationError(
+                'The input must be a JSON object, like {"batch": "2026-11"}.'
+            )
         return value

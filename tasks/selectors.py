@@ -36,9 +36,7 @@ def run_for_detail(run_id: uuid.UUID) -> Run:
     return (
         Run.objects.select_related("task", "task_version", "started_by")
         .annotate(
-            pending_approvals=Count(
-                "approvals", filter=Q(approvals__status=ApprovalStatus.PENDING)
-            )
+            pending_approvals=Count("approvals", filter=Q(approvals__status=ApprovalStatus.PENDING))
         )
         .get(pk=run_id)
     )

@@ -132,7 +132,7 @@ def run_start(
     """Validate the input, pin the task's current version, queue the run."""
     if not isinstance(run_input, dict):
         raise RunStartError("the input must be a JSON object")
-    errors = arguments_errors(task.input_schema or {"type": "object"}, run_input)
+    errors = arguments_errors(task.input_schema or {"type": "object"}, run_input, whole="the input")
     if errors:
         raise RunStartError("the input does not match the task's schema: " + "; ".join(errors))
     objective = objective_render(task.objective_template, run_input)

@@ -8,6 +8,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import trigger_client_event
 
 from agentops.http import see_other
 from agentops.states import InvalidTransition
@@ -38,7 +39,9 @@ def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
     return _task_page(request, task, form)
 
 
-def _task_page(request: HttpRequest, task: Task, form: RunStartForm, status: int = 200) -> HttpResponse:
+def _task_page(
+    request: HttpRequest, task: Task, form: RunStartForm, status: int = 200
+) -> HttpResponse:
     context = {
         "task": task,
         "form": form,
@@ -72,9 +75,7 @@ def run_list(request: HttpRequest) -> HttpResponse:
         status = ""
     runs = selectors.runs_for_list(status=status)
     template = "runs/list.html#run-rows" if request.htmx else "runs/list.html"
-    return render(
-        request, template, {"runs": runs, "status": status, "statuses": RunStatus.values}
-    )
+    return render(request, template, {"runs": runs, "status": status, "statuses": RunStatus.values})
 
 
 def _run_or_404(run_id: uuid.UUID) -> Run:
@@ -89,8 +90,14 @@ def _run_or_404(run_id: uuid.UUID) -> Run:
 def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
     context = {"run": run, "steps": selectors.steps_for_run(run)}
-    template = "runs/detail.html#run-live" if request.htmx else "runs/detail.html"
-    return render(request, template, context)
+    if not request.htmx:
+        return render(request, "runs/detail.html", context)
+    response = render(request, "runs/detail.html#run-live", context)
+    if request.GET.get("seen") != run.status:
+        # The run moved since the page last looked: other panels (the inbox count)
+        # refresh on this event instead of polling on their own.
+        trigger_client_event(response, "approvals-changed")
+    return response
 
 
 @require_POST

@@ -11,7 +11,7 @@ from django.contrib.auth.models import Permission, User
 from django.core.management import call_command
 from django.db import connection
 
-import tests.agent_tools  # noqa: F401  (registers the tools the tests grant)
+import tests.agent_tools
 from agentops.runtime.engine import Outcome, advance
 from agentops.runtime.models.scripted import SCRIPTS, turns_script
 from lineage.triggers import triggers_install, triggers_remove

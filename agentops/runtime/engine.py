@@ -68,7 +68,9 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def advance(run_id: uuid.UUID, *, owner: str | None = None, max_seconds: float | None = None) -> Outcome:
+def advance(
+    run_id: uuid.UUID, *, owner: str | None = None, max_seconds: float | None = None
+) -> Outcome:
     """Work on the run until it waits, ends, or the slice is spent."""
     owner = owner or worker_name()
     if not lease_claim(run_id, owner):
@@ -139,8 +141,13 @@ def run_yield(run_id: uuid.UUID, owner: str) -> Outcome:
         lease_fence(run_id, owner)
         run = Run.objects.get(pk=run_id)
         run_transition(
-            run=run, to=RunStatus.QUEUED, actor="engine", reason="", lease_owner="",
-            lease_expires_at=None, payload={"why": "the slice ended; the run goes back to the queue"},
+            run=run,
+            to=RunStatus.QUEUED,
+            actor="engine",
+            reason="",
+            lease_owner="",
+            lease_expires_at=None,
+            payload={"why": "the slice ended; the run goes back to the queue"},
         )
         dispatch.enqueue(run_id)
     return Outcome.YIELDED
@@ -158,7 +165,12 @@ def run_fail_on_error(run_id: uuid.UUID, owner: str, error: Exception) -> Outcom
     it. If even that cannot be written, the lease expires and the run is recovered."""
     try:
         run = Run.objects.get(pk=run_id)
-        return run_end(run, owner, to=RunStatus.FAILED, reason=f"internal error: {type(error).__name__}: {error}")
+        return run_end(
+            run,
+            owner,
+            to=RunStatus.FAILED,
+            reason=f"internal error: {type(error).__name__}: {error}",
+        )
     except Exception:
         logger.exception("run %s: could not record the failure", run_id)
         return Outcome.STOPPED
@@ -177,7 +189,9 @@ def step_next(run_id: uuid.UUID, owner: str) -> Outcome:
     last_model = next((s for s in reversed(steps) if s.kind == StepKind.MODEL), None)
     if last_model is not None:
         answered = {
-            s.tool_call_id: s for s in steps if s.kind == StepKind.TOOL and s.number > last_model.number
+            s.tool_call_id: s
+            for s in steps
+            if s.kind == StepKind.TOOL and s.number > last_model.number
         }
         for call in last_model.tool_calls:
             step = answered.get(call["id"])
@@ -189,12 +203,17 @@ def step_next(run_id: uuid.UUID, owner: str) -> Outcome:
                 return call_recover(run, step, owner)
             if step.status == StepStatus.UNKNOWN:
                 return run_end(
-                    run, owner, to=RunStatus.HALTED,
+                    run,
+                    owner,
+                    to=RunStatus.HALTED,
                     reason=f"step #{step.number} ({step.tool_name}) has an unknown outcome",
                 )
         if not last_model.tool_calls:
             return run_end(
-                run, owner, to=RunStatus.SUCCEEDED, outcome=last_model.content,
+                run,
+                owner,
+                to=RunStatus.SUCCEEDED,
+                outcome=last_model.content,
                 payload={"outcome": last_model.content},
             )
     return model_turn(run, definition, steps, owner)
@@ -212,7 +231,9 @@ def budget_halt(run: Run, definition: dict, owner: str) -> Outcome | None:
     breach = steps_check(steps_used=run.steps_used, max_steps=definition["max_steps"])
     if breach is None:
         return None
-    return run_end(run, owner, to=RunStatus.HALTED, reason=breach.reason, payload={"budget": breach.budget})
+    return run_end(
+        run, owner, to=RunStatus.HALTED, reason=breach.reason, payload={"budget": breach.budget}
+    )
 
 
 # Model turns -------------------------------------------------------------------------
@@ -237,20 +258,31 @@ def model_turn(run: Run, definition: dict, steps: list[Step], owner: str) -> Out
     number = next_number(steps)
     with transaction.atomic():
         lease_fence(
-            run.pk, owner,
+            run.pk,
+            owner,
             steps_used=F("steps_used") + 1,
             tokens_in=F("tokens_in") + turn.tokens_in,
             tokens_out=F("tokens_out") + turn.tokens_out,
         )
         step_create(
-            run=run, number=number, event="model.responded",
+            run=run,
+            number=number,
+            event="model.responded",
             payload={
-                "content": turn.content, "tool_calls": calls, "model": turn.model,
-                "tokens_in": turn.tokens_in, "tokens_out": turn.tokens_out,
+                "content": turn.content,
+                "tool_calls": calls,
+                "model": turn.model,
+                "tokens_in": turn.tokens_in,
+                "tokens_out": turn.tokens_out,
             },
-            kind=StepKind.MODEL, status=StepStatus.SUCCEEDED, content=turn.content,
-            tool_calls=calls, tokens_in=turn.tokens_in, tokens_out=turn.tokens_out,
-            duration_ms=duration_ms, finished_at=timezone.now(),
+            kind=StepKind.MODEL,
+            status=StepStatus.SUCCEEDED,
+            content=turn.content,
+            tool_calls=calls,
+            tokens_in=turn.tokens_in,
+            tokens_out=turn.tokens_out,
+            duration_ms=duration_ms,
+            finished_at=timezone.now(),
         )
     return Outcome.CONTINUE
 
@@ -285,7 +317,10 @@ def transcript(run: Run, definition: dict, steps: list[Step]) -> list[dict]:
     user = f"Objective: {run.objective}"
     if run.input:
         user += "\n\nInput:\n" + json.dumps(run.input, indent=2, sort_keys=True)
-    messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    messages: list[dict] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user},
+    ]
     tool_steps = {s.tool_call_id: s for s in steps if s.kind == StepKind.TOOL}
     for step in steps:
         if step.kind != StepKind.MODEL:
@@ -293,7 +328,11 @@ def transcript(run: Run, definition: dict, steps: list[Step]) -> list[dict]:
         message: dict[str, Any] = {"role": "assistant", "content": step.content or None}
         if step.tool_calls:
             message["tool_calls"] = [
-                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                {
+                    "id": c["id"],
+                    "type": "function",
+                    "function": {"name": c["name"], "arguments": c["arguments"]},
+                }
                 for c in step.tool_calls
             ]
         messages.append(message)
@@ -344,16 +383,24 @@ def call_propose(
         if errors:
             refusal = f"the arguments do not match {tool.name}'s schema: " + "; ".join(errors)
     fields = {
-        "kind": StepKind.TOOL, "tool": tool, "tool_name": call["name"],
-        "tool_call_id": call["id"], "arguments": arguments,
+        "kind": StepKind.TOOL,
+        "tool": tool,
+        "tool_name": call["name"],
+        "tool_call_id": call["id"],
+        "arguments": arguments,
     }
     if refusal:
         with transaction.atomic():
             lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
             step_create(
-                run=run, number=number, event="tool.refused",
+                run=run,
+                number=number,
+                event="tool.refused",
                 payload={"tool": call["name"], "arguments": arguments, "error": refusal},
-                status=StepStatus.REFUSED, error=refusal, finished_at=timezone.now(), **fields,
+                status=StepStatus.REFUSED,
+                error=refusal,
+                finished_at=timezone.now(),
+                **fields,
             )
         return Outcome.CONTINUE
 
@@ -367,27 +414,39 @@ def call_propose(
         with transaction.atomic():
             lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
             step_create(
-                run=run, number=number, event="tool.simulated",
+                run=run,
+                number=number,
+                event="tool.simulated",
                 payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
-                status=StepStatus.SIMULATED, result=result, gate=decision.reason,
-                finished_at=timezone.now(), **fields,
+                status=StepStatus.SIMULATED,
+                result=result,
+                gate=decision.reason,
+                finished_at=timezone.now(),
+                **fields,
             )
         return Outcome.CONTINUE
     if decision.verdict is Verdict.HOLD:
         with transaction.atomic():
             lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
             step = step_create(
-                run=run, number=number, event="tool.proposed",
+                run=run,
+                number=number,
+                event="tool.proposed",
                 payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
-                status=StepStatus.PROPOSED, gate=decision.reason, **fields,
+                status=StepStatus.PROPOSED,
+                gate=decision.reason,
+                **fields,
             )
             approval_request_action(
                 run=run, step=step, gate=decision.reason, reasoning=model_step.content
             )
             run_transition(
-                run=run, to=RunStatus.WAITING, actor="engine",
+                run=run,
+                to=RunStatus.WAITING,
+                actor="engine",
                 reason=f"waiting for a person to approve {tool.name}",
-                lease_owner="", lease_expires_at=None,
+                lease_owner="",
+                lease_expires_at=None,
             )
         return Outcome.WAITING
 
@@ -395,9 +454,13 @@ def call_propose(
     with transaction.atomic():
         lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
         step = step_create(
-            run=run, number=number, event="tool.started",
+            run=run,
+            number=number,
+            event="tool.started",
             payload={"tool": tool.name, "arguments": arguments, "idempotency_key": key},
-            status=StepStatus.STARTED, idempotency_key=key, **fields,
+            status=StepStatus.STARTED,
+            idempotency_key=key,
+            **fields,
         )
     return call_fire(run, step, tool, owner)
 
@@ -414,9 +477,12 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
         with transaction.atomic():
             lease_fence(run.pk, owner)
             run_transition(
-                run=run, to=RunStatus.WAITING, actor="engine",
+                run=run,
+                to=RunStatus.WAITING,
+                actor="engine",
                 reason=f"waiting for a person to approve {step.tool_name}",
-                lease_owner="", lease_expires_at=None,
+                lease_owner="",
+                lease_expires_at=None,
             )
         return Outcome.WAITING
     if approval.status == ApprovalStatus.APPROVED:
@@ -427,10 +493,14 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
             with transaction.atomic():
                 lease_fence(run.pk, owner)
                 step_transition(
-                    step=step, to=StepStatus.STARTED, event="tool.started",
+                    step=step,
+                    to=StepStatus.STARTED,
+                    event="tool.started",
                     payload={
-                        "tool": step.tool_name, "arguments": step.arguments,
-                        "idempotency_key": key, "approval": approval.pk,
+                        "tool": step.tool_name,
+                        "arguments": step.arguments,
+                        "idempotency_key": key,
+                        "approval": approval.pk,
                     },
                     idempotency_key=key,
                 )
@@ -443,9 +513,12 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
     with transaction.atomic():
         lease_fence(run.pk, owner)
         step_transition(
-            step=step, to=StepStatus.REFUSED, event="tool.refused",
+            step=step,
+            to=StepStatus.REFUSED,
+            event="tool.refused",
             payload={"tool": step.tool_name, "error": refusal, "approval": approval.pk},
-            error=refusal, finished_at=timezone.now(),
+            error=refusal,
+            finished_at=timezone.now(),
         )
     return Outcome.CONTINUE
 
@@ -457,9 +530,12 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
         with transaction.atomic():
             lease_fence(run.pk, owner)
             event_append(
-                run_uuid=run.pk, kind="tool.retried", actor="engine",
+                run_uuid=run.pk,
+                kind="tool.retried",
+                actor="engine",
                 payload={
-                    "step": step.number, "tool": step.tool_name,
+                    "step": step.number,
+                    "tool": step.tool_name,
                     "idempotency_key": step.idempotency_key,
                     "reason": "interrupted before its outcome was recorded; the tool is idempotent",
                 },
@@ -472,7 +548,9 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
     with transaction.atomic():
         lease_fence(run.pk, owner)
         step_transition(
-            step=step, to=StepStatus.UNKNOWN, event="tool.unknown",
+            step=step,
+            to=StepStatus.UNKNOWN,
+            event="tool.unknown",
             payload={"tool": step.tool_name, "idempotency_key": step.idempotency_key},
             error=reason,
         )
@@ -485,7 +563,9 @@ def call_fire(run: Run, step: Step, tool: Tool, owner: str) -> Outcome:
 
     The outcome is recorded even if the run was cancelled meanwhile: the call happened,
     and the trail must say so. The conditional UPDATE on ``started`` keeps one record."""
-    context = ToolContext(run_id=run.pk, step_number=step.number, idempotency_key=step.idempotency_key)
+    context = ToolContext(
+        run_id=run.pk, step_number=step.number, idempotency_key=step.idempotency_key
+    )
     started = time.monotonic()
     result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
     duration_ms = int((time.monotonic() - started) * 1000)
@@ -493,19 +573,29 @@ def call_fire(run: Run, step: Step, tool: Tool, owner: str) -> Outcome:
         try:
             result = ToolResult(ok=True, value=json_plain(result.value))
         except (TypeError, ValueError) as error:
-            result = ToolResult(ok=False, error=f"the tool returned a value that is not JSON: {error}")
+            result = ToolResult(
+                ok=False, error=f"the tool returned a value that is not JSON: {error}"
+            )
     with transaction.atomic():
         Run.objects.filter(pk=run.pk, lease_owner=owner).update(lease_expires_at=lease_deadline())
         if result.ok:
             step_transition(
-                step=step, to=StepStatus.SUCCEEDED, event="tool.succeeded",
+                step=step,
+                to=StepStatus.SUCCEEDED,
+                event="tool.succeeded",
                 payload={"tool": tool.name, "result": result.value, "duration_ms": duration_ms},
-                result=result.value, duration_ms=duration_ms, finished_at=timezone.now(),
+                result=result.value,
+                duration_ms=duration_ms,
+                finished_at=timezone.now(),
             )
         else:
             step_transition(
-                step=step, to=StepStatus.FAILED, event="tool.failed",
+                step=step,
+                to=StepStatus.FAILED,
+                event="tool.failed",
                 payload={"tool": tool.name, "error": result.error, "duration_ms": duration_ms},
-                error=result.error, duration_ms=duration_ms, finished_at=timezone.now(),
+                error=result.error,
+                duration_ms=duration_ms,
+                finished_at=timezone.now(),
             )
     return Outcome.CONTINUE

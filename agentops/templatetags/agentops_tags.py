@@ -14,3 +14,8 @@ def json_pretty(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+
+
+@register.filter
+def is_text(value: Any) -> bool:
+    return isinstance(value, str)

@@ -6,38 +6,92 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('tasks', '0001_initial'),
+        ("tasks", "0001_initial"),
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Approval',
+            name="Approval",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('kind', models.CharField(choices=[('action', 'Approve an action')], max_length=16)),
-                ('status', models.CharField(choices=[('pending', 'Pending'), ('approved', 'Approved'), ('rejected', 'Rejected'), ('expired', 'Expired'), ('cancelled', 'Cancelled')], default='pending', max_length=16)),
-                ('tool_name', models.CharField(blank=True, max_length=64)),
-                ('arguments', models.JSONField(blank=True, null=True)),
-                ('call_digest', models.CharField(blank=True, max_length=64)),
-                ('side_effect', models.CharField(blank=True, max_length=16)),
-                ('gate', models.CharField(help_text='The rule or gate that stopped the call.', max_length=300)),
-                ('reasoning', models.TextField(blank=True, help_text='What the agent said before this call.')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('decided_at', models.DateTimeField(blank=True, null=True)),
-                ('decision_reason', models.TextField(blank=True)),
-                ('decided_by', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, to=settings.AUTH_USER_MODEL)),
-                ('run', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='tasks.run')),
-                ('step', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='approvals', to='tasks.step')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "kind",
+                    models.CharField(choices=[("action", "Approve an action")], max_length=16),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "Pending"),
+                            ("approved", "Approved"),
+                            ("rejected", "Rejected"),
+                            ("expired", "Expired"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                    ),
+                ),
+                ("tool_name", models.CharField(blank=True, max_length=64)),
+                ("arguments", models.JSONField(blank=True, null=True)),
+                ("call_digest", models.CharField(blank=True, max_length=64)),
+                ("side_effect", models.CharField(blank=True, max_length=16)),
+                (
+                    "gate",
+                    models.CharField(
+                        help_text="The rule or gate that stopped the call.", max_length=300
+                    ),
+                ),
+                (
+                    "reasoning",
+                    models.TextField(blank=True, help_text="What the agent said before this call."),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("decided_at", models.DateTimeField(blank=True, null=True)),
+                ("decision_reason", models.TextField(blank=True)),
+                (
+                    "decided_by",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "run",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to="tasks.run",
+                    ),
+                ),
+                (
+                    "step",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="approvals",
+                        to="tasks.step",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
-                'permissions': [('decide_approval', 'Can decide approvals')],
-                'indexes': [models.Index(fields=['status', 'created_at'], name='approval_status_created')],
+                "ordering": ["created_at"],
+                "permissions": [("decide_approval", "Can decide approvals")],
+                "indexes": [
+                    models.Index(fields=["status", "created_at"], name="approval_status_created")
+                ],
             },
         ),
     ]

@@ -4,29 +4,36 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='LineageEvent',
+            name="LineageEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('run_uuid', models.UUIDField()),
-                ('seq', models.PositiveIntegerField()),
-                ('at', models.DateTimeField()),
-                ('kind', models.CharField(max_length=64)),
-                ('actor', models.CharField(max_length=150)),
-                ('payload', models.JSONField(default=dict)),
-                ('prev_hash', models.CharField(max_length=64)),
-                ('hash', models.CharField(max_length=64, unique=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("run_uuid", models.UUIDField()),
+                ("seq", models.PositiveIntegerField()),
+                ("at", models.DateTimeField()),
+                ("kind", models.CharField(max_length=64)),
+                ("actor", models.CharField(max_length=150)),
+                ("payload", models.JSONField(default=dict)),
+                ("prev_hash", models.CharField(max_length=64)),
+                ("hash", models.CharField(max_length=64, unique=True)),
             ],
             options={
-                'ordering': ['run_uuid', 'seq'],
-                'constraints': [models.UniqueConstraint(fields=('run_uuid', 'seq'), name='lineage_event_run_seq_unique')],
+                "ordering": ["run_uuid", "seq"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("run_uuid", "seq"), name="lineage_event_run_seq_unique"
+                    )
+                ],
             },
         ),
     ]

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.django_db
 
 
 def events(run: Run) -> list[str]:
-    return list(LineageEvent.objects.filter(run_uuid=run.pk).order_by("seq").values_list("kind", flat=True))
+    return list(
+        LineageEvent.objects.filter(run_uuid=run.pk).order_by("seq").values_list("kind", flat=True)
+    )
 
 
 def test_demo_task_runs_end_to_end_with_one_approval(demo_task, operator, settings):
@@ -83,7 +85,9 @@ def test_arguments_that_are_not_json_are_refused(make_task, operator):
 
 
 def test_a_tool_not_granted_is_refused(make_task, operator):
-    task = make_task([{"calls": [("test_send", {"text": "hi"})]}, {"content": "ok"}], tools=["test_echo"])
+    task = make_task(
+        [{"calls": [("test_send", {"text": "hi"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     step = run.steps.get(kind="tool")
@@ -93,7 +97,9 @@ def test_a_tool_not_granted_is_refused(make_task, operator):
 
 
 def test_read_calls_run_without_a_person_at_supervised(make_task, operator):
-    task = make_task([{"calls": [("test_echo", {"text": "hi"})]}, {"content": "ok"}], tools=["test_echo"])
+    task = make_task(
+        [{"calls": [("test_echo", {"text": "hi"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
     assert EFFECTS == {"echo:hi": 1}
@@ -143,7 +149,9 @@ def test_the_model_sees_the_rejection_in_its_next_turn(make_task, operator):
 
 
 def test_an_approved_call_fires_exactly_once_with_what_was_approved(make_task, operator):
-    task = make_task([{"calls": [("test_send", {"text": "pay"})]}, {"content": "sent"}], tools=["test_send"])
+    task = make_task(
+        [{"calls": [("test_send", {"text": "pay"})]}, {"content": "sent"}], tools=["test_send"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     approval_decide(approval=run.approvals.get(), user=operator, approve=True)
@@ -155,7 +163,9 @@ def test_an_approved_call_fires_exactly_once_with_what_was_approved(make_task, o
 
 
 def test_a_call_whose_arguments_changed_after_approval_is_not_made(make_task, operator):
-    task = make_task([{"calls": [("test_send", {"text": "a"})]}, {"content": "ok"}], tools=["test_send"])
+    task = make_task(
+        [{"calls": [("test_send", {"text": "a"})]}, {"content": "ok"}], tools=["test_send"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     Step.objects.filter(run=run, kind="tool").update(arguments={"text": "b"})
@@ -167,8 +177,12 @@ def test_a_call_whose_arguments_changed_after_approval_is_not_made(make_task, op
 
 def test_shadow_records_side_effects_as_simulated_and_fires_none(make_task, operator):
     task = make_task(
-        [{"calls": [("test_echo", {"text": "r"}), ("test_send", {"text": "s"})]}, {"content": "ok"}],
-        tools=["test_echo", "test_send"], autonomy_level=0,
+        [
+            {"calls": [("test_echo", {"text": "r"}), ("test_send", {"text": "s"})]},
+            {"content": "ok"},
+        ],
+        tools=["test_echo", "test_send"],
+        autonomy_level=0,
     )
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
@@ -179,8 +193,12 @@ def test_shadow_records_side_effects_as_simulated_and_fires_none(make_task, oper
 
 def test_guarded_runs_reversible_calls_and_holds_irreversible_ones(make_task, operator):
     task = make_task(
-        [{"calls": [("test_note", {"text": "n"}), ("test_send", {"text": "s"})]}, {"content": "ok"}],
-        tools=["test_note", "test_send"], autonomy_level=2,
+        [
+            {"calls": [("test_note", {"text": "n"}), ("test_send", {"text": "s"})]},
+            {"content": "ok"},
+        ],
+        tools=["test_note", "test_send"],
+        autonomy_level=2,
     )
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
@@ -192,7 +210,11 @@ def test_always_approve_holds_even_an_autonomous_task(make_task, operator):
     from tasks.models import Tool
 
     Tool.objects.filter(name="test_note").update(always_approve=True)
-    task = make_task([{"calls": [("test_note", {"text": "n"})]}, {"content": "ok"}], tools=["test_note"], autonomy_level=3)
+    task = make_task(
+        [{"calls": [("test_note", {"text": "n"})]}, {"content": "ok"}],
+        tools=["test_note"],
+        autonomy_level=3,
+    )
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
     assert "always approve" in run.approvals.get().gate
@@ -210,7 +232,9 @@ def test_the_step_budget_halts_the_run_before_the_next_call(make_task, operator)
 
 
 def test_a_failing_tool_goes_back_to_the_model(make_task, operator):
-    task = make_task([{"calls": [("test_broken", {"text": "x"})]}, {"content": "gave up"}], tools=["test_broken"])
+    task = make_task(
+        [{"calls": [("test_broken", {"text": "x"})]}, {"content": "gave up"}], tools=["test_broken"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     step = run.steps.get(kind="tool")
@@ -248,7 +272,11 @@ def test_a_recorded_model_turn_is_reused_not_asked_again(make_task, operator):
 
 
 def _started_then_crashed(make_task, operator, tool_name):
-    task = make_task([{"calls": [(tool_name, {"text": "t"})]}, {"content": "ok"}], tools=[tool_name], autonomy_level=3)
+    task = make_task(
+        [{"calls": [(tool_name, {"text": "t"})]}, {"content": "ok"}],
+        tools=[tool_name],
+        autonomy_level=3,
+    )
     run = run_start(task=task, run_input={}, user=operator)
     from agentops.runtime.engine import step_next
 
@@ -282,7 +310,7 @@ def test_an_interrupted_idempotent_call_is_retried_with_the_same_key(make_task, 
     key = run.steps.get(kind="tool").idempotency_key
     assert run_until_rest(run) is Outcome.FINISHED
     assert run.status == RunStatus.SUCCEEDED
-    assert EFFECTS == {f"charge:{key}": 1}
+    assert {f"charge:{key}": 1} == EFFECTS
     assert "tool.retried" in events(run)
 
 
@@ -295,7 +323,9 @@ def test_a_live_lease_keeps_a_second_worker_out(make_task, operator):
 
 
 def test_a_worker_that_lost_its_lease_writes_nothing(make_task, operator):
-    task = make_task([{"calls": [("test_echo", {"text": "x"})]}, {"content": "ok"}], tools=["test_echo"])
+    task = make_task(
+        [{"calls": [("test_echo", {"text": "x"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     from agentops.runtime.engine import LeaseLost, step_next
 
@@ -309,7 +339,9 @@ def test_a_worker_that_lost_its_lease_writes_nothing(make_task, operator):
 def test_a_cancelled_run_stops_at_the_next_step(make_task, operator):
     from tasks.services import run_cancel
 
-    task = make_task([{"calls": [("test_send", {"text": "x"})]}, {"content": "ok"}], tools=["test_send"])
+    task = make_task(
+        [{"calls": [("test_send", {"text": "x"})]}, {"content": "ok"}], tools=["test_send"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     run_cancel(run=run, user=operator)
@@ -321,7 +353,9 @@ def test_a_cancelled_run_stops_at_the_next_step(make_task, operator):
 
 
 def test_a_slice_that_runs_out_of_time_requeues_the_run(make_task, operator):
-    task = make_task([{"calls": [("test_echo", {"text": "x"})]}, {"content": "ok"}], tools=["test_echo"])
+    task = make_task(
+        [{"calls": [("test_echo", {"text": "x"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
     run = run_start(task=task, run_input={}, user=operator)
     assert advance(run.pk, max_seconds=0.000001) is Outcome.YIELDED
     run.refresh_from_db()

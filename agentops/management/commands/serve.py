@@ -38,7 +38,9 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(f"Log in as {options['login']}\n"))
         try:
             call_command(
-                "runserver", f"{options['host']}:{options['port']}", use_reloader=False,
+                "runserver",
+                f"{options['host']}:{options['port']}",
+                use_reloader=False,
                 skip_checks=False,
             )
         except KeyboardInterrupt:

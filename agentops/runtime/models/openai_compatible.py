@@ -14,9 +14,7 @@ class OpenAICompatibleClient:
     every attempt is visible in the run's record.
     """
 
-    def __init__(
-        self, *, model: str, api_key: str, base_url: str | None, timeout: float
-    ) -> None:
+    def __init__(self, *, model: str, api_key: str, base_url: str | None, timeout: float) -> None:
         self.model = model
         self.label = model
         # Local servers (Ollama, vLLM) ignore the key, but the package insists on one.

@@ -46,8 +46,9 @@ class ToolExecutor(Protocol):
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
 
 
-def arguments_errors(schema: dict, arguments: Any) -> list[str]:
-    """Every way ``arguments`` break ``schema``, as sentences naming the field."""
+def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the arguments") -> list[str]:
+    """Every way ``arguments`` break ``schema``, as sentences naming the field (or
+    ``whole`` when the fault is in the object itself, such as a missing property)."""
     try:
         validator = Draft202012Validator(schema or {"type": "object"})
         validator.check_schema(validator.schema)
@@ -55,7 +56,7 @@ def arguments_errors(schema: dict, arguments: Any) -> list[str]:
         return [f"the tool's own input schema is invalid: {error.message}"]
     messages = []
     for error in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
-        where = "/".join(str(part) for part in error.path) or "(the arguments)"
+        where = "/".join(str(part) for part in error.path) or whole
         messages.append(f"{where}: {error.message}")
     return messages
 

@@ -22,7 +22,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         ledger = ledger_create()
         tools_sync()
-        task, created = Task.objects.update_or_create(
+        task, _ = Task.objects.update_or_create(
             slug=DEMO_SLUG,
             defaults={
                 "name": "Reconcile invoices",
@@ -34,8 +34,13 @@ class Command(BaseCommand):
                 "payment. Emailing is irreversible: send one summary only.",
                 "input_schema": {
                     "type": "object",
-                    "properties": {"batch": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$",
-                                             "description": "the month, YYYY-MM"}},
+                    "properties": {
+                        "batch": {
+                            "type": "string",
+                            "pattern": "^[0-9]{4}-[0-9]{2}$",
+                            "description": "the month, YYYY-MM",
+                        }
+                    },
                     "required": ["batch"],
                     "additionalProperties": False,
                 },

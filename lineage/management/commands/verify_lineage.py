@@ -39,5 +39,7 @@ class Command(BaseCommand):
                     f"Checked {events} events in {run_uuids.index(run_uuid) + 1} runs."
                 )
         self.stdout.write(
-            self.style.SUCCESS(f"OK: checked {events} events in {len(run_uuids)} runs; every chain intact.")
+            self.style.SUCCESS(
+                f"OK: checked {events} events in {len(run_uuids)} runs; every chain intact."
+            )
         )

@@ -1,0 +1,165 @@
+"""The approval round trip through real HTTP: start, wait, decide, continue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from approvals.models import Approval, ApprovalStatus
+from lineage.models import LineageEvent
+from tasks.models import Run, RunStatus
+from tests.agent_tools import EFFECTS
+from tests.conftest import run_until_rest
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def waiting_run(make_task, operator_client):
+    task = make_task(
+        [
+            {"content": "Sending the note.", "calls": [("test_send", {"text": "hello"})]},
+            {"content": "sent"},
+        ],
+        tools=["test_send"],
+    )
+    response = operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    assert response.status_code == 303
+    run = Run.objects.get(task=task)
+    assert response["Location"] == reverse("runs:detail", args=[run.pk])
+    run_until_rest(run)
+    assert run.status == RunStatus.WAITING
+    return run
+
+
+def test_the_inbox_shows_the_held_call_with_its_context(waiting_run, operator_client):
+    response = operator_client.get(reverse("approvals:inbox"))
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "test_send" in page
+    assert "Sending the note." in page  # the agent's reasoning
+    assert "Supervised: every irreversible call waits for a person" in page
+    assert '<dt>text</dt><dd><pre class="text">hello</pre></dd>' in page
+    assert 'id="inbox-count"' in page and ">1</span>" in page
+
+
+def test_approve_through_the_inbox_and_the_run_completes(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]), {"decision": "approve"}
+    )
+    assert response.status_code == 303 and response["Location"] == reverse("approvals:inbox")
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.APPROVED and approval.decided_by.username == "olivia"
+    waiting_run.refresh_from_db()
+    assert waiting_run.status == RunStatus.QUEUED
+
+    run_until_rest(waiting_run)
+    assert waiting_run.status == RunStatus.SUCCEEDED
+    assert EFFECTS == {"send:hello": 1}
+    decided = LineageEvent.objects.get(run_uuid=waiting_run.pk, kind="approval.approved")
+    assert decided.actor == "user:olivia"
+
+
+def test_an_htmx_decision_swaps_the_item_and_refreshes_the_count(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "reject", "reason": "wrong audience"},
+        headers={"HX-Request": "true"},
+    )
+    assert response.status_code == 200
+    assert json.loads(response["HX-Trigger"]) == {"approvals-changed": {}}
+    body = response.content.decode()
+    assert body.lstrip().startswith(
+        f'<article class="card approval approval-rejected" id="approval-{approval.pk}"'
+    )
+    assert "wrong audience" in body and "<html" not in body
+    run_until_rest(waiting_run)
+    assert "wrong audience" in waiting_run.steps.get(kind="tool").error
+    assert EFFECTS == {}
+
+
+def test_reject_without_a_reason_is_refused_and_changes_nothing(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "reject", "reason": "  "},
+        follow=True,
+    )
+    assert "Say why you reject it" in response.content.decode()
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
+    assert Run.objects.get(pk=waiting_run.pk).status == RunStatus.WAITING
+
+
+def test_a_second_decision_on_a_decided_approval_is_refused(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    url = reverse("approvals:decide", args=[approval.pk])
+    operator_client.post(url, {"decision": "approve"})
+    response = operator_client.post(url, {"decision": "reject", "reason": "too late"}, follow=True)
+    assert "this approval was already approved by olivia" in response.content.decode()
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.APPROVED
+    assert (
+        LineageEvent.objects.filter(run_uuid=waiting_run.pk, kind__startswith="approval.").count()
+        == 2
+    )
+
+
+def test_a_decision_on_a_cancelled_run_is_refused(waiting_run, operator_client):
+    operator_client.post(reverse("runs:cancel", args=[waiting_run.pk]))
+    approval = Approval.objects.get(run=waiting_run)
+    assert approval.status == ApprovalStatus.CANCELLED
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]), {"decision": "approve"}, follow=True
+    )
+    assert "already cancelled" in response.content.decode()
+    assert EFFECTS == {}
+
+
+def test_someone_without_the_permission_sees_nothing_and_cannot_decide(
+    waiting_run, client, outsider
+):
+    client.force_login(outsider)
+    page = client.get(reverse("approvals:inbox")).content.decode()
+    assert "test_send" not in page and "do not hold the permission" in page
+    approval = Approval.objects.get(run=waiting_run)
+    response = client.post(reverse("approvals:decide", args=[approval.pk]), {"decision": "approve"})
+    assert response.status_code == 404
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
+
+
+def test_pages_require_login(waiting_run):
+    client = Client()
+    for url in (
+        reverse("approvals:inbox"),
+        reverse("runs:list"),
+        reverse("runs:detail", args=[waiting_run.pk]),
+    ):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith(reverse("login"))
+    approval = Approval.objects.get(run=waiting_run)
+    response = client.post(reverse("approvals:decide", args=[approval.pk]), {"decision": "approve"})
+    assert response.status_code == 302
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
+
+
+def test_the_inbox_is_one_query_per_list_whatever_its_length(
+    make_task, operator_client, django_assert_max_num_queries
+):
+    for _ in range(5):
+        task = make_task([{"calls": [("test_send", {"text": "x"})]}], tools=["test_send"])
+        operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    for run in Run.objects.all():
+        run_until_rest(run)
+    assert Approval.objects.filter(status="pending").count() == 5
+    # session, user, permissions (x2), count for the nav, pending list, decided list
+    with django_assert_max_num_queries(8):
+        response = operator_client.get(reverse("approvals:inbox"))
+    assert response.content.decode().count('class="card approval ') == 5

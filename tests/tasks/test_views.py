@@ -1,0 +1,146 @@
+"""Task and run pages through real HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tasks.models import Run, RunStatus
+from tests.conftest import run_until_rest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_demo_task_page_offers_a_run_with_its_example_input(demo_task, operator_client):
+    page = operator_client.get(reverse("tasks:detail", args=[demo_task.slug])).content.decode()
+    assert "Reconcile invoices" in page
+    assert "&quot;batch&quot;: &quot;2026-11&quot;" in page
+    assert "email_send" in page and "Irreversible" in page
+
+
+def test_starting_a_run_pins_the_task_version(demo_task, operator_client):
+    response = operator_client.post(
+        reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-11"}'}
+    )
+    run = Run.objects.get()
+    assert response.status_code == 303
+    assert run.status == RunStatus.QUEUED and run.started_by.username == "olivia"
+    assert run.task_version.number == 1
+    assert run.objective.startswith("Reconcile the invoices of batch 2026-11")
+    demo_task.max_steps = 12
+    demo_task.save()
+    operator_client.post(
+        reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-10"}'}
+    )
+    newer = Run.objects.exclude(pk=run.pk).get()
+    assert newer.task_version.number == 2 and newer.task_version.definition["max_steps"] == 12
+    run.refresh_from_db()
+    assert run.task_version.number == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("{not json", "This is not valid JSON"),
+        ("[1, 2]", "The input must be a JSON object"),
+        (
+            '{"batch": "November"}',
+            "does not match the task&#x27;s schema: batch: &#x27;November&#x27; does not match",
+        ),
+        ("{}", "the input: &#x27;batch&#x27; is a required property"),
+    ],
+)
+def test_bad_input_is_refused_with_the_reason_and_starts_nothing(
+    demo_task, operator_client, raw, message
+):
+    response = operator_client.post(reverse("tasks:run", args=[demo_task.slug]), {"input": raw})
+    assert response.status_code == 400
+    page = response.content.decode()
+    assert message in page, page
+    assert raw.replace('"', "&quot;") in page  # what the person typed is kept
+    assert Run.objects.count() == 0
+
+
+def test_a_task_whose_model_is_not_configured_says_so(make_task, operator_client, settings):
+    settings.AGENTOPS_MODEL = ""
+    task = make_task([])
+    task.model = ""
+    task.save()
+    response = operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    assert response.status_code == 400
+    assert "No model is configured: set AGENTOPS_MODEL" in response.content.decode()
+    assert Run.objects.count() == 0
+
+
+def test_an_unknown_task_is_404(operator_client):
+    assert operator_client.get(reverse("tasks:detail", args=["nope"])).status_code == 404
+    assert (
+        operator_client.post(reverse("tasks:run", args=["nope"]), {"input": "{}"}).status_code
+        == 404
+    )
+
+
+def test_run_page_shows_the_timeline_and_labels_a_scripted_model(demo_task, operator_client):
+    operator_client.post(
+        reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-11"}'}
+    )
+    run = Run.objects.get()
+    run_until_rest(run)
+    page = operator_client.get(reverse("runs:detail", args=[run.pk])).content.decode()
+    assert "Scripted model." in page and "scripted:invoice-reconcile" in page
+    assert 'id="step-6"' in page and "email_send" in page
+    assert "Waiting for a person" in page
+    assert 'hx-trigger="every 3s"' in page  # a live run keeps refreshing
+
+
+def test_the_live_region_is_served_alone_to_htmx_and_stops_polling_when_done(
+    make_task, operator_client
+):
+    task = make_task([{"content": "all done"}])
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run = Run.objects.get()
+    partial = operator_client.get(
+        reverse("runs:detail", args=[run.pk]), headers={"HX-Request": "true"}
+    ).content.decode()
+    assert (
+        partial.lstrip().startswith('<section id="run-live"') and 'hx-trigger="every 1s"' in partial
+    )
+    run_until_rest(run)
+    partial = operator_client.get(
+        reverse("runs:detail", args=[run.pk]), headers={"HX-Request": "true"}
+    ).content.decode()
+    assert "hx-trigger" not in partial and "all done" in partial
+
+
+def test_the_runs_list_is_a_fixed_number_of_queries(
+    make_task, operator_client, django_assert_max_num_queries
+):
+    task = make_task([{"content": "ok"}])
+    for _ in range(6):
+        operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    # session, user, nav count (+ permissions), the runs
+    with django_assert_max_num_queries(6):
+        response = operator_client.get(reverse("runs:list"))
+    assert response.content.decode().count("<tr>") == 7
+
+
+def test_cancel_a_run_from_its_page(make_task, operator_client):
+    task = make_task([{"content": "ok"}])
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run = Run.objects.get()
+    response = operator_client.post(reverse("runs:cancel", args=[run.pk]), follow=True)
+    assert "Run cancelled." in response.content.decode()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    response = operator_client.post(reverse("runs:cancel", args=[run.pk]), follow=True)
+    assert "already ended (cancelled)" in response.content.decode()
+
+
+def test_the_lineage_page_shows_the_chain_verified(demo_task, operator_client):
+    operator_client.post(
+        reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-11"}'}
+    )
+    run = Run.objects.get()
+    run_until_rest(run)
+    page = operator_client.get(reverse("runs:lineage:run", args=[run.pk])).content.decode()
+    assert "Verified." in page and "run.queued" in page and "approval.requested" in page
