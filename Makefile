@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
-export DEBUG ?= true
 
 .PHONY: install demo test lint serve clean
 
@@ -17,13 +16,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	@test -f .env || { printf '# Written by make demo: development settings for this checkout.\nDEBUG=true\n' > .env; echo "wrote .env (DEBUG=true)"; }
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py load_demo
-	@echo
-	@echo "  Open http://127.0.0.1:$(PORT)/ and log in as demo / demo-password"
-	@echo "  Tasks → Reconcile invoices → Run; approve the email in Approvals."
-	@echo
-	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password"
+	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password  (then: Tasks → Reconcile invoices → Run, and approve the email in Approvals)"
 
 test: install
 	$(PY) tests/run.py

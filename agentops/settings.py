@@ -4,12 +4,14 @@ value. See docs/guide.md for the list."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from agentops.config import (
     database_from_url,
     env_bool,
     env_choice,
+    env_file_load,
     env_float,
     env_int,
     env_list,
@@ -18,6 +20,11 @@ from agentops.config import (
 )
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# A .env file of KEY=VALUE lines, for a checkout (`make demo` writes one); the real
+# environment wins. AGENTOPS_ENV_FILE names another file, or none when empty.
+ENV_FILE = os.environ.get("AGENTOPS_ENV_FILE", str(BASE_DIR / ".env"))
+if ENV_FILE:
+    env_file_load(BASE_DIR / ENV_FILE)
 VAR_DIR = BASE_DIR / (env_str("AGENTOPS_VAR_DIR") or "var")  # relative: to the project
 VAR_DIR.mkdir(parents=True, exist_ok=True)  # the SQLite file, the dev secret key, demo mail
 

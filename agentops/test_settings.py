@@ -4,6 +4,7 @@ production, with the two values a test run must not take from a deployment."""
 import os
 from pathlib import Path
 
+os.environ["AGENTOPS_ENV_FILE"] = ""  # a checkout's .env never reaches the tests
 os.environ.setdefault("SECRET_KEY", "insecure-key-for-the-test-suite-only")
 os.environ.setdefault(
     "AGENTOPS_VAR_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test")

@@ -33,9 +33,11 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         url = f"http://{options['host']}:{options['port']}/"
-        self.stdout.write(self.style.SUCCESS(f"\nagentops is starting at {url}"))
+        banner = [f"agentops: web at {url} and a django-q2 worker (pid {worker.pid})"]
         if options["login"]:
-            self.stdout.write(self.style.SUCCESS(f"Log in as {options['login']}\n"))
+            banner.append(f"Log in as {options['login']}")
+        banner.append("Stop both with Ctrl-C.")
+        self.stdout.write(self.style.SUCCESS("\n  " + "\n  ".join(banner) + "\n"))
         try:
             call_command(
                 "runserver",
