@@ -20,3 +20,16 @@ def run_advance_task(run_id: str) -> str:
     from agentops.runtime.engine import advance
 
     return advance(uuid.UUID(run_id)).value
+
+
+@app.task(name="agentops.runs_reap", ignore_result=True)
+def runs_reap_task() -> int:
+    from agentops.runtime.dispatch import runs_reap_job
+
+    return runs_reap_job()
+
+
+# `celery -A agentops worker --beat` (or a separate `celery -A agentops beat`) runs it.
+app.conf.beat_schedule = {
+    "agentops-reap-runs": {"task": "agentops.runs_reap", "schedule": 60.0},
+}

@@ -80,8 +80,9 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
     return value
 
 
-def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
-    value = env_str(name, default).lower() or default
+def env_choice(name: str, choices: tuple[str, ...], default: str, *, upper: bool = False) -> str:
+    value = env_str(name, default) or default
+    value = value.upper() if upper else value.lower()
     if value not in choices:
         raise ImproperlyConfigured(f"{name}={value!r} is not one of {', '.join(choices)}")
     return value

@@ -104,8 +104,8 @@ STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = VAR_DIR / "static"
 
-# Email: the console in development, SMTP when EMAIL_HOST is set. The demo writes
-# messages to files under var/mail so they can be read after the run.
+# Email: SMTP when EMAIL_HOST is set; otherwise files under var/mail (EMAIL_BACKEND
+# names another backend, such as the console), so the demo's mail can be read.
 EMAIL_HOST = env_str("EMAIL_HOST")
 if EMAIL_HOST:
     EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
@@ -167,6 +167,11 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "loggers": {
-        "agentops": {"handlers": ["console"], "level": env_str("AGENTOPS_LOG_LEVEL", "INFO")},
+        "agentops": {
+            "handlers": ["console"],
+            "level": env_choice(
+                "AGENTOPS_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
+            ),
+        },
     },
 }

@@ -1,16 +1,66 @@
 from __future__ import annotations
 
+import json
+
 from django import forms
+
+from approvals.models import Approval, ApprovalKind, Resolution
+
+DECISIONS = {
+    ApprovalKind.ACTION: {"approve", "reject"},
+    ApprovalKind.UNKNOWN_OUTCOME: {Resolution.HAPPENED, Resolution.REFIRE, Resolution.STOP},
+}
 
 
 class DecisionForm(forms.Form):
-    decision = forms.ChoiceField(choices=[("approve", "Approve"), ("reject", "Reject")])
-    reason = forms.CharField(required=False, max_length=2000, widget=forms.TextInput())
+    """One decision on one approval; which decisions exist depends on its kind."""
+
+    decision = forms.CharField()
+    reason = forms.CharField(required=False, max_length=2000)
+    result = forms.CharField(required=False, max_length=100_000)
+
+    def __init__(self, *args, approval: Approval, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.approval = approval
+
+    def clean_decision(self) -> str:
+        decision = self.cleaned_data["decision"]
+        allowed = DECISIONS[ApprovalKind(self.approval.kind)]
+        if decision not in allowed:
+            raise forms.ValidationError(
+                f"{decision!r} is not a decision for this approval: use one of "
+                f"{', '.join(sorted(allowed))}."
+            )
+        return decision
+
+    def clean_result(self) -> object:
+        raw = self.cleaned_data["result"].strip()
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise forms.ValidationError(f"The result is not valid JSON: {error.msg}.") from None
 
     def clean(self) -> dict:
         cleaned = super().clean()
-        if cleaned.get("decision") == "reject" and not (cleaned.get("reason") or "").strip():
+        if cleaned.get("decision") in ("reject", "stop") and not cleaned.get("reason", "").strip():
             self.add_error(
-                "reason", "Say why you reject it: the agent reads the reason to re-plan."
+                "reason",
+                "Say why you stop the run: the reason is kept in its trail."
+                if cleaned["decision"] == "stop"
+                else "Say why you reject it: the agent reads the reason to re-plan.",
             )
         return cleaned
+
+    def decision_arguments(self) -> dict:
+        """The form's decision as the arguments of ``approval_decide``."""
+        decision = self.cleaned_data["decision"]
+        arguments = {
+            "approve": decision not in ("reject", "stop"),
+            "reason": self.cleaned_data["reason"],
+        }
+        if self.approval.kind == ApprovalKind.UNKNOWN_OUTCOME and decision != "stop":
+            arguments["resolution"] = decision
+            arguments["result"] = self.cleaned_data["result"]
+        return arguments

@@ -8,6 +8,15 @@ from tasks.models import Run, Step
 
 class ApprovalKind(models.TextChoices):
     ACTION = "action", "Approve an action"
+    UNKNOWN_OUTCOME = "unknown_outcome", "Resolve an unknown outcome"
+
+
+class Resolution(models.TextChoices):
+    """How a person resolves a call whose outcome is unknown."""
+
+    HAPPENED = "happened", "It happened"
+    REFIRE = "refire", "It did not happen: make the call"
+    STOP = "stop", "Stop the run"
 
 
 class ApprovalStatus(models.TextChoices):
@@ -43,6 +52,10 @@ class Approval(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     decision_reason = models.TextField(blank=True)
+    resolution = models.CharField(max_length=16, choices=Resolution.choices, blank=True)
+    resolution_result = models.JSONField(
+        null=True, blank=True, help_text="The call's result, as the person knows it."
+    )
 
     class Meta:
         ordering = ["created_at"]

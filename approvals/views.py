@@ -42,15 +42,12 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         approval = selectors.approval_for_user(request.user, approval_id)
     except Approval.DoesNotExist:
         raise Http404("no such approval, or you may not decide it") from None
-    form = DecisionForm(request.POST)
+    form = DecisionForm(request.POST, approval=approval)
     error = ""
     if form.is_valid():
         try:
             approval = approval_decide(
-                approval=approval,
-                user=request.user,
-                approve=form.cleaned_data["decision"] == "approve",
-                reason=form.cleaned_data["reason"],
+                approval=approval, user=request.user, **form.decision_arguments()
             )
         except DecisionError as refusal:
             error = str(refusal)

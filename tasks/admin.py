@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from tasks.models import Run, Step, Task, TaskVersion, Tool, ToolGrant, Trigger
+from tasks.models import Run, Step, Task, TaskVersion, Tool, ToolGrant
 from tasks.services import task_version_current
 
 
@@ -12,18 +12,13 @@ class ToolGrantInline(admin.TabularInline):
     autocomplete_fields = ["tool"]
 
 
-class TriggerInline(admin.TabularInline):
-    model = Trigger
-    extra = 0
-
-
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "autonomy_level", "model", "max_steps", "updated_at"]
     list_filter = ["autonomy_level"]
     search_fields = ["name", "slug", "description"]
     prepopulated_fields = {"slug": ["name"]}
-    inlines = [ToolGrantInline, TriggerInline]
+    inlines = [ToolGrantInline]
     fieldsets = [
         (None, {"fields": ["name", "slug", "description"]}),
         (
@@ -83,6 +78,9 @@ class TaskVersionAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None):
         return False
 
+    def has_delete_permission(self, request, obj=None):
+        return False
+
 
 class StepInline(admin.TabularInline):
     model = Step
@@ -111,4 +109,7 @@ class RunAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
         return False

@@ -184,6 +184,9 @@ class Run(models.Model):
     steps_used = models.PositiveIntegerField(default=0)
     tokens_in = models.PositiveBigIntegerField(default=0)
     tokens_out = models.PositiveBigIntegerField(default=0)
+    queued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the run last went to the queue."
+    )
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

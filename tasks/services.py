@@ -157,6 +157,7 @@ def run_start(
             input=run_input,
             objective=objective,
             model_label=label,
+            queued_at=timezone.now(),
         )
         event_append(
             run_uuid=run.id,
@@ -199,6 +200,8 @@ def run_transition(
         changes["reason"] = reason
     if to == RunStatus.RUNNING and run.started_at is None:
         changes["started_at"] = now
+    if to == RunStatus.QUEUED:
+        changes["queued_at"] = now
     if states.RUN.terminal(to):
         changes["finished_at"] = now
         changes["lease_owner"] = ""

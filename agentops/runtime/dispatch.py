@@ -11,10 +11,11 @@ from django.db import transaction
 def enqueue(run_id: uuid.UUID) -> None:
     """Queue ``advance(run_id)`` once the current transaction commits, so a worker never
     sees a run before the change that queued it is visible."""
-    transaction.on_commit(lambda: _send(run_id))
+    transaction.on_commit(lambda: send(run_id))
 
 
-def _send(run_id: uuid.UUID) -> None:
+def send(run_id: uuid.UUID) -> None:
+    """Put one message for the run on the queue now (callers outside a transaction)."""
     if settings.AGENTOPS_QUEUE == "celery":
         from agentops.celery import run_advance_task
 
@@ -35,3 +36,10 @@ def run_advance_job(run_id: str) -> str:
     from agentops.runtime.engine import advance
 
     return advance(uuid.UUID(run_id)).value
+
+
+def runs_reap_job() -> int:
+    """The periodic job (a django-q2 schedule, or Celery beat) that runs the reaper."""
+    from agentops.runtime.scheduler import runs_reap
+
+    return len(runs_reap())

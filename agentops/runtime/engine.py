@@ -35,8 +35,8 @@ from agentops.runtime.budgets import budget_note, steps_check
 from agentops.runtime.gates import Verdict, call_digest, gate_decide
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.tools import ToolContext, ToolResult, executor_for
-from approvals.models import ApprovalStatus
-from approvals.services import approval_request_action
+from approvals.models import ApprovalStatus, Resolution
+from approvals.services import approval_request_action, approval_request_unknown
 from lineage.services import event_append, json_plain
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
 from tasks.services import run_transition, step_create, step_transition
@@ -202,12 +202,7 @@ def step_next(run_id: uuid.UUID, owner: str) -> Outcome:
             if step.status == StepStatus.STARTED:
                 return call_recover(run, step, owner)
             if step.status == StepStatus.UNKNOWN:
-                return run_end(
-                    run,
-                    owner,
-                    to=RunStatus.HALTED,
-                    reason=f"step #{step.number} ({step.tool_name}) has an unknown outcome",
-                )
+                return call_after_unknown(run, step, owner)
         if not last_model.tool_calls:
             return run_end(
                 run,
@@ -440,14 +435,7 @@ def call_propose(
             approval_request_action(
                 run=run, step=step, gate=decision.reason, reasoning=model_step.content
             )
-            run_transition(
-                run=run,
-                to=RunStatus.WAITING,
-                actor="engine",
-                reason=f"waiting for a person to approve {tool.name}",
-                lease_owner="",
-                lease_expires_at=None,
-            )
+            run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
 
     key = idempotency_key(run, number)
@@ -476,14 +464,7 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
     if approval is None or approval.status == ApprovalStatus.PENDING:
         with transaction.atomic():
             lease_fence(run.pk, owner)
-            run_transition(
-                run=run,
-                to=RunStatus.WAITING,
-                actor="engine",
-                reason=f"waiting for a person to approve {step.tool_name}",
-                lease_owner="",
-                lease_expires_at=None,
-            )
+            run_wait(run, f"approve {step.tool_name}")
         return Outcome.WAITING
     if approval.status == ApprovalStatus.APPROVED:
         if approval.call_digest != call_digest(step.tool_name, step.arguments):
@@ -543,7 +524,7 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
         return call_fire(run, step, step.tool, owner)
     reason = (
         f"step #{step.number} ({step.tool_name}) was interrupted after it was started; "
-        "the tool is not idempotent, so it was not called again and its outcome is unknown"
+        "the tool is not idempotent, so it was not called again: did it take effect?"
     )
     with transaction.atomic():
         lease_fence(run.pk, owner)
@@ -554,8 +535,63 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
             payload={"tool": step.tool_name, "idempotency_key": step.idempotency_key},
             error=reason,
         )
-        run_transition(run=run, to=RunStatus.HALTED, actor="engine", reason=reason)
-    return Outcome.FINISHED
+        approval_request_unknown(run=run, step=step, reason=reason)
+        run_wait(run, f"the outcome of {step.tool_name} is unknown")
+    return Outcome.WAITING
+
+
+def run_wait(run: Run, why: str) -> None:
+    """Inside a step's transaction: the run waits for a person and gives up its lease."""
+    run_transition(
+        run=run,
+        to=RunStatus.WAITING,
+        actor="engine",
+        reason=f"waiting for a person: {why}",
+        lease_owner="",
+        lease_expires_at=None,
+    )
+
+
+def call_after_unknown(run: Run, step: Step, owner: str) -> Outcome:
+    """A person said what became of an interrupted call: record it, or make the call."""
+    approval = step.approvals.order_by("-created_at").first()
+    if approval is None or approval.status != ApprovalStatus.APPROVED:
+        # Still pending (a stale queue message woke the run): back to waiting.
+        with transaction.atomic():
+            lease_fence(run.pk, owner)
+            run_wait(run, f"the outcome of {step.tool_name} is unknown")
+        return Outcome.WAITING
+    who = approval.decided_by.get_username() if approval.decided_by else "a person"
+    if approval.resolution == Resolution.REFIRE:
+        with transaction.atomic():
+            lease_fence(run.pk, owner)
+            step_transition(
+                step=step,
+                to=StepStatus.STARTED,
+                event="tool.started",
+                payload={
+                    "tool": step.tool_name,
+                    "arguments": step.arguments,
+                    "idempotency_key": step.idempotency_key,
+                    "approval": approval.pk,
+                    "why": f"{who} said the interrupted call did not happen",
+                },
+            )
+        return call_fire(run, step, step.tool, owner)
+    result = approval.resolution_result
+    if result is None:
+        result = {"note": f"{who} confirmed the call took effect; its result is not known"}
+    with transaction.atomic():
+        lease_fence(run.pk, owner)
+        step_transition(
+            step=step,
+            to=StepStatus.SUCCEEDED,
+            event="tool.succeeded",
+            payload={"tool": step.tool_name, "result": result, "approval": approval.pk},
+            result=result,
+            finished_at=timezone.now(),
+        )
+    return Outcome.CONTINUE
 
 
 def call_fire(run: Run, step: Step, tool: Tool, owner: str) -> Outcome:

@@ -28,14 +28,14 @@ class GateDecision:
 def gate_decide(*, autonomy_level: int, side_effect: str, always_approve: bool) -> GateDecision:
     level = AutonomyLevel(autonomy_level)
     effect = SideEffect(side_effect)
-    if effect == SideEffect.READ:
-        return GateDecision(Verdict.RUN, "read-only calls run at every level")
-    if level == AutonomyLevel.SHADOW:
+    if level == AutonomyLevel.SHADOW and effect != SideEffect.READ:
         return GateDecision(
             Verdict.SIMULATE, f"Shadow: a {effect.label.lower()} call is recorded, not made"
         )
     if always_approve:
         return GateDecision(Verdict.HOLD, "this tool is marked 'always approve'")
+    if effect == SideEffect.READ:
+        return GateDecision(Verdict.RUN, "read-only calls run at every level")
     if level == AutonomyLevel.SUPERVISED:
         return GateDecision(
             Verdict.HOLD, f"Supervised: every {effect.label.lower()} call waits for a person"

@@ -296,12 +296,56 @@ def _started_then_crashed(make_task, operator, tool_name):
     return run
 
 
-def test_an_interrupted_non_idempotent_call_is_not_repeated(make_task, operator):
+def test_an_interrupted_non_idempotent_call_is_not_repeated_and_waits_for_a_person(
+    make_task, operator
+):
     run = _started_then_crashed(make_task, operator, "test_send")
-    assert run_until_rest(run) is Outcome.FINISHED
-    assert run.status == RunStatus.HALTED
-    assert "outcome is unknown" in run.reason
+    assert run_until_rest(run) is Outcome.WAITING
+    assert run.status == RunStatus.WAITING
+    assert "the outcome of test_send is unknown" in run.reason
     assert run.steps.get(kind="tool").status == StepStatus.UNKNOWN
+    approval = run.approvals.get(status=ApprovalStatus.PENDING)
+    assert approval.kind == "unknown_outcome"
+    assert EFFECTS == {}
+
+
+def test_an_unknown_outcome_resolved_as_happened_records_the_given_result(make_task, operator):
+    run = _started_then_crashed(make_task, operator, "test_send")
+    run_until_rest(run)
+    approval_decide(
+        approval=run.approvals.get(),
+        user=operator,
+        approve=True,
+        resolution="happened",
+        result={"sent": "t", "checked": "in the outbox"},
+    )
+    assert run_until_rest(run) is Outcome.FINISHED
+    assert run.status == RunStatus.SUCCEEDED
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.SUCCEEDED
+    assert step.result == {"sent": "t", "checked": "in the outbox"}
+    assert EFFECTS == {}  # a person said it happened: it is not made again
+
+
+def test_an_unknown_outcome_resolved_as_not_happened_makes_the_call_once(make_task, operator):
+    run = _started_then_crashed(make_task, operator, "test_send")
+    run_until_rest(run)
+    approval_decide(approval=run.approvals.get(), user=operator, approve=True, resolution="refire")
+    assert run_until_rest(run) is Outcome.FINISHED
+    assert run.status == RunStatus.SUCCEEDED
+    assert EFFECTS == {"send:t": 1}
+
+
+def test_stopping_on_an_unknown_outcome_halts_the_run(make_task, operator):
+    run = _started_then_crashed(make_task, operator, "test_send")
+    run_until_rest(run)
+    approval_decide(
+        approval=run.approvals.get(), user=operator, approve=False, reason="checking by hand"
+    )
+    run.refresh_from_db()
+    assert run.status == RunStatus.HALTED
+    assert run.reason == "stopped by olivia: checking by hand"
+    assert advance(run.pk) is Outcome.NOT_CLAIMED
     assert EFFECTS == {}
 
 
@@ -361,3 +405,15 @@ def test_a_slice_that_runs_out_of_time_requeues_the_run(make_task, operator):
     run.refresh_from_db()
     assert run.status == RunStatus.QUEUED and run.lease_owner == ""
     assert run_until_rest(run) is Outcome.FINISHED
+
+
+def test_always_approve_holds_a_read_only_tool_too(make_task, operator):
+    from tasks.models import Tool
+
+    Tool.objects.filter(name="test_echo").update(always_approve=True)
+    task = make_task(
+        [{"calls": [("test_echo", {"text": "r"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.WAITING
+    assert EFFECTS == {}

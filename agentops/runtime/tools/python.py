@@ -9,6 +9,7 @@ and synced to Tool rows (tasks.services.tools_sync) so operators can grant them.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from tasks.models import Tool
 
 SIDE_EFFECTS = ("read", "reversible", "irreversible")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ def tool(
 
     def register(function: Callable[..., Any]) -> Callable[..., Any]:
         tool_name = name or function.__name__
+        if not TOOL_NAME.fullmatch(tool_name):
+            raise ValueError(
+                f"tool name {tool_name!r}: use 1 to 64 letters, digits, underscores or "
+                "hyphens (the model sees this name)"
+            )
         existing = REGISTRY.get(tool_name)
         if existing and existing.function.__qualname__ != function.__qualname__:
             raise ValueError(f"two functions register the tool name {tool_name!r}")
