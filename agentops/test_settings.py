@@ -19,3 +19,7 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
 
 # Hashing test passwords at full strength would cost most of the suite's time.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# The suite's own tools and scripted models (tests/agent_tools.py) are discovered like
+# any app's, so worker processes started by the tests know them too.
+INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405

@@ -48,3 +48,6 @@ def test_charge(ctx: ToolContext, *, text: str) -> dict:
 def test_broken(ctx: ToolContext, *, text: str) -> dict:
     """Always fails."""
     raise ToolError(f"the backend said no to {text!r}")
+
+
+from tests import crash_tools  # noqa: E402,F401  (their tools register too)

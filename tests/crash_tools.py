@@ -1,0 +1,1 @@
+"""Tools and scripted models for the crash tests (tests/runtime/test_crash.py)."""
