@@ -12,10 +12,12 @@ os.environ.setdefault(
 
 from agentops.settings import *  # noqa: F403
 
+# One test database per test process, so two runs of the suite never meet. On SQLite
+# it is a file, so that worker processes started by the tests see the test's data.
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
-    # The test database is a file, so that worker processes started by the tests see
-    # the same data as the test itself; one per test process, so two runs never meet.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-{os.getpid()}.sqlite3")}  # noqa: F405
+else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_agentops_{os.getpid()}"}  # noqa: F405
 
 # Hashing test passwords at full strength would cost most of the suite's time.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
