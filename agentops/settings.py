@@ -160,6 +160,10 @@ OPENAI_API_KEY = env_str("OPENAI_API_KEY")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
 AGENTOPS_MODEL = env_str("AGENTOPS_MODEL")
 AGENTOPS_MODEL_TIMEOUT = env_float("AGENTOPS_MODEL_TIMEOUT", 60.0, minimum=1.0)
+# The cap on one answer's tokens (sent as max_tokens): it bounds a call's projected cost.
+AGENTOPS_MAX_OUTPUT_TOKENS = env_int("AGENTOPS_MAX_OUTPUT_TOKENS", 4096, minimum=64)
+# The first retry's delay after a transient model error; each next one doubles.
+AGENTOPS_MODEL_BACKOFF_SECONDS = env_float("AGENTOPS_MODEL_BACKOFF_SECONDS", 1.0, minimum=0.0)
 
 LOGGING = {
     "version": 1,

@@ -35,7 +35,8 @@ RUN = Transitions(
     {
         "queued": {"running", "cancelled"},
         "running": {"queued", "waiting", "succeeded", "failed", "halted", "cancelled"},
-        "waiting": {"queued", "halted", "cancelled"},
+        # succeeded: a person accepted an outcome the agent was not sure of.
+        "waiting": {"queued", "succeeded", "halted", "cancelled"},
         "succeeded": set(),
         "failed": set(),
         "halted": set(),

@@ -9,6 +9,9 @@ from tasks.models import Run, Step
 class ApprovalKind(models.TextChoices):
     ACTION = "action", "Approve an action"
     UNKNOWN_OUTCOME = "unknown_outcome", "Resolve an unknown outcome"
+    OUTCOME_REVIEW = "outcome_review", "Review an outcome"
+    BUDGET_EXTENSION = "budget_extension", "Extend a budget"
+    LOOP_REVIEW = "loop_review", "Review a possible loop"
 
 
 class Resolution(models.TextChoices):
@@ -52,6 +55,12 @@ class Approval(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     decision_reason = models.TextField(blank=True)
+    confidence = models.FloatField(null=True, blank=True)
+    context = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Budget used and left, the proposed extension, evidence.",
+    )
     resolution = models.CharField(max_length=16, choices=Resolution.choices, blank=True)
     resolution_result = models.JSONField(
         null=True, blank=True, help_text="The call's result, as the person knows it."

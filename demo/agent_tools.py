@@ -8,7 +8,7 @@ import json
 from django.core.mail import EmailMessage
 
 from agentops.runtime.models import ModelTurn
-from agentops.runtime.models.scripted import script, scripted_turn
+from agentops.runtime.models.scripted import check_turn, script, scripted_turn
 from agentops.runtime.tools import ToolContext, ToolError, tool
 from demo.ledger import ledger_query
 
@@ -107,21 +107,66 @@ def tool_results(messages: list[dict]) -> dict[str, dict]:
     return results
 
 
-@script("invoice-reconcile")
+PLAN = [
+    "List the invoices of the batch",
+    "List the payments received against them",
+    "Compare invoices and payments; note every unpaid, short or double payment",
+    "Email finance the summary (needs approval)",
+    "Report the outcome",
+]
+
+
+def plan_update(done: int, reason: str) -> tuple[str, dict]:
+    """A plan_update call with the first ``done`` steps done and the next one doing."""
+    steps = [
+        {"title": title, "status": "done" if n < done else "doing" if n == done else "todo"}
+        for n, title in enumerate(PLAN)
+    ]
+    return ("plan_update", {"steps": steps, "reason": reason})
+
+
+def batch_of(messages: list[dict]) -> str:
+    user = next(m for m in messages if m["role"] == "user")["content"]
+    return json.loads(user.split("Input:\n", 1)[1])["batch"] if "Input:\n" in user else ""
+
+
+def demo_check(messages: list[dict]) -> ModelTurn:
+    """The scripted self-check: every mismatch the data shows is in the final answer."""
+    done = tool_results(messages)
+    final = next(m for m in reversed(messages) if m["role"] == "assistant")["content"] or ""
+    findings = reconcile(
+        done.get("ledger_invoices", {}).get("invoices", []),
+        done.get("ledger_payments", {}).get("payments", []),
+    )
+    missing = [f for f in findings if f.split(" ", 1)[0] not in final]
+    if missing or (not findings and "0 mismatches" not in final):
+        return check_turn(0.3, "the answer leaves out: " + "; ".join(missing), objective_met=False)
+    sent = "email_send" in done and "error" not in done["email_send"]
+    return check_turn(
+        0.95 if sent else 0.6,
+        f"recomputed {len(findings)} mismatches from the two tool results and found each in "
+        "the answer; " + ("the summary email was sent" if sent else "the email was not sent"),
+        objective_met=sent,
+    )
+
+
+@script("invoice-reconcile", check=demo_check)
 def invoice_reconcile(messages: list[dict]) -> ModelTurn:
     """A deterministic stand-in for a model, so the demo runs offline. It reads only
     the transcript, as a model would."""
-    user = next(m for m in messages if m["role"] == "user")["content"]
-    batch = json.loads(user.split("Input:\n", 1)[1])["batch"] if "Input:\n" in user else ""
+    batch = batch_of(messages)
     done = tool_results(messages)
     turn = sum(1 for m in messages if m["role"] == "assistant")
     usage = {"tokens_in": 400 + 120 * turn, "tokens_out": 60}
     if "ledger_invoices" not in done:
         return scripted_turn(
             {
-                "content": f"Plan: list the invoices of batch {batch}, list the payments against "
-                "them, compare the two, and email finance a summary of the mismatches.",
-                "calls": [("ledger_invoices", {"batch": batch})],
+                "content": f"Plan: list the invoices of batch {batch}, list the payments "
+                "against them, compare the two, and email finance a summary of the mismatches.",
+                "calls": [
+                    plan_update(0, "drafted from the objective"),
+                    ("ledger_invoices", {"batch": batch}),
+                ],
                 **usage,
             },
             turn,
@@ -149,13 +194,14 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
             summary
             + "\n\n"
             + "\n".join(f"- {line}" for line in findings)
-            + ("\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)")
+            + "\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)"
         )
         return scripted_turn(
             {
                 "content": f"{summary} Emailing finance the list; this is irreversible, so it "
                 "needs approval.",
                 "calls": [
+                    plan_update(3, f"compared: {len(findings)} mismatches"),
                     (
                         "email_send",
                         {
@@ -164,7 +210,7 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
                             f"{len(findings)} mismatches",
                             "body": body,
                         },
-                    )
+                    ),
                 ],
                 **usage,
             },
@@ -175,6 +221,21 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
             {
                 "content": f"{summary} The summary email was not sent ({email['error']}). "
                 "Mismatches:\n" + "\n".join(f"- {line}" for line in findings),
+                **usage,
+            },
+            turn,
+        )
+    plans = sum(
+        1
+        for m in messages
+        for call in m.get("tool_calls") or []
+        if call["function"]["name"] == "plan_update"
+    )
+    if plans < 3:
+        return scripted_turn(
+            {
+                "content": "The email is sent.",
+                "calls": [plan_update(len(PLAN), "the summary email was sent")],
                 **usage,
             },
             turn,

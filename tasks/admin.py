@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from tasks.models import Run, Step, Task, TaskVersion, Tool, ToolGrant
+from tasks.models import ModelPrice, Run, Step, Task, TaskVersion, Tool, ToolGrant
 from tasks.services import task_version_current
 
 
@@ -33,7 +33,15 @@ class TaskAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Rails", {"fields": ["autonomy_level", "max_steps"]}),
+        ("Autonomy", {"fields": ["autonomy_level", "self_check", "confidence_threshold"]}),
+        (
+            "Budgets",
+            {"fields": ["max_steps", "max_tokens", "max_seconds", "max_spend", "on_budget_breach"]},
+        ),
+        (
+            "Loops and retries",
+            {"fields": ["loop_repeat_limit", "stall_limit", "on_loop", "model_max_attempts"]},
+        ),
     ]
 
     def save_related(self, request, form, formsets, change):
@@ -113,3 +121,9 @@ class RunAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(admin.ModelAdmin):
+    list_display = ["model", "input_per_million", "output_per_million", "updated_at"]
+    search_fields = ["model"]

@@ -47,6 +47,16 @@ class Tool(models.Model):
     always_approve = models.BooleanField(
         default=False, help_text="Hold every call for a person, whatever the task's autonomy."
     )
+    retry_max_attempts = models.PositiveSmallIntegerField(
+        default=3,
+        validators=[MinValueValidator(1), MaxValueValidator(10)],
+        help_text="Attempts when the call fails transiently without effect.",
+    )
+    retry_backoff_seconds = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0.0), MaxValueValidator(60.0)],
+        help_text="The first retry's delay; each next one doubles, with jitter.",
+    )
     available = models.BooleanField(
         default=True, help_text="False when the code that implements the tool is gone."
     )
@@ -86,7 +96,59 @@ class Task(models.Model):
         "or scripted:NAME for a scripted, offline model.",
     )
     max_steps = models.PositiveIntegerField(
-        default=30, validators=[MinValueValidator(1), MaxValueValidator(10_000)]
+        default=30,
+        validators=[MinValueValidator(1), MaxValueValidator(10_000)],
+        help_text="Every model turn, plan revision, self-check and tool call is a step.",
+    )
+    max_tokens = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Tokens in and out, all model calls together. Blank: no limit.",
+    )
+    max_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Seconds of work (time waiting for a person or in the queue not counted). "
+        "Blank: no limit.",
+    )
+    max_spend = models.DecimalField(
+        max_digits=12,
+        decimal_places=4,
+        null=True,
+        blank=True,
+        help_text="Model spend, from the model price table. Blank: no limit.",
+    )
+    on_budget_breach = models.CharField(
+        max_length=8,
+        choices=[("halt", "Halt the run"), ("ask", "Ask a person for more")],
+        default="halt",
+    )
+    loop_repeat_limit = models.PositiveSmallIntegerField(
+        default=3,
+        help_text="The same call returning the same result this many times is a loop. 0: off.",
+    )
+    stall_limit = models.PositiveSmallIntegerField(
+        default=8,
+        help_text="This many tool calls in a row without a new result is a stall. 0: off.",
+    )
+    on_loop = models.CharField(
+        max_length=8,
+        choices=[("halt", "Halt the run"), ("ask", "Ask a person whether to go on")],
+        default="halt",
+    )
+    self_check = models.BooleanField(
+        default=True,
+        help_text="Before finishing, the agent checks its outcome and reports its confidence.",
+    )
+    confidence_threshold = models.FloatField(
+        default=0.7,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Below this self-reported confidence, a person reviews the outcome.",
+    )
+    model_max_attempts = models.PositiveSmallIntegerField(
+        default=3,
+        validators=[MinValueValidator(1), MaxValueValidator(10)],
+        help_text="Attempts per model call when the server fails transiently (429, 5xx, timeouts).",
     )
     autonomy_level = models.PositiveSmallIntegerField(
         choices=AutonomyLevel.choices, default=AutonomyLevel.SUPERVISED
@@ -184,6 +246,16 @@ class Run(models.Model):
     steps_used = models.PositiveIntegerField(default=0)
     tokens_in = models.PositiveBigIntegerField(default=0)
     tokens_out = models.PositiveBigIntegerField(default=0)
+    spend = models.DecimalField(max_digits=14, decimal_places=6, default=0)
+    seconds_used = models.FloatField(default=0.0, help_text="Seconds of work so far.")
+    budget_extra = models.JSONField(
+        default=dict, blank=True, help_text="Budget granted by people on top of the task's."
+    )
+    plan = models.JSONField(default=list, blank=True, help_text="The agent's current plan.")
+    confidence = models.FloatField(null=True, blank=True)
+    loops_accepted_through = models.PositiveIntegerField(
+        default=0, help_text="A person let the run go on past a loop up to this step."
+    )
     queued_at = models.DateTimeField(
         null=True, blank=True, help_text="When the run last went to the queue."
     )
@@ -214,6 +286,21 @@ class Run(models.Model):
     @property
     def is_scripted(self) -> bool:
         return self.model_label.startswith("scripted:")
+
+
+class ModelPrice(models.Model):
+    """What a model costs, per million tokens; the spend budget is counted with it."""
+
+    model = models.CharField(max_length=200, unique=True, help_text="As the task names it.")
+    input_per_million = models.DecimalField(max_digits=12, decimal_places=4)
+    output_per_million = models.DecimalField(max_digits=12, decimal_places=4)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.input_per_million} in, {self.output_per_million} out per 1M"
 
 
 class StepKind(models.TextChoices):

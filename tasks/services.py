@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -77,6 +78,16 @@ def task_definition(task: Task) -> dict[str, Any]:
         "input_schema": task.input_schema,
         "model": task.model,
         "max_steps": task.max_steps,
+        "max_tokens": task.max_tokens,
+        "max_seconds": task.max_seconds,
+        "max_spend": str(task.max_spend) if task.max_spend is not None else None,
+        "on_budget_breach": task.on_budget_breach,
+        "loop_repeat_limit": task.loop_repeat_limit,
+        "stall_limit": task.stall_limit,
+        "on_loop": task.on_loop,
+        "self_check": task.self_check,
+        "confidence_threshold": task.confidence_threshold,
+        "model_max_attempts": task.model_max_attempts,
         "autonomy_level": task.autonomy_level,
         "tools": sorted(task.grants.values_list("tool__name", flat=True)),
     }
@@ -141,6 +152,11 @@ def run_start(
         client_for(label)
     except Exception as error:
         raise RunStartError(str(error)) from error
+    if task.max_spend is not None and price_for(label) is None:
+        raise RunStartError(
+            f"the task has a spend budget but the model {label!r} has no price: add one "
+            "under Model prices in the admin"
+        )
     unavailable = list(task.tools.filter(available=False).values_list("name", flat=True))
     if unavailable:
         raise RunStartError(f"granted tools whose code is not installed: {', '.join(unavailable)}")
@@ -239,15 +255,38 @@ def run_cancel(*, run: Run, user: AbstractBaseUser) -> Run:
     return run
 
 
+# Prices ------------------------------------------------------------------------------
+
+
+def price_for(model_label: str) -> tuple[Decimal, Decimal] | None:
+    """(input, output) price per million tokens; scripted models are free unless priced."""
+    from tasks.models import ModelPrice
+
+    row = ModelPrice.objects.filter(model=model_label).first()
+    if row is not None:
+        return row.input_per_million, row.output_per_million
+    if model_label.startswith("scripted:"):
+        return Decimal(0), Decimal(0)
+    return None
+
+
 # Steps -------------------------------------------------------------------------------
 
 
-def step_create(*, run: Run, number: int, event: str, payload: dict[str, Any], **fields: Any):
+def step_create(
+    *,
+    run: Run,
+    number: int,
+    event: str,
+    payload: dict[str, Any],
+    actor: str = "engine",
+    **fields: Any,
+):
     """Record a new step and the lineage event that describes it."""
     from tasks.models import Step
 
     step = Step.objects.create(run=run, number=number, **fields)
-    event_append(run_uuid=run.pk, kind=event, actor="engine", payload={"step": number, **payload})
+    event_append(run_uuid=run.pk, kind=event, actor=actor, payload={"step": number, **payload})
     return step
 
 

@@ -8,9 +8,10 @@ The guarantees (docs/guarantees.md):
 - every change to a run commits in one transaction with its lineage events;
 - a tool step is committed ``started``, with its idempotency key, before the call fires;
   on resume an idempotent tool is called again with the same key, any other becomes
-  ``unknown`` and the run halts for a person: nothing re-fires blindly;
+  ``unknown`` and the run waits for a person: nothing re-fires blindly;
 - a recorded model turn is reused, never asked again;
-- every commit is fenced by the lease: a worker that lost the run writes nothing.
+- every commit is fenced by the lease: a worker that lost the run writes nothing;
+- budgets are checked before every model and tool call, with the call's projected cost.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 import time
 import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import timedelta
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -31,15 +36,34 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agentops import states
-from agentops.runtime.budgets import budget_note, steps_check
+from agentops.runtime.budgets import (
+    Limits,
+    Usage,
+    budget_check,
+    budget_note,
+    cost,
+    extension_for,
+    limits_for,
+    tokens_estimate,
+)
+from agentops.runtime.builtins import (
+    CHECK_PROMPT,
+    CHECK_TOOL,
+    PLAN_TOOL,
+    PLANNING_NOTE,
+    builtin_spec,
+    check_read,
+    plan_errors,
+)
 from agentops.runtime.gates import Verdict, call_digest, gate_decide
+from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.tools import ToolContext, ToolResult, executor_for
-from approvals.models import ApprovalStatus, Resolution
-from approvals.services import approval_request_action, approval_request_unknown
+from approvals.models import ApprovalKind, ApprovalStatus, Resolution
+from approvals.services import approval_request
 from lineage.services import event_append, json_plain
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
-from tasks.services import run_transition, step_create, step_transition
+from tasks.services import price_for, run_transition, step_create, step_transition
 
 logger = logging.getLogger("agentops.engine")
 
@@ -64,6 +88,30 @@ class LeaseLost(Exception):
     """This worker no longer owns the run; it must stop without writing."""
 
 
+class WorkClock:
+    """Seconds of work for the time budget: counted while a worker holds the run, and
+    added to the run at each commit, so waiting for a person or in the queue is not."""
+
+    def __init__(self) -> None:
+        self.mark = time.monotonic()
+
+    def lap(self) -> float:
+        now = time.monotonic()
+        elapsed, self.mark = now - self.mark, now
+        return elapsed
+
+    def pending(self) -> float:
+        return time.monotonic() - self.mark
+
+
+_clock: ContextVar[WorkClock | None] = ContextVar("agentops_work_clock", default=None)
+
+
+def clock_changes() -> dict[str, Any]:
+    clock = _clock.get()
+    return {"seconds_used": F("seconds_used") + clock.lap()} if clock else {}
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -76,6 +124,7 @@ def advance(
     if not lease_claim(run_id, owner):
         return Outcome.NOT_CLAIMED
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
+    clock = _clock.set(WorkClock())
     try:
         while True:
             outcome = step_next(run_id, owner)
@@ -89,6 +138,8 @@ def advance(
     except Exception as error:
         logger.exception("run %s: the engine failed", run_id)
         return run_fail_on_error(run_id, owner, error)
+    finally:
+        _clock.reset(clock)
 
 
 # Leases ------------------------------------------------------------------------------
@@ -124,21 +175,26 @@ def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
     return True
 
 
-def lease_fence(run_id: uuid.UUID, owner: str, **changes: Any) -> None:
-    """Inside a step's transaction: renew the lease, apply counters, and prove this worker
-    still owns a running run. Anything else rolls the step back."""
+def fence(run_id: uuid.UUID, owner: str, **changes: Any) -> None:
+    """Inside a step's transaction: renew the lease, apply counters (and the seconds of
+    work since the last commit), and prove this worker still owns a running run.
+    Anything else rolls the step back."""
     updated = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, lease_owner=owner).update(
-        lease_expires_at=lease_deadline(), **changes
+        lease_expires_at=lease_deadline(), **clock_changes(), **changes
     )
     if updated != 1:
         raise LeaseLost(f"worker {owner} no longer owns run {run_id}")
+
+
+def lease_fence(ctx: Context, **changes: Any) -> None:
+    fence(ctx.run.pk, ctx.owner, **changes)
 
 
 def run_yield(run_id: uuid.UUID, owner: str) -> Outcome:
     from agentops.runtime import dispatch
 
     with transaction.atomic():
-        lease_fence(run_id, owner)
+        fence(run_id, owner)
         run = Run.objects.get(pk=run_id)
         run_transition(
             run=run,
@@ -153,9 +209,16 @@ def run_yield(run_id: uuid.UUID, owner: str) -> Outcome:
     return Outcome.YIELDED
 
 
-def run_end(run: Run, owner: str, *, to: str, reason: str = "", **fields: Any) -> Outcome:
+def run_end(ctx: Context, *, to: str, reason: str = "", **fields: Any) -> Outcome:
+    return run_end_by_id(ctx.run.pk, ctx.owner, to=to, reason=reason, **fields)
+
+
+def run_end_by_id(
+    run_id: uuid.UUID, owner: str, *, to: str, reason: str = "", **fields: Any
+) -> Outcome:
     with transaction.atomic():
-        lease_fence(run.pk, owner)
+        fence(run_id, owner)
+        run = Run.objects.get(pk=run_id)
         run_transition(run=run, to=to, actor="engine", reason=reason, **fields)
     return Outcome.FINISHED
 
@@ -164,9 +227,8 @@ def run_fail_on_error(run_id: uuid.UUID, owner: str, error: Exception) -> Outcom
     """A bug or an outage stopped the loop: fail the run with the error if we still own
     it. If even that cannot be written, the lease expires and the run is recovered."""
     try:
-        run = Run.objects.get(pk=run_id)
-        return run_end(
-            run,
+        return run_end_by_id(
+            run_id,
             owner,
             to=RunStatus.FAILED,
             reason=f"internal error: {type(error).__name__}: {error}",
@@ -179,89 +241,200 @@ def run_fail_on_error(run_id: uuid.UUID, owner: str, error: Exception) -> Outcom
 # The loop ----------------------------------------------------------------------------
 
 
+@dataclass
+class Context:
+    """One step's view of the run: the run row, its pinned definition, its steps."""
+
+    run: Run
+    owner: str
+    definition: dict
+    steps: list[Step]
+
+    def setting(self, name: str) -> Any:
+        return self.definition.get(name, DEFINITION_DEFAULTS.get(name))
+
+    @property
+    def limits(self) -> Limits:
+        return limits_for(self.definition, self.run.budget_extra)
+
+    def usage(self) -> Usage:
+        clock = _clock.get()
+        return Usage(
+            steps=self.run.steps_used,
+            tokens=self.run.tokens_in + self.run.tokens_out,
+            seconds=self.run.seconds_used + (clock.pending() if clock else 0.0),
+            spend=self.run.spend,
+        )
+
+    @property
+    def number(self) -> int:
+        """The number the next step gets."""
+        return (self.steps[-1].number + 1) if self.steps else 1
+
+
+# Versions of a task made before a setting existed run with its default.
+DEFINITION_DEFAULTS: dict[str, Any] = {
+    "max_tokens": None,
+    "max_seconds": None,
+    "max_spend": None,
+    "on_budget_breach": "halt",
+    "loop_repeat_limit": 3,
+    "stall_limit": 8,
+    "on_loop": "halt",
+    "self_check": False,
+    "confidence_threshold": 0.0,
+    "model_max_attempts": 3,
+}
+
+
 def step_next(run_id: uuid.UUID, owner: str) -> Outcome:
     """Do the one next thing the run's record calls for."""
     run = Run.objects.select_related("task_version").get(pk=run_id)
     if run.status != RunStatus.RUNNING or run.lease_owner != owner:
         raise LeaseLost(f"run {run_id} is {run.status}, leased to {run.lease_owner or 'nobody'}")
-    definition = run.task_version.definition
     steps = list(Step.objects.filter(run=run).select_related("tool").order_by("number"))
+    ctx = Context(run=run, owner=owner, definition=run.task_version.definition, steps=steps)
     last_model = next((s for s in reversed(steps) if s.kind == StepKind.MODEL), None)
     if last_model is not None:
-        answered = {
+        answers = {
             s.tool_call_id: s
             for s in steps
-            if s.kind == StepKind.TOOL and s.number > last_model.number
+            if s.kind in (StepKind.TOOL, StepKind.PLAN) and s.number > last_model.number
         }
         for call in last_model.tool_calls:
-            step = answered.get(call["id"])
+            step = answers.get(call["id"])
             if step is None:
-                return call_propose(run, definition, steps, last_model, call, owner)
+                return call_propose(ctx, last_model, call)
             if step.status == StepStatus.PROPOSED:
-                return call_after_gate(run, step, owner)
+                return call_after_gate(ctx, step)
             if step.status == StepStatus.STARTED:
-                return call_recover(run, step, owner)
+                return call_recover(ctx, step)
             if step.status == StepStatus.UNKNOWN:
-                return call_after_unknown(run, step, owner)
+                return call_after_unknown(ctx, step)
         if not last_model.tool_calls:
-            return run_end(
-                run,
-                owner,
-                to=RunStatus.SUCCEEDED,
-                outcome=last_model.content,
-                payload={"outcome": last_model.content},
-            )
-    return model_turn(run, definition, steps, owner)
+            later = [s for s in steps if s.number > last_model.number]
+            if not any(s.kind == StepKind.HUMAN for s in later):
+                return run_finish(ctx, last_model, later)
+    finding = loops_check(ctx)
+    if finding is not None:
+        return loop_stop(ctx, finding)
+    return model_turn(ctx)
 
 
-def next_number(steps: list[Step]) -> int:
-    return (steps[-1].number + 1) if steps else 1
+def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
+    """The model gave its final answer: check it if the task asks, then finish or ask a
+    person to review it."""
+    if not ctx.setting("self_check"):
+        return run_end(
+            ctx, to=RunStatus.SUCCEEDED, outcome=final.content, payload={"outcome": final.content}
+        )
+    check = next((s for s in later if s.kind == StepKind.CHECK), None)
+    if check is None:
+        return check_turn(ctx)
+    report = check.result or {}
+    threshold = float(ctx.setting("confidence_threshold"))
+    if report.get("objective_met") and report.get("confidence", 0) >= threshold:
+        return run_end(
+            ctx,
+            to=RunStatus.SUCCEEDED,
+            outcome=final.content,
+            payload={"outcome": final.content, "confidence": report["confidence"]},
+        )
+    why = (
+        "the agent says the objective is not met"
+        if not report.get("objective_met")
+        else f"the agent's confidence {report.get('confidence', 0):.2f} is below {threshold:.2f}"
+    )
+    with transaction.atomic():
+        lease_fence(ctx)
+        approval_request(
+            run=ctx.run,
+            kind=ApprovalKind.OUTCOME_REVIEW,
+            step=check,
+            gate=why,
+            reasoning=report.get("evidence", ""),
+            confidence=report.get("confidence"),
+            context={"outcome": final.content, "threshold": threshold, **report},
+        )
+        run_wait(ctx.run, f"review the outcome ({why})")
+    return Outcome.WAITING
 
 
-def granted_tools(definition: dict) -> dict[str, Tool]:
-    return {tool.name: tool for tool in Tool.objects.filter(name__in=definition["tools"])}
+# Budgets and loops -------------------------------------------------------------------
 
 
-def budget_halt(run: Run, definition: dict, owner: str) -> Outcome | None:
-    breach = steps_check(steps_used=run.steps_used, max_steps=definition["max_steps"])
+def budget_gate(ctx: Context, *, tokens: int = 0, spend: Decimal = Decimal(0)) -> Outcome | None:
+    """Before a call: stop the run here if the call could cross a budget."""
+    breach = budget_check(ctx.limits, ctx.usage(), tokens=tokens, spend=spend)
     if breach is None:
         return None
-    return run_end(
-        run, owner, to=RunStatus.HALTED, reason=breach.reason, payload={"budget": breach.budget}
+    payload = {"budget": breach.budget, "limit": breach.limit, "used": breach.used}
+    if ctx.setting("on_budget_breach") != "ask":
+        return run_end(ctx, to=RunStatus.HALTED, reason=breach.reason, payload=payload)
+    extension = extension_for(breach, ctx.limits)
+    with transaction.atomic():
+        lease_fence(ctx)
+        approval_request(
+            run=ctx.run,
+            kind=ApprovalKind.BUDGET_EXTENSION,
+            gate=breach.reason,
+            context={**payload, "extension": extension},
+        )
+        run_wait(ctx.run, f"more budget ({breach.reason})")
+    return Outcome.WAITING
+
+
+def loops_check(ctx: Context) -> LoopFinding | None:
+    calls = (
+        ToolCallRecord(
+            number=s.number,
+            tool=s.tool_name,
+            arguments=s.arguments,
+            outcome=s.result if s.status == StepStatus.SUCCEEDED else {"error": s.error},
+        )
+        for s in ctx.steps
+        if s.kind == StepKind.TOOL
+        and s.number > ctx.run.loops_accepted_through
+        and s.status in (StepStatus.SUCCEEDED, StepStatus.FAILED)
     )
+    return loop_find(
+        calls,
+        repeat_limit=int(ctx.setting("loop_repeat_limit")),
+        stall_limit=int(ctx.setting("stall_limit")),
+    )
+
+
+def loop_stop(ctx: Context, finding: LoopFinding) -> Outcome:
+    payload = {"finding": finding.kind, "through_step": finding.through_step}
+    if ctx.setting("on_loop") != "ask":
+        return run_end(ctx, to=RunStatus.HALTED, reason=finding.reason, payload=payload)
+    with transaction.atomic():
+        lease_fence(ctx)
+        approval_request(
+            run=ctx.run, kind=ApprovalKind.LOOP_REVIEW, gate=finding.reason, context=payload
+        )
+        run_wait(ctx.run, f"decide whether the run goes on ({finding.kind})")
+    return Outcome.WAITING
 
 
 # Model turns -------------------------------------------------------------------------
 
 
-def model_turn(run: Run, definition: dict, steps: list[Step], owner: str) -> Outcome:
-    halted = budget_halt(run, definition, owner)
-    if halted:
-        return halted
-    tools = granted_tools(definition)
-    messages = transcript(run, definition, steps)
-    client = client_for(run.model_label)
-    started = time.monotonic()
-    try:
-        turn = client.complete(messages=messages, tools=[tool_spec(t) for t in tools.values()])
-    except ModelError as error:
-        # Retries with backoff belong to the retry policy (a later change); for now a
-        # failed model call ends the run with the server's own words.
-        return run_end(run, owner, to=RunStatus.FAILED, reason=f"the model call failed: {error}")
-    duration_ms = int((time.monotonic() - started) * 1000)
-    calls = calls_normalise(turn, steps, next_number(steps))
-    number = next_number(steps)
+def model_turn(ctx: Context) -> Outcome:
+    tools = granted_tools(ctx.definition)
+    specs = [builtin_spec(PLAN_TOOL), *(tool_spec(t) for t in tools.values())]
+    # The first turn drafts the plan before anything else happens.
+    first = not any(s.kind == StepKind.MODEL for s in ctx.steps)
+    answer = model_call(ctx, transcript(ctx), specs, tool_choice=PLAN_TOOL if first else None)
+    if isinstance(answer, Outcome):
+        return answer
+    turn, duration_ms, turn_cost = answer
+    calls = calls_normalise(turn, ctx.steps, ctx.number)
     with transaction.atomic():
-        lease_fence(
-            run.pk,
-            owner,
-            steps_used=F("steps_used") + 1,
-            tokens_in=F("tokens_in") + turn.tokens_in,
-            tokens_out=F("tokens_out") + turn.tokens_out,
-        )
+        lease_fence(ctx, **usage_changes(turn, turn_cost))
         step_create(
-            run=run,
-            number=number,
+            run=ctx.run,
+            number=ctx.number,
             event="model.responded",
             payload={
                 "content": turn.content,
@@ -269,11 +442,142 @@ def model_turn(run: Run, definition: dict, steps: list[Step], owner: str) -> Out
                 "model": turn.model,
                 "tokens_in": turn.tokens_in,
                 "tokens_out": turn.tokens_out,
+                "cost": str(turn_cost),
             },
             kind=StepKind.MODEL,
             status=StepStatus.SUCCEEDED,
             content=turn.content,
             tool_calls=calls,
+            tokens_in=turn.tokens_in,
+            tokens_out=turn.tokens_out,
+            duration_ms=duration_ms,
+            finished_at=timezone.now(),
+        )
+    return Outcome.CONTINUE
+
+
+def usage_changes(turn: ModelTurn, turn_cost: Decimal) -> dict[str, Any]:
+    return {
+        "steps_used": F("steps_used") + 1,
+        "tokens_in": F("tokens_in") + turn.tokens_in,
+        "tokens_out": F("tokens_out") + turn.tokens_out,
+        "spend": F("spend") + turn_cost,
+    }
+
+
+def model_call(
+    ctx: Context, messages: list[dict], specs: list[dict], *, tool_choice: str | None
+) -> tuple[ModelTurn, int, Decimal] | Outcome:
+    """Ask the model, within budget, retrying transient failures with backoff.
+
+    The call's cost is projected before it is made: the prompt is estimated, the answer
+    is capped with max_tokens, so a call that could cross the token or spend budget is
+    not made. Returns (turn, milliseconds, cost), or the Outcome that stopped the run."""
+    price = price_for(ctx.run.model_label)
+    limits, usage = ctx.limits, ctx.usage()
+    if price is None and limits.spend is not None:
+        return run_end(
+            ctx,
+            to=RunStatus.FAILED,
+            reason=f"the model {ctx.run.model_label!r} has no price, so spend cannot be kept",
+        )
+    price_in, price_out = price or (Decimal(0), Decimal(0))
+    prompt = tokens_estimate(messages, specs)
+    max_out = settings.AGENTOPS_MAX_OUTPUT_TOKENS
+    if limits.tokens is not None:
+        max_out = min(max_out, max(0, limits.tokens - usage.tokens - prompt))
+        if max_out < MIN_ANSWER_TOKENS:
+            return budget_gate(ctx, tokens=prompt + MIN_ANSWER_TOKENS) or budget_gate(
+                ctx, tokens=limits.tokens
+            )
+    projected = cost(tokens_in=prompt, tokens_out=max_out, price_in=price_in, price_out=price_out)
+    stopped = budget_gate(ctx, tokens=prompt + max_out, spend=projected)
+    if stopped:
+        return stopped
+    timeout = settings.AGENTOPS_MODEL_TIMEOUT
+    if limits.seconds is not None:
+        timeout = max(1.0, min(timeout, limits.seconds - usage.seconds))
+    client = client_for(ctx.run.model_label)
+    attempts = int(ctx.setting("model_max_attempts"))
+    for attempt in range(1, attempts + 1):
+        started = time.monotonic()
+        try:
+            turn = client.complete(
+                messages=messages,
+                tools=specs,
+                tool_choice=tool_choice,
+                max_tokens=max_out,
+                timeout=timeout,
+            )
+        except ModelError as error:
+            if not error.transient or attempt == attempts:
+                tried = f" (tried {attempt} times)" if attempt > 1 else ""
+                return run_end(
+                    ctx, to=RunStatus.FAILED, reason=f"the model call failed{tried}: {error}"
+                )
+            delay = backoff(settings.AGENTOPS_MODEL_BACKOFF_SECONDS, attempt)
+            retry_note(ctx, "model.retrying", attempt=attempt, error=str(error), delay=delay)
+            time.sleep(delay)
+            continue
+        duration_ms = int((time.monotonic() - started) * 1000)
+        turn_cost = cost(
+            tokens_in=turn.tokens_in,
+            tokens_out=turn.tokens_out,
+            price_in=price_in,
+            price_out=price_out,
+        )
+        return turn, duration_ms, turn_cost
+    raise AssertionError("unreachable: the loop returns on its last attempt")
+
+
+MIN_ANSWER_TOKENS = 64
+
+
+def backoff(base: float, attempt: int) -> float:
+    """Exponential backoff with jitter: base, 2 x base, 4 x base..., each from half to
+    the whole of it, so retrying workers spread out. Capped at 30 seconds."""
+    ceiling = min(30.0, base * 2 ** (attempt - 1))
+    return ceiling * random.uniform(0.5, 1.0)
+
+
+def retry_note(ctx: Context, kind: str, **payload: Any) -> None:
+    with transaction.atomic():
+        lease_fence(ctx)
+        event_append(run_uuid=ctx.run.pk, kind=kind, actor="engine", payload=payload)
+
+
+def check_turn(ctx: Context) -> Outcome:
+    """Ask the model to check its final answer against the objective."""
+    messages = [*transcript(ctx), {"role": "user", "content": CHECK_PROMPT}]
+    answer = model_call(ctx, messages, [builtin_spec(CHECK_TOOL)], tool_choice=CHECK_TOOL)
+    if isinstance(answer, Outcome):
+        return answer
+    turn, duration_ms, turn_cost = answer
+    call = next((c for c in turn.tool_calls if c.name == CHECK_TOOL), None)
+    if call is None:
+        report, problem = check_read(None)
+        problem = "the model did not report its self-check"
+        report["evidence"] = problem
+    else:
+        arguments, _ = call_arguments(call.arguments)
+        report, problem = check_read(arguments)
+    with transaction.atomic():
+        lease_fence(ctx, confidence=report["confidence"], **usage_changes(turn, turn_cost))
+        step_create(
+            run=ctx.run,
+            number=ctx.number,
+            event="check.reported",
+            payload={
+                **report,
+                "problem": problem,
+                "tokens_in": turn.tokens_in,
+                "tokens_out": turn.tokens_out,
+            },
+            kind=StepKind.CHECK,
+            status=StepStatus.SUCCEEDED,
+            content=report["evidence"],
+            result=report,
+            error=problem,
             tokens_in=turn.tokens_in,
             tokens_out=turn.tokens_out,
             duration_ms=duration_ms,
@@ -295,6 +599,10 @@ def calls_normalise(turn: ModelTurn, steps: list[Step], number: int) -> list[dic
     return calls
 
 
+def granted_tools(definition: dict) -> dict[str, Tool]:
+    return {tool.name: tool for tool in Tool.objects.filter(name__in=definition["tools"])}
+
+
 def tool_spec(tool: Tool) -> dict:
     schema = tool.input_schema or {"type": "object", "properties": {}}
     return {
@@ -303,12 +611,13 @@ def tool_spec(tool: Tool) -> dict:
     }
 
 
-def transcript(run: Run, definition: dict, steps: list[Step]) -> list[dict]:
+def transcript(ctx: Context) -> list[dict]:
     """The conversation as the model sees it, rebuilt from the run's record."""
-    system = SYSTEM_PREAMBLE
+    run, definition, steps = ctx.run, ctx.definition, ctx.steps
+    system = SYSTEM_PREAMBLE + "\n\n" + PLANNING_NOTE
     if definition["instructions"]:
         system += "\n\nInstructions:\n" + definition["instructions"]
-    system += "\n\n" + budget_note(steps_used=run.steps_used, max_steps=definition["max_steps"])
+    system += "\n\n" + budget_note(ctx.limits, ctx.usage())
     user = f"Objective: {run.objective}"
     if run.input:
         user += "\n\nInput:\n" + json.dumps(run.input, indent=2, sort_keys=True)
@@ -316,8 +625,16 @@ def transcript(run: Run, definition: dict, steps: list[Step]) -> list[dict]:
         {"role": "system", "content": system},
         {"role": "user", "content": user},
     ]
-    tool_steps = {s.tool_call_id: s for s in steps if s.kind == StepKind.TOOL}
+    answers = {s.tool_call_id: s for s in steps if s.kind in (StepKind.TOOL, StepKind.PLAN)}
     for step in steps:
+        if step.kind == StepKind.HUMAN:
+            messages.append(
+                {
+                    "role": "user",
+                    "content": "A person reviewed your outcome and did not accept it: "
+                    f"{step.content}\nKeep working on the objective.",
+                }
+            )
         if step.kind != StepKind.MODEL:
             continue
         message: dict[str, Any] = {"role": "assistant", "content": step.content or None}
@@ -332,7 +649,7 @@ def transcript(run: Run, definition: dict, steps: list[Step]) -> list[dict]:
             ]
         messages.append(message)
         for call in step.tool_calls:
-            answer = tool_steps.get(call["id"])
+            answer = answers.get(call["id"])
             if answer is not None:
                 messages.append(
                     {"role": "tool", "tool_call_id": call["id"], "content": tool_message(answer)}
@@ -359,15 +676,62 @@ def call_arguments(raw: str) -> tuple[Any, str]:
     return arguments, ""
 
 
-def call_propose(
-    run: Run, definition: dict, steps: list[Step], model_step: Step, call: dict, owner: str
-) -> Outcome:
+def plan_record(ctx: Context, call: dict) -> Outcome:
+    """The agent drafted or revised its plan: keep it on the run, as a step."""
+    arguments, refusal = call_arguments(call["arguments"])
+    if not refusal:
+        errors = plan_errors(arguments)
+        if errors:
+            refusal = "the plan does not match plan_update's schema: " + "; ".join(errors)
+    version = (
+        sum(1 for s in ctx.steps if s.kind == StepKind.PLAN and s.status == StepStatus.SUCCEEDED)
+        + 1
+    )
+    fields = {
+        "kind": StepKind.PLAN,
+        "tool_name": PLAN_TOOL,
+        "tool_call_id": call["id"],
+        "arguments": arguments,
+    }
+    with transaction.atomic():
+        if refusal:
+            lease_fence(ctx, steps_used=F("steps_used") + 1)
+            step_create(
+                run=ctx.run,
+                number=ctx.number,
+                event="plan.refused",
+                payload={"error": refusal},
+                status=StepStatus.REFUSED,
+                error=refusal,
+                finished_at=timezone.now(),
+                **fields,
+            )
+            return Outcome.CONTINUE
+        plan = arguments["steps"]
+        lease_fence(ctx, steps_used=F("steps_used") + 1, plan=plan)
+        step_create(
+            run=ctx.run,
+            number=ctx.number,
+            event="plan.drafted" if version == 1 else "plan.revised",
+            payload={"version": version, "steps": plan, "reason": arguments.get("reason", "")},
+            status=StepStatus.SUCCEEDED,
+            content=arguments.get("reason", ""),
+            result={"recorded": True, "version": version},
+            finished_at=timezone.now(),
+            **fields,
+        )
+    return Outcome.CONTINUE
+
+
+def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
     """Put one requested call through the doors: granted, valid, (rules), gate."""
-    halted = budget_halt(run, definition, owner)
-    if halted:
-        return halted
-    number = next_number(steps)
-    tools = granted_tools(definition)
+    stopped = budget_gate(ctx)
+    if stopped:
+        return stopped
+    if call["name"] == PLAN_TOOL:
+        return plan_record(ctx, call)
+    run, number = ctx.run, ctx.number
+    tools = granted_tools(ctx.definition)
     tool = tools.get(call["name"])
     arguments, refusal = call_arguments(call["arguments"])
     if tool is None:
@@ -386,7 +750,7 @@ def call_propose(
     }
     if refusal:
         with transaction.atomic():
-            lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
+            lease_fence(ctx, steps_used=F("steps_used") + 1)
             step_create(
                 run=run,
                 number=number,
@@ -400,14 +764,14 @@ def call_propose(
         return Outcome.CONTINUE
 
     decision = gate_decide(
-        autonomy_level=definition["autonomy_level"],
+        autonomy_level=ctx.definition["autonomy_level"],
         side_effect=tool.side_effect,
         always_approve=tool.always_approve,
     )
     if decision.verdict is Verdict.SIMULATE:
         result = {"simulated": True, "note": "Shadow mode: this call was recorded, not made."}
         with transaction.atomic():
-            lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
+            lease_fence(ctx, steps_used=F("steps_used") + 1)
             step_create(
                 run=run,
                 number=number,
@@ -422,7 +786,7 @@ def call_propose(
         return Outcome.CONTINUE
     if decision.verdict is Verdict.HOLD:
         with transaction.atomic():
-            lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
+            lease_fence(ctx, steps_used=F("steps_used") + 1)
             step = step_create(
                 run=run,
                 number=number,
@@ -432,15 +796,20 @@ def call_propose(
                 gate=decision.reason,
                 **fields,
             )
-            approval_request_action(
-                run=run, step=step, gate=decision.reason, reasoning=model_step.content
+            approval_request(
+                run=run,
+                kind=ApprovalKind.ACTION,
+                step=step,
+                gate=decision.reason,
+                reasoning=model_step.content,
+                context=budget_context(ctx),
             )
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
 
     key = idempotency_key(run, number)
     with transaction.atomic():
-        lease_fence(run.pk, owner, steps_used=F("steps_used") + 1)
+        lease_fence(ctx, steps_used=F("steps_used") + 1)
         step = step_create(
             run=run,
             number=number,
@@ -450,29 +819,42 @@ def call_propose(
             idempotency_key=key,
             **fields,
         )
-    return call_fire(run, step, tool, owner)
+    return call_fire(ctx, step, tool)
+
+
+def budget_context(ctx: Context) -> dict[str, Any]:
+    """Budget used and left, for a person deciding on the run."""
+    limits, usage = ctx.limits, ctx.usage()
+    return {
+        "budget": {
+            budget: {"limit": str(limits.get(budget)), "used": str(usage.get(budget))}
+            for budget in ("steps", "tokens", "seconds", "spend")
+            if limits.get(budget) is not None
+        }
+    }
 
 
 def idempotency_key(run: Run, number: int) -> str:
     return f"{run.pk}:{number}"
 
 
-def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
+def call_after_gate(ctx: Context, step: Step) -> Outcome:
     """A held call whose approval was decided: fire exactly what was approved, or
     return the person's reason to the model."""
     approval = step.approvals.order_by("-created_at").first()
     if approval is None or approval.status == ApprovalStatus.PENDING:
+        # Still pending (a stale queue message woke the run): back to waiting.
         with transaction.atomic():
-            lease_fence(run.pk, owner)
-            run_wait(run, f"approve {step.tool_name}")
+            lease_fence(ctx)
+            run_wait(ctx.run, f"approve {step.tool_name}")
         return Outcome.WAITING
     if approval.status == ApprovalStatus.APPROVED:
         if approval.call_digest != call_digest(step.tool_name, step.arguments):
             refusal = "the approval does not match this exact call; it was not made"
         else:
-            key = idempotency_key(run, step.number)
+            key = idempotency_key(ctx.run, step.number)
             with transaction.atomic():
-                lease_fence(run.pk, owner)
+                lease_fence(ctx)
                 step_transition(
                     step=step,
                     to=StepStatus.STARTED,
@@ -485,14 +867,14 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
                     },
                     idempotency_key=key,
                 )
-            return call_fire(run, step, step.tool, owner)
+            return call_fire(ctx, step, step.tool)
     else:
         who = approval.decided_by.get_username() if approval.decided_by else "the system"
         refusal = f"{who} {approval.status} this call" + (
             f": {approval.decision_reason}" if approval.decision_reason else ""
         )
     with transaction.atomic():
-        lease_fence(run.pk, owner)
+        lease_fence(ctx)
         step_transition(
             step=step,
             to=StepStatus.REFUSED,
@@ -504,14 +886,14 @@ def call_after_gate(run: Run, step: Step, owner: str) -> Outcome:
     return Outcome.CONTINUE
 
 
-def call_recover(run: Run, step: Step, owner: str) -> Outcome:
+def call_recover(ctx: Context, step: Step) -> Outcome:
     """A call committed ``started`` by a worker that stopped before its outcome was
     recorded. It may or may not have taken effect."""
     if step.tool is not None and step.tool.idempotent:
         with transaction.atomic():
-            lease_fence(run.pk, owner)
+            lease_fence(ctx)
             event_append(
-                run_uuid=run.pk,
+                run_uuid=ctx.run.pk,
                 kind="tool.retried",
                 actor="engine",
                 payload={
@@ -521,13 +903,13 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
                     "reason": "interrupted before its outcome was recorded; the tool is idempotent",
                 },
             )
-        return call_fire(run, step, step.tool, owner)
+        return call_fire(ctx, step, step.tool)
     reason = (
         f"step #{step.number} ({step.tool_name}) was interrupted after it was started; "
         "the tool is not idempotent, so it was not called again: did it take effect?"
     )
     with transaction.atomic():
-        lease_fence(run.pk, owner)
+        lease_fence(ctx)
         step_transition(
             step=step,
             to=StepStatus.UNKNOWN,
@@ -535,8 +917,14 @@ def call_recover(run: Run, step: Step, owner: str) -> Outcome:
             payload={"tool": step.tool_name, "idempotency_key": step.idempotency_key},
             error=reason,
         )
-        approval_request_unknown(run=run, step=step, reason=reason)
-        run_wait(run, f"the outcome of {step.tool_name} is unknown")
+        approval_request(
+            run=ctx.run,
+            kind=ApprovalKind.UNKNOWN_OUTCOME,
+            step=step,
+            gate=reason,
+            context=budget_context(ctx),
+        )
+        run_wait(ctx.run, f"the outcome of {step.tool_name} is unknown")
     return Outcome.WAITING
 
 
@@ -552,19 +940,19 @@ def run_wait(run: Run, why: str) -> None:
     )
 
 
-def call_after_unknown(run: Run, step: Step, owner: str) -> Outcome:
+def call_after_unknown(ctx: Context, step: Step) -> Outcome:
     """A person said what became of an interrupted call: record it, or make the call."""
     approval = step.approvals.order_by("-created_at").first()
     if approval is None or approval.status != ApprovalStatus.APPROVED:
         # Still pending (a stale queue message woke the run): back to waiting.
         with transaction.atomic():
-            lease_fence(run.pk, owner)
-            run_wait(run, f"the outcome of {step.tool_name} is unknown")
+            lease_fence(ctx)
+            run_wait(ctx.run, f"the outcome of {step.tool_name} is unknown")
         return Outcome.WAITING
     who = approval.decided_by.get_username() if approval.decided_by else "a person"
     if approval.resolution == Resolution.REFIRE:
         with transaction.atomic():
-            lease_fence(run.pk, owner)
+            lease_fence(ctx)
             step_transition(
                 step=step,
                 to=StepStatus.STARTED,
@@ -577,12 +965,12 @@ def call_after_unknown(run: Run, step: Step, owner: str) -> Outcome:
                     "why": f"{who} said the interrupted call did not happen",
                 },
             )
-        return call_fire(run, step, step.tool, owner)
+        return call_fire(ctx, step, step.tool)
     result = approval.resolution_result
     if result is None:
         result = {"note": f"{who} confirmed the call took effect; its result is not known"}
     with transaction.atomic():
-        lease_fence(run.pk, owner)
+        lease_fence(ctx)
         step_transition(
             step=step,
             to=StepStatus.SUCCEEDED,
@@ -594,16 +982,32 @@ def call_after_unknown(run: Run, step: Step, owner: str) -> Outcome:
     return Outcome.CONTINUE
 
 
-def call_fire(run: Run, step: Step, tool: Tool, owner: str) -> Outcome:
+def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
     """Make the call of a step already committed ``started``, then record its outcome.
 
-    The outcome is recorded even if the run was cancelled meanwhile: the call happened,
-    and the trail must say so. The conditional UPDATE on ``started`` keeps one record."""
+    A transient failure (one the tool reports as safe to try again) is retried with
+    backoff under the tool's retry policy, with the same idempotency key. The outcome is
+    recorded even if the run was cancelled meanwhile: the call happened, and the trail
+    must say so. The conditional UPDATE on ``started`` keeps one record."""
     context = ToolContext(
-        run_id=run.pk, step_number=step.number, idempotency_key=step.idempotency_key
+        run_id=ctx.run.pk, step_number=step.number, idempotency_key=step.idempotency_key
     )
     started = time.monotonic()
-    result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+    for attempt in range(1, tool.retry_max_attempts + 1):
+        result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+        if result.ok or not result.transient or attempt == tool.retry_max_attempts:
+            break
+        delay = backoff(tool.retry_backoff_seconds, attempt)
+        retry_note(
+            ctx,
+            "tool.retrying",
+            step=step.number,
+            tool=tool.name,
+            attempt=attempt,
+            error=result.error,
+            delay=delay,
+        )
+        time.sleep(delay)
     duration_ms = int((time.monotonic() - started) * 1000)
     if result.ok:
         try:
@@ -612,8 +1016,13 @@ def call_fire(run: Run, step: Step, tool: Tool, owner: str) -> Outcome:
             result = ToolResult(
                 ok=False, error=f"the tool returned a value that is not JSON: {error}"
             )
+    elif attempt > 1:
+        result = ToolResult(ok=False, error=f"{result.error} (tried {attempt} times)")
     with transaction.atomic():
-        Run.objects.filter(pk=run.pk, lease_owner=owner).update(lease_expires_at=lease_deadline())
+        # Renew the lease if this worker still holds it; record the outcome regardless.
+        Run.objects.filter(pk=ctx.run.pk, lease_owner=ctx.owner).update(
+            lease_expires_at=lease_deadline(), **clock_changes()
+        )
         if result.ok:
             step_transition(
                 step=step,

@@ -36,5 +36,5 @@ def test_a_q2_worker_runs_the_demo_to_its_approval_and_on_to_the_end(tmp_path, o
 
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.reason
-    assert run.steps.count() == 7
+    assert run.steps.count() == 12
     assert chain_verify(run.pk).intact

@@ -47,8 +47,23 @@ def test_demo_task_runs_end_to_end_with_one_approval(demo_task, operator, settin
     assert "3 mismatches" in run.outcome
     assert len(mail.outbox) == 1 and mail.outbox[0].to == ["finance@example.com"]
     kinds = [s.kind for s in run.steps.order_by("number")]
-    assert kinds == ["model", "tool", "model", "tool", "model", "tool", "model"]
-    assert run.steps_used == 7 and run.tokens_in > 0
+    assert kinds == [
+        "model",
+        "plan",
+        "tool",  # plan first, then list the invoices
+        "model",
+        "tool",  # the payments
+        "model",
+        "plan",
+        "tool",  # revise the plan, email finance (approved)
+        "model",
+        "plan",  # mark the plan done
+        "model",
+        "check",  # the final answer, checked
+    ]
+    assert run.steps_used == 12 and run.tokens_in > 0
+    assert all(step["status"] == "done" for step in run.plan)
+    assert run.confidence == 0.95
     assert chain_verify(run.pk).intact
     assert events(run)[0] == "run.queued" and events(run)[-1] == "run.succeeded"
     assert "approval.approved" in events(run)

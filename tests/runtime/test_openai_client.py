@@ -291,19 +291,28 @@ def test_client_for_an_unknown_script_says_which_are_installed():
 
 
 @pytest.mark.django_db
-def test_a_run_on_a_served_model_calls_a_tool_and_finishes(make_task, operator, settings):
+def test_a_run_on_a_served_model_plans_calls_a_tool_checks_and_finishes(
+    make_task, operator, settings
+):
+    plan = {"steps": [{"title": "echo hi"}, {"title": "report"}]}
     with OpenAICompatibleServer() as server:
         settings.OPENAI_BASE_URL = server.base_url
         settings.OPENAI_API_KEY = "test"
         server.reply(
             completion(
                 None,
-                [("call_1", "test_echo", {"text": "hi"})],
+                [("call_p", "plan_update", plan), ("call_1", "test_echo", {"text": "hi"})],
                 prompt_tokens=30,
                 completion_tokens=5,
             )
         )
         server.reply(completion("The echo said hi.", prompt_tokens=50, completion_tokens=8))
+        check = {"objective_met": True, "confidence": 0.9, "evidence": "the echo tool said hi"}
+        server.reply(
+            completion(
+                None, [("call_c", "report_check", check)], prompt_tokens=60, completion_tokens=9
+            )
+        )
         task = make_task([], tools=["test_echo"])
         task.model = "test-model"
         task.save()
@@ -312,31 +321,39 @@ def test_a_run_on_a_served_model_calls_a_tool_and_finishes(make_task, operator, 
         outcome = run_until_rest(run)
 
     assert outcome is Outcome.FINISHED
-    assert run.status == RunStatus.SUCCEEDED
+    assert run.status == RunStatus.SUCCEEDED, run.reason
     assert run.model_label == "test-model"
     assert run.outcome == "The echo said hi."
-    assert (run.tokens_in, run.tokens_out) == (80, 13)
+    assert (run.tokens_in, run.tokens_out) == (140, 22)
+    assert run.confidence == 0.9
+    assert run.plan == plan["steps"]
     assert EFFECTS == {"echo:hi": 1}
 
-    assert len(server.requests) == 2
-    first, second = (request["body"] for request in server.requests)
+    assert len(server.requests) == 3
+    first, second, third = (request["body"] for request in server.requests)
     assert first["model"] == "test-model"
-    assert [tool["function"]["name"] for tool in first["tools"]] == ["test_echo"]
-    assert first["tools"][0]["type"] == "function"
-    assert first["tools"][0]["function"]["parameters"]["required"] == ["text"]
+    assert [tool["function"]["name"] for tool in first["tools"]] == ["plan_update", "test_echo"]
+    assert first["tools"][1]["function"]["parameters"]["required"] == ["text"]
+    # The first turn must draft the plan; every answer is capped.
+    assert first["tool_choice"] == {"type": "function", "function": {"name": "plan_update"}}
+    assert first["max_tokens"] == 4096
+    assert "tool_choice" not in second
 
-    *_, assistant, answer = second["messages"]
+    *_, assistant, plan_answer, echo_answer = second["messages"]
     assert assistant["role"] == "assistant"
-    assert assistant["tool_calls"] == [
-        {
-            "id": "call_1",
-            "type": "function",
-            "function": {"name": "test_echo", "arguments": json.dumps({"text": "hi"})},
-        }
+    assert [call["function"]["name"] for call in assistant["tool_calls"]] == [
+        "plan_update",
+        "test_echo",
     ]
-    assert answer["role"] == "tool"
-    assert answer["tool_call_id"] == "call_1"
-    assert json.loads(answer["content"]) == {"echo": "hi"}
+    assert json.loads(plan_answer["content"]) == {"recorded": True, "version": 1}
+    assert echo_answer["role"] == "tool" and echo_answer["tool_call_id"] == "call_1"
+    assert json.loads(echo_answer["content"]) == {"echo": "hi"}
+
+    # The self-check: the conversation, then the check prompt, with only report_check.
+    assert third["tool_choice"] == {"type": "function", "function": {"name": "report_check"}}
+    assert [tool["function"]["name"] for tool in third["tools"]] == ["report_check"]
+    assert third["messages"][-1]["role"] == "user"
+    assert "check your final answer" in third["messages"][-1]["content"]
 
 
 @pytest.mark.django_db

@@ -47,7 +47,17 @@ class ModelNotConfigured(Exception):
 class ModelClient(Protocol):
     label: str
 
-    def complete(self, *, messages: list[dict], tools: list[dict]) -> ModelTurn: ...
+    def complete(
+        self,
+        *,
+        messages: list[dict],
+        tools: list[dict],
+        tool_choice: str | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> ModelTurn:
+        """One turn. ``tool_choice`` names a tool the model must call; ``max_tokens``
+        bounds the answer; ``timeout`` the seconds to wait."""
 
 
 def model_label_for(model: str) -> str:

@@ -25,10 +25,25 @@ class OpenAICompatibleClient:
             max_retries=0,
         )
 
-    def complete(self, *, messages: list[dict], tools: list[dict]) -> ModelTurn:
+    def complete(
+        self,
+        *,
+        messages: list[dict],
+        tools: list[dict],
+        tool_choice: str | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> ModelTurn:
         request: dict = {"model": self.model, "messages": messages}
         if tools:
             request["tools"] = tools
+        if tool_choice:
+            request["tool_choice"] = {"type": "function", "function": {"name": tool_choice}}
+        if max_tokens:
+            # max_tokens, not max_completion_tokens: every compatible server knows it.
+            request["max_tokens"] = max_tokens
+        if timeout:
+            request["timeout"] = timeout
         try:
             response = self._client.chat.completions.create(**request)
         except openai.APITimeoutError as error:

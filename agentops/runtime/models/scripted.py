@@ -14,14 +14,33 @@ from agentops.runtime.models.base import ModelNotConfigured, ModelTurn, ToolCall
 
 Script = Callable[[list[dict]], ModelTurn]
 SCRIPTS: dict[str, Script] = {}
+# A script's self-check: called with the conversation when the engine asks the model to
+# check its final answer; without one, a scripted model reports full confidence.
+CHECKS: dict[str, Script] = {}
 
 
-def script(name: str) -> Callable[[Script], Script]:
+def script(name: str, *, check: Script | None = None) -> Callable[[Script], Script]:
     def register(function: Script) -> Script:
         SCRIPTS[name] = function
+        if check is not None:
+            CHECKS[name] = check
+        else:
+            CHECKS.pop(name, None)
         return function
 
     return register
+
+
+def check_turn(confidence: float, evidence: str, *, objective_met: bool = True) -> ModelTurn:
+    """A scripted self-check report."""
+    from agentops.runtime.builtins import CHECK_TOOL
+
+    arguments = {"objective_met": objective_met, "confidence": confidence, "evidence": evidence}
+    return ModelTurn(
+        content="",
+        tool_calls=[ToolCallRequest(id="check", name=CHECK_TOOL, arguments=json.dumps(arguments))],
+        model="scripted",
+    )
 
 
 def turns_script(turns: list[dict[str, Any]]) -> Script:
@@ -56,19 +75,34 @@ def scripted_turn(turn: dict[str, Any], index: int) -> ModelTurn:
 
 
 class ScriptedClient:
-    def __init__(self, name: str, play: Script) -> None:
+    def __init__(self, name: str, play: Script, check: Script | None = None) -> None:
         self.label = f"scripted:{name}"
         self._play = play
+        self._check = check
 
     @classmethod
     def named(cls, name: str) -> ScriptedClient:
         try:
-            return cls(name, SCRIPTS[name])
+            return cls(name, SCRIPTS[name], CHECKS.get(name))
         except KeyError:
             known = ", ".join(sorted(SCRIPTS)) or "none"
             raise ModelNotConfigured(
                 f"no scripted model named {name!r} is installed (installed: {known})"
             ) from None
 
-    def complete(self, *, messages: list[dict], tools: list[dict]) -> ModelTurn:
+    def complete(
+        self,
+        *,
+        messages: list[dict],
+        tools: list[dict],
+        tool_choice: str | None = None,
+        max_tokens: int | None = None,
+        timeout: float | None = None,
+    ) -> ModelTurn:
+        from agentops.runtime.builtins import CHECK_TOOL
+
+        if tool_choice == CHECK_TOOL:
+            if self._check is not None:
+                return self._check(messages)
+            return check_turn(1.0, "scripted model: it follows its script and checks nothing")
         return self._play(messages)
