@@ -9,6 +9,9 @@ from approvals.models import Approval, ApprovalKind, Resolution
 DECISIONS = {
     ApprovalKind.ACTION: {"approve", "reject"},
     ApprovalKind.UNKNOWN_OUTCOME: {Resolution.HAPPENED, Resolution.REFIRE, Resolution.STOP},
+    ApprovalKind.OUTCOME_REVIEW: {"approve", "reject"},
+    ApprovalKind.BUDGET_EXTENSION: {"approve", "reject"},
+    ApprovalKind.LOOP_REVIEW: {"approve", "reject"},
 }
 
 
@@ -45,11 +48,12 @@ class DecisionForm(forms.Form):
     def clean(self) -> dict:
         cleaned = super().clean()
         if cleaned.get("decision") in ("reject", "stop") and not cleaned.get("reason", "").strip():
+            goes_on = self.approval.kind in (ApprovalKind.ACTION, ApprovalKind.OUTCOME_REVIEW)
             self.add_error(
                 "reason",
-                "Say why you stop the run: the reason is kept in its trail."
-                if cleaned["decision"] == "stop"
-                else "Say why you reject it: the agent reads the reason to re-plan.",
+                "Say why you reject it: the agent reads the reason to re-plan."
+                if goes_on
+                else "Say why you stop the run: the reason is kept in its trail.",
             )
         return cleaned
 

@@ -287,6 +287,11 @@ class Run(models.Model):
     def is_scripted(self) -> bool:
         return self.model_label.startswith("scripted:")
 
+    @property
+    def step_limit(self) -> int:
+        """The task version's step budget plus any steps people granted this run."""
+        return self.task_version.definition["max_steps"] + self.budget_extra.get("steps", 0)
+
 
 class ModelPrice(models.Model):
     """What a model costs, per million tokens; the spend budget is counted with it."""

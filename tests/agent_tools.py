@@ -51,3 +51,12 @@ def test_broken(ctx: ToolContext, *, text: str) -> dict:
 
 
 from tests import crash_tools  # noqa: E402,F401  (their tools register too)
+
+
+@tool(schema=TEXT, side_effect="read", idempotent=True)
+def test_flaky(ctx: ToolContext, *, text: str) -> dict:
+    """Fails transiently until it has been called int(text) + 1 times for this key."""
+    EFFECTS[f"flaky:{text}"] += 1
+    if EFFECTS[f"flaky:{text}"] <= int(text):
+        raise ToolError(f"not yet (attempt {EFFECTS[f'flaky:{text}']} of {text})", transient=True)
+    return {"ok": True}

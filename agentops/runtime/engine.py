@@ -826,7 +826,7 @@ def budget_context(ctx: Context) -> dict[str, Any]:
     """Budget used and left, for a person deciding on the run."""
     limits, usage = ctx.limits, ctx.usage()
     return {
-        "budget": {
+        "budgets": {
             budget: {"limit": str(limits.get(budget)), "used": str(usage.get(budget))}
             for budget in ("steps", "tokens", "seconds", "spend")
             if limits.get(budget) is not None

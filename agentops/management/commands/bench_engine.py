@@ -1,0 +1,439 @@
+"""``manage.py bench_engine``: what the durable step loop costs per agent step.
+
+See docs/benchmarks.md for what each figure means and the figures measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import multiprocessing
+import os
+import queue
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.migrations.executor import MigrationExecutor
+
+from agentops import bench
+from agentops.config import database_from_url
+from agentops.runtime import dispatch
+from agentops.runtime.engine import Outcome, advance
+from lineage.models import LineageEvent
+from tasks.models import AutonomyLevel, Run, RunStatus, Task, Tool, ToolGrant
+from tasks.services import run_start, tools_sync
+
+SCRATCH_FILE = "bench.sqlite3"
+# Set on the child when the command runs itself again on another database: the child
+# must find that database configured, or something is wrong with the settings.
+REEXEC_MARKER = "AGENTOPS_BENCH_REEXEC"
+COMMITS_GOAL = 3.0
+RATIO_GOAL = 0.5  # agentops / LangGraph per-step overhead, on PostgreSQL
+LANGGRAPH_MODULES = (
+    "langgraph.graph",
+    "langgraph.checkpoint.sqlite",
+    "langgraph.checkpoint.postgres",
+)
+WORKER_START_SECONDS = 120.0
+WORKER_RUN_SECONDS = 1800.0
+
+HELP = f"""\
+Measure the engine's own cost per agent step (one model turn that asks for one tool
+call, plus that call) with an instant scripted model and a no-op read-only tool: median
+and p90 overhead per agent step, agent steps per second with one and with --workers
+processes, and database commits and queries per agent step.
+
+The bench writes real tasks, runs, steps and lineage events, so by default it works on a
+scratch SQLite file, {settings.VAR_DIR.name}/{SCRATCH_FILE}, which it creates and
+migrates itself. --database-url, or else DATABASE_URL when set, names another database
+(migrated already); the command then runs itself again pointed at it, in a child
+process, since Django's database is fixed when the settings load. Its runs stay there;
+--cleanup deletes them (and the bench task) at the end, but not their lineage events:
+the trail is append-only by design and the database refuses to delete it. So point
+DATABASE_URL at a scratch database (createdb agentops_bench), not a live one.
+
+--compare langgraph runs the same workload on LangGraph (SqliteSaver on a temporary
+SQLite file, or PostgresSaver in a temporary schema of the same PostgreSQL database) and
+prints the ratio of the two overheads. It needs: pip install -e '.[bench]'.
+"""
+
+
+def positive_int(maximum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is not between 1 and {maximum}")
+        return value
+
+    return parse
+
+
+def same_database(one: dict, other: dict) -> bool:
+    if one["ENGINE"] != other["ENGINE"]:
+        return False
+    if one["ENGINE"].endswith("sqlite3"):
+        return Path(str(one["NAME"])).resolve() == Path(str(other["NAME"])).resolve()
+    return all(
+        str(one.get(key) or "") == str(other.get(key) or "")
+        for key in ("NAME", "HOST", "PORT", "USER")
+    )
+
+
+def database_described(database: dict) -> str:
+    if database["ENGINE"].endswith("sqlite3"):
+        path = Path(str(database["NAME"])).resolve()
+        shown = (
+            path.relative_to(settings.BASE_DIR) if path.is_relative_to(settings.BASE_DIR) else path
+        )
+        return f"sqlite {shown}"
+    where = f"{database.get('HOST') or 'localhost'}:{database.get('PORT') or 5432}"
+    return f"postgresql {database['NAME']} on {where}"
+
+
+class Command(BaseCommand):
+    help = HELP
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the paragraphs
+        return parser
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--runs", type=positive_int(10_000), default=20, help="runs timed (default 20)"
+        )
+        parser.add_argument(
+            "--steps", type=positive_int(1_000), default=10, help="agent steps per run (10)"
+        )
+        parser.add_argument(
+            "--workers",
+            type=positive_int(64),
+            default=2,
+            help="worker processes for the parallel figure (default 2)",
+        )
+        parser.add_argument("--compare", choices=["langgraph"], help="also run LangGraph")
+        parser.add_argument(
+            "--database-url",
+            default="",
+            help=f"the database to bench (default: DATABASE_URL, else var/{SCRATCH_FILE})",
+        )
+        parser.add_argument(
+            "--cleanup",
+            action="store_true",
+            help="delete the bench's runs and task at the end (their lineage stays)",
+        )
+
+    def handle(self, *args, **options) -> None:
+        if options["compare"] == "langgraph":
+            langgraph_check()
+        scratch_url = f"sqlite:///{settings.VAR_DIR / SCRATCH_FILE}"
+        url = options["database_url"] or os.environ.get("DATABASE_URL", "").strip() or scratch_url
+        try:
+            target = database_from_url("--database-url", url, base_dir=settings.BASE_DIR)
+        except ImproperlyConfigured as error:
+            raise CommandError(str(error)) from None
+        connection = connections["default"]
+        if not same_database(target, connection.settings_dict):
+            self.rerun_on(url, options)
+            return
+
+        scratch_database = database_from_url("scratch", scratch_url, base_dir=settings.BASE_DIR)
+        scratch = same_database(scratch_database, connection.settings_dict)
+        if scratch:
+            call_command("migrate", interactive=False, verbosity=0)
+        else:
+            migrations_check(connection)
+        self.bench(options, scratch=scratch)
+
+    def rerun_on(self, url: str, options: dict) -> None:
+        """Run this command again in a child process whose Django is configured for
+        ``url``, and pass its output on."""
+        if os.environ.get(REEXEC_MARKER):
+            raise CommandError(
+                f"the bench was started on {url} but Django is configured for "
+                f"{database_described(connections['default'].settings_dict)}: "
+                f"does {settings.SETTINGS_MODULE} read DATABASE_URL?"
+            )
+        arguments = ["--runs", str(options["runs"]), "--steps", str(options["steps"])]
+        arguments += ["--workers", str(options["workers"]), "--database-url", url]
+        if options["compare"]:
+            arguments += ["--compare", options["compare"]]
+        if options["cleanup"]:
+            arguments.append("--cleanup")
+        environment = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+            REEXEC_MARKER: "1",
+        }
+        with subprocess.Popen(
+            [sys.executable, str(settings.BASE_DIR / "manage.py"), "bench_engine", *arguments],
+            cwd=settings.BASE_DIR,
+            env=environment,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as child:
+            for line in child.stdout:
+                self.stdout.write(line, ending="")
+        if child.returncode != 0:
+            raise CommandError(f"the bench stopped with exit status {child.returncode}")
+
+    # The bench ---------------------------------------------------------------------
+
+    def bench(self, options: dict, *, scratch: bool) -> None:
+        runs, steps, workers = options["runs"], options["steps"], options["workers"]
+        connection = connections["default"]
+        database = connection.settings_dict
+        self.say(
+            f"database: {database_described(database)}"
+            + (" (a scratch file the bench migrates)" if scratch else "")
+        )
+        self.say(f"runs: {runs}  agent steps per run: {steps}  workers: {workers}")
+        with ExitStack() as stack:
+            # The bench advances every run itself. run_start's queue message would have a
+            # running worker race it (and with Celery, need Redis): it is not sent.
+            stack.enter_context(mock.patch.object(dispatch, "send", lambda run_id: None))
+            # Measure the engine as it runs in production: with DEBUG on, Django's debug
+            # cursor times and records every statement.
+            stack.enter_context(mock.patch.object(settings, "DEBUG", False))
+            task = bench_task_create(steps=steps)
+
+            # One run counted, outside the timings; it warms the caches up too.
+            counted_run = bench_run_start(task, steps)
+            with bench.database_counted(connection) as count:
+                bench_advance(counted_run)
+
+            timed_runs = [bench_run_start(task, steps) for _ in range(runs)]
+            seconds = [bench_advance(run) for run in timed_runs]
+            overhead = bench.spread([s * 1000 / steps for s in seconds])
+
+            parallel_runs = [bench_run_start(task, steps) for _ in range(max(runs, workers))]
+            parallel_seconds = self.workers_advance(parallel_runs, workers=workers)
+
+        self.say(
+            f"engine overhead per agent step: median {overhead.median:.2f} ms, "
+            f"p90 {overhead.p90:.2f} ms"
+        )
+        self.say(f"agent steps per second, 1 worker: {runs * steps / sum(seconds):.1f}")
+        self.say(
+            f"agent steps per second, {workers} worker processes: "
+            f"{len(parallel_runs) * steps / parallel_seconds:.1f}"
+        )
+        commits = count.commits / steps
+        self.say(
+            f"commits per agent step: {commits:.2f} ({count.commits} per run of {steps} "
+            "agent steps, counted on one extra run)"
+        )
+        self.say(
+            f"goal: at most {COMMITS_GOAL:g} commits per agent step: "
+            + ("PASS" if commits <= COMMITS_GOAL else "MISS")
+        )
+        self.say(f"queries per agent step: {count.queries / steps:.2f} ({count.queries} per run)")
+
+        made = Run.objects.filter(task=task)
+        failed = made.exclude(status=RunStatus.SUCCEEDED)
+        self.say(f"bench task: {task.slug}  runs made: {made.count()}  failed: {failed.count()}")
+        if failed.exists():
+            first = failed.first()
+            raise CommandError(f"run {first.pk} ended {first.status}: {first.reason}")
+
+        if options["compare"] == "langgraph":
+            self.langgraph_compare(runs=runs, steps=steps, mine=overhead.median)
+
+        if options["cleanup"]:
+            self.cleanup(task)
+        elif scratch:
+            self.say(
+                f"note: the runs are in the scratch file {database['NAME']}; delete it "
+                "whenever you like"
+            )
+        else:
+            self.say(
+                f"note: the bench wrote {made.count()} runs to the configured database "
+                f"({database_described(database)}), and they stay. Point DATABASE_URL at a "
+                "scratch database, or pass --cleanup to delete the runs (their lineage "
+                "events stay: the trail is append-only by design)"
+            )
+
+    def workers_advance(self, runs: list[Run], *, workers: int) -> float:
+        """Advance ``runs`` in ``workers`` processes at once; return the wall time from
+        the start signal to the last worker's report."""
+        context = multiprocessing.get_context("spawn")
+        messages = context.Queue()
+        go = context.Event()
+        database = dict(connections["default"].settings_dict)
+        shares = [[str(run.pk) for run in runs[index::workers]] for index in range(workers)]
+        processes = [
+            context.Process(
+                target=bench.worker_main,
+                args=(settings.SETTINGS_MODULE, database, share, messages, go),
+                name=f"bench-worker-{index}",
+            )
+            for index, share in enumerate(shares)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            for _ in processes:
+                worker_message(messages, processes, "ready", WORKER_START_SECONDS)
+            started = time.perf_counter()
+            go.set()
+            outcomes = []
+            for _ in processes:
+                outcomes += worker_message(messages, processes, "done", WORKER_RUN_SECONDS)[2]
+            seconds = time.perf_counter() - started
+        finally:
+            for process in processes:
+                if not go.is_set():  # a worker failed to start: the others would wait on
+                    process.terminate()
+                process.join(timeout=30)
+                if process.is_alive():
+                    process.terminate()
+                    process.join()
+        unfinished = [o for o in outcomes if o != Outcome.FINISHED.value]
+        if unfinished:
+            raise CommandError(f"worker processes left runs {', '.join(unfinished)}")
+        return seconds
+
+    def langgraph_compare(self, *, runs: int, steps: int, mine: float) -> None:
+        connection = connections["default"]
+        if connection.vendor == "postgresql":
+            saver_name = "PostgresSaver, a temporary schema"
+            saver = bench.langgraph_postgres_saver(connection.settings_dict)
+        else:
+            saver_name = "SqliteSaver, a temporary file"
+            saver = bench.langgraph_sqlite_saver(langgraph_directory(connection.settings_dict))
+        with saver as checkpointer:
+            app = bench.langgraph_app(steps=steps, checkpointer=checkpointer)
+            bench.langgraph_run(app, steps=steps)  # warm-up, as for agentops
+            seconds = [bench.langgraph_run(app, steps=steps) for _ in range(runs)]
+        theirs = bench.spread([s * 1000 / steps for s in seconds])
+        self.say(
+            f"langgraph overhead per agent step ({saver_name}, durability=sync): "
+            f"median {theirs.median:.2f} ms, p90 {theirs.p90:.2f} ms"
+        )
+        ratio = mine / theirs.median
+        self.say(f"ratio agentops/langgraph: {ratio:.2f}")
+        if connection.vendor == "postgresql":
+            verdict = "PASS" if ratio <= RATIO_GOAL else "MISS"
+        else:
+            verdict = f"not judged on {connection.vendor}"
+        self.say(f"goal on PostgreSQL: ratio at most {RATIO_GOAL:g}: {verdict}")
+
+    def cleanup(self, task: Task) -> None:
+        run_ids = list(Run.objects.filter(task=task).values_list("pk", flat=True))
+        events = LineageEvent.objects.filter(run_uuid__in=run_ids).count()
+        Run.objects.filter(pk__in=run_ids).delete()  # their steps go with them
+        task.delete()  # its versions and grants go with it
+        self.say(
+            f"cleanup: deleted {len(run_ids)} runs, their steps and the bench task; their "
+            f"{events} lineage events stay: the trail is append-only by design"
+        )
+
+    def say(self, line: str) -> None:
+        self.stdout.write(line)
+
+
+# Helpers -----------------------------------------------------------------------------
+
+
+def langgraph_check() -> None:
+    try:
+        for module in LANGGRAPH_MODULES:
+            importlib.import_module(module)
+    except ImportError as error:
+        raise CommandError(
+            f"--compare langgraph needs LangGraph and its checkpointers ({error.name} is not "
+            "installed): pip install -e '.[bench]'"
+        ) from None
+
+
+def langgraph_directory(database: dict) -> Path:
+    """Where LangGraph's SQLite file goes: beside the bench's own, on the same disk."""
+    name = str(database["NAME"])
+    return Path(name).resolve().parent if name != ":memory:" else settings.VAR_DIR
+
+
+def migrations_check(connection: BaseDatabaseWrapper) -> None:
+    executor = MigrationExecutor(connection)
+    if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+        raise CommandError(
+            f"{database_described(connection.settings_dict)} has unapplied migrations: run "
+            "manage.py migrate on it first, or leave DATABASE_URL unset to bench a scratch "
+            "SQLite file"
+        )
+
+
+def bench_task_create(*, steps: int) -> Task:
+    """A fresh task: the bench's script and tool, autonomy 3, budget enough for the run."""
+    tools_sync()
+    slug = f"bench-{uuid.uuid4().hex[:12]}"
+    task = Task.objects.create(
+        slug=slug,
+        name=f"Engine bench {slug}",
+        objective_template=bench.BENCH_OBJECTIVE,
+        input_schema={
+            "type": "object",
+            "properties": {"agent_steps": {"type": "integer", "minimum": 1}},
+            "required": ["agent_steps"],
+        },
+        model=f"scripted:{bench.BENCH_SCRIPT}",
+        # A model turn and a call per agent step, the final answer, and room to spare.
+        max_steps=2 * steps + 10,
+        autonomy_level=AutonomyLevel.AUTONOMOUS,
+        # The workload ends with the final answer, as LangGraph's graph does: no
+        # self-check turn after it.
+        self_check=False,
+    )
+    ToolGrant.objects.create(task=task, tool=Tool.objects.get(name=bench.BENCH_TOOL))
+    return task
+
+
+def bench_run_start(task: Task, steps: int) -> Run:
+    return run_start(task=task, run_input={"agent_steps": steps})
+
+
+def bench_advance(run: Run) -> float:
+    """Advance the run in one slice; return the wall time of ``advance`` in seconds."""
+    started = time.perf_counter()
+    outcome = advance(run.pk, max_seconds=bench.SLICE_SECONDS)
+    seconds = time.perf_counter() - started
+    if outcome is not Outcome.FINISHED:
+        raise CommandError(f"run {run.pk}: advance returned {outcome.value}, not finished")
+    return seconds
+
+
+def worker_message(messages: Any, processes: list, kind: str, timeout: float) -> tuple:
+    """The next message from the workers; stops on a worker's failure, death or silence."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            message = messages.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise CommandError(
+                    f"{dead[0].name} died (exit status {dead[0].exitcode}) before it reported"
+                ) from None
+            continue
+        if message[0] == "failed":
+            raise CommandError(f"a bench worker (pid {message[1]}) failed:\n{message[2]}")
+        if message[0] != kind:
+            raise CommandError(f"a bench worker said {message[0]!r}, expected {kind!r}")
+        return message
+    raise CommandError(f"no bench worker said {kind!r} within {timeout:.0f} seconds")
