@@ -146,14 +146,16 @@ def spread(values: list[float]) -> Spread:
 def worker_main(
     settings_module: str,
     database: dict,
+    warm_up_run_id: str,
     run_ids: list[str],
     messages: Any,
     go: Any,
 ) -> None:
     """One bench worker, started with multiprocessing's spawn method: set Django up on
-    the parent's exact database, say ready, wait for the start signal, advance the runs
-    given, and report on ``messages``. Errors are reported, not raised, so the parent
-    stops with the worker's traceback instead of waiting."""
+    the parent's exact database, advance one run to warm up (the first run of a process
+    pays for its imports and caches), say ready, wait for the start signal, advance the
+    runs given, and report on ``messages``. Errors are reported, not raised, so the
+    parent stops with the worker's traceback instead of waiting."""
     try:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
         import django
@@ -171,8 +173,8 @@ def worker_main(
         connections.close_all()
         from agentops.runtime.engine import advance
 
-        connections["default"].ensure_connection()
-        messages.put(("ready", os.getpid()))
+        warm_up = advance(uuid.UUID(warm_up_run_id), max_seconds=SLICE_SECONDS).value
+        messages.put(("ready", os.getpid(), [warm_up]))
         go.wait()
         outcomes = [
             advance(uuid.UUID(run_id), max_seconds=SLICE_SECONDS).value for run_id in run_ids

@@ -75,6 +75,9 @@ def plan_errors(arguments: Any) -> list[str]:
 
 def check_read(arguments: Any) -> tuple[dict[str, Any], str]:
     """The check report, or a failed one (confidence 0) saying what was wrong with it."""
+    if arguments is None:
+        problem = "the model did not report its self-check"
+        return {"objective_met": False, "confidence": 0.0, "evidence": problem}, problem
     errors = arguments_errors(CHECK_SCHEMA, arguments)
     if errors:
         problem = "the self-check report was malformed: " + "; ".join(errors)

@@ -487,9 +487,8 @@ def model_call(
     if limits.tokens is not None:
         max_out = min(max_out, max(0, limits.tokens - usage.tokens - prompt))
         if max_out < MIN_ANSWER_TOKENS:
-            return budget_gate(ctx, tokens=prompt + MIN_ANSWER_TOKENS) or budget_gate(
-                ctx, tokens=limits.tokens
-            )
+            # Not even a short answer fits: this always breaches the token budget.
+            max_out = MIN_ANSWER_TOKENS
     projected = cost(tokens_in=prompt, tokens_out=max_out, price_in=price_in, price_out=price_out)
     stopped = budget_gate(ctx, tokens=prompt + max_out, spend=projected)
     if stopped:
@@ -554,13 +553,8 @@ def check_turn(ctx: Context) -> Outcome:
         return answer
     turn, duration_ms, turn_cost = answer
     call = next((c for c in turn.tool_calls if c.name == CHECK_TOOL), None)
-    if call is None:
-        report, problem = check_read(None)
-        problem = "the model did not report its self-check"
-        report["evidence"] = problem
-    else:
-        arguments, _ = call_arguments(call.arguments)
-        report, problem = check_read(arguments)
+    arguments = call_arguments(call.arguments)[0] if call else None
+    report, problem = check_read(arguments)
     with transaction.atomic():
         lease_fence(ctx, confidence=report["confidence"], **usage_changes(turn, turn_cost))
         step_create(

@@ -163,3 +163,50 @@ def test_the_inbox_is_one_query_per_list_whatever_its_length(
     with django_assert_max_num_queries(8):
         response = operator_client.get(reverse("approvals:inbox"))
     assert response.content.decode().count('class="card approval ') == 5
+
+
+def test_each_kind_shows_its_own_decisions(make_task, operator_client):
+    task = make_task(
+        [{"calls": [("test_echo", {"text": str(n)})]} for n in range(3)],
+        tools=["test_echo"],
+        max_steps=2,
+        on_budget_breach="ask",
+    )
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run = Run.objects.get(task=task)
+    run_until_rest(run)
+    page = operator_client.get(reverse("approvals:inbox")).content.decode()
+    assert "Extend a budget" in page and "Grant 5 more steps" in page
+    approval = Approval.objects.get(run=run)
+    # A decision that belongs to another kind is refused and changes nothing.
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]), {"decision": "happened"}, follow=True
+    )
+    assert "&#x27;happened&#x27; is not a decision for this approval" in response.content.decode()
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
+
+    operator_client.post(reverse("approvals:decide", args=[approval.pk]), {"decision": "approve"})
+    run.refresh_from_db()
+    assert run.budget_extra == {"steps": 5} and run.status == "queued"
+
+
+def test_an_unknown_outcome_is_resolved_through_the_inbox_with_its_result(
+    make_task, operator, operator_client
+):
+    from tests.runtime.test_engine import _started_then_crashed
+
+    run = _started_then_crashed(make_task, operator, "test_send")
+    run_until_rest(run)
+    approval = Approval.objects.get(run=run)
+    page = operator_client.get(reverse("approvals:inbox")).content.decode()
+    assert "Resolve an unknown outcome" in page and "It did not happen: make the call" in page
+    url = reverse("approvals:decide", args=[approval.pk])
+    response = operator_client.post(url, {"decision": "happened", "result": "{oops"}, follow=True)
+    assert "The result is not valid JSON" in response.content.decode()
+    operator_client.post(url, {"decision": "happened", "result": '{"sent": true}'})
+    approval.refresh_from_db()
+    assert (approval.resolution, approval.resolution_result) == ("happened", {"sent": True})
+    run_until_rest(run)
+    assert run.steps.get(kind="tool").result == {"sent": True}
+    assert EFFECTS == {}

@@ -381,3 +381,13 @@ def test_a_transient_model_error_is_retried_and_a_permanent_one_fails_the_run(
     assert advance(run.pk) is Outcome.FINISHED
     run.refresh_from_db()
     assert run.status == RunStatus.FAILED and run.reason == "the model call failed: 400 bad request"
+
+
+def test_a_model_that_does_not_report_its_check_gets_its_outcome_reviewed(make_task, operator):
+    task = make_task([{"content": "the answer"}])
+    CHECKS[task.model.split(":", 1)[1]] = lambda messages: scripted_turn({"content": "fine"}, 0)
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.WAITING
+    check = run.steps.get(kind=StepKind.CHECK)
+    assert check.error == "the model did not report its self-check"
+    assert run.approvals.get().kind == ApprovalKind.OUTCOME_REVIEW

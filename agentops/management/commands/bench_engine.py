@@ -49,24 +49,28 @@ LANGGRAPH_MODULES = (
 WORKER_START_SECONDS = 120.0
 WORKER_RUN_SECONDS = 1800.0
 
-HELP = f"""\
+HELP = """\
 Measure the engine's own cost per agent step (one model turn that asks for one tool
-call, plus that call) with an instant scripted model and a no-op read-only tool: median
-and p90 overhead per agent step, agent steps per second with one and with --workers
-processes, and database commits and queries per agent step.
+call, plus that call) with an instant scripted model and a no-op read-only tool: the
+median and p90 overhead per agent step, agent steps per second with one worker and with
+--workers processes, and the database commits and queries per agent step.
 
-The bench writes real tasks, runs, steps and lineage events, so by default it works on a
-scratch SQLite file, {settings.VAR_DIR.name}/{SCRATCH_FILE}, which it creates and
-migrates itself. --database-url, or else DATABASE_URL when set, names another database
-(migrated already); the command then runs itself again pointed at it, in a child
-process, since Django's database is fixed when the settings load. Its runs stay there;
---cleanup deletes them (and the bench task) at the end, but not their lineage events:
-the trail is append-only by design and the database refuses to delete it. So point
-DATABASE_URL at a scratch database (createdb agentops_bench), not a live one.
+Where it writes: the bench makes real tasks, runs, steps and lineage events. With no
+--database-url and no DATABASE_URL it uses a scratch SQLite file, var/bench.sqlite3 (in
+AGENTOPS_VAR_DIR), that it creates and migrates itself. Otherwise it uses the database
+named (already migrated): point DATABASE_URL at a scratch database such as
+postgres://postgres@127.0.0.1:5432/agentops_bench, not a live one. Django's database is
+fixed when the settings load, so when the bench's database is not the configured one,
+the command runs itself again in a child process configured for it.
 
---compare langgraph runs the same workload on LangGraph (SqliteSaver on a temporary
-SQLite file, or PostgresSaver in a temporary schema of the same PostgreSQL database) and
-prints the ratio of the two overheads. It needs: pip install -e '.[bench]'.
+The runs stay. --cleanup deletes them, their steps and the bench task at the end; their
+lineage events stay whatever you pass: the trail is append-only by design, and the
+database refuses to delete it.
+
+--compare langgraph runs the same workload on LangGraph, on the same kind of database
+(SqliteSaver on a temporary SQLite file; PostgresSaver in a temporary schema of the same
+PostgreSQL database), and prints the ratio of the overheads. It needs LangGraph:
+pip install -e '.[bench]'.
 """
 
 
@@ -223,7 +227,8 @@ class Command(BaseCommand):
             overhead = bench.spread([s * 1000 / steps for s in seconds])
 
             parallel_runs = [bench_run_start(task, steps) for _ in range(max(runs, workers))]
-            parallel_seconds = self.workers_advance(parallel_runs, workers=workers)
+            warm_up_runs = [bench_run_start(task, steps) for _ in range(workers)]
+            parallel_seconds = self.workers_advance(parallel_runs, warm_up_runs)
 
         self.say(
             f"engine overhead per agent step: median {overhead.median:.2f} ms, "
@@ -270,9 +275,10 @@ class Command(BaseCommand):
                 "events stay: the trail is append-only by design)"
             )
 
-    def workers_advance(self, runs: list[Run], *, workers: int) -> float:
-        """Advance ``runs`` in ``workers`` processes at once; return the wall time from
-        the start signal to the last worker's report."""
+    def workers_advance(self, runs: list[Run], warm_up_runs: list[Run]) -> float:
+        """Advance ``runs`` in one worker process per warm-up run, all at once; return
+        the wall time from the start signal to the last worker's report."""
+        workers = len(warm_up_runs)
         context = multiprocessing.get_context("spawn")
         messages = context.Queue()
         go = context.Event()
@@ -281,19 +287,19 @@ class Command(BaseCommand):
         processes = [
             context.Process(
                 target=bench.worker_main,
-                args=(settings.SETTINGS_MODULE, database, share, messages, go),
+                args=(settings.SETTINGS_MODULE, database, str(warm_up.pk), share, messages, go),
                 name=f"bench-worker-{index}",
             )
-            for index, share in enumerate(shares)
+            for index, (warm_up, share) in enumerate(zip(warm_up_runs, shares, strict=True))
         ]
         for process in processes:
             process.start()
         try:
+            outcomes = []
             for _ in processes:
-                worker_message(messages, processes, "ready", WORKER_START_SECONDS)
+                outcomes += worker_message(messages, processes, "ready", WORKER_START_SECONDS)[2]
             started = time.perf_counter()
             go.set()
-            outcomes = []
             for _ in processes:
                 outcomes += worker_message(messages, processes, "done", WORKER_RUN_SECONDS)[2]
             seconds = time.perf_counter() - started
