@@ -118,6 +118,9 @@ else:
     EMAIL_FILE_PATH = VAR_DIR / "mail"
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "agentops@localhost")
 
+# The demo's sample ledger: a SQLite file apart from agentops' own database.
+AGENTOPS_DEMO_LEDGER = VAR_DIR / (env_str("AGENTOPS_DEMO_LEDGER") or "demo_ledger.sqlite3")
+
 # Queues. django-q2 on the ORM broker is the embedded default: no service beyond the
 # database. Celery on Redis is the scale-out choice.
 AGENTOPS_QUEUE = env_choice("AGENTOPS_QUEUE", ("q2", "celery"), "q2")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 os.environ["AGENTOPS_ENV_FILE"] = ""  # a checkout's .env never reaches the tests
 os.environ.setdefault("SECRET_KEY", "insecure-key-for-the-test-suite-only")
+# One demo ledger per test run (worker processes inherit the variable).
+os.environ.setdefault("AGENTOPS_DEMO_LEDGER", f"demo_ledger-{os.getpid()}.sqlite3")
 os.environ.setdefault(
     "AGENTOPS_VAR_DIR", str(Path(__file__).resolve().parent.parent / "var" / "test")
 )

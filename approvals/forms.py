@@ -66,5 +66,6 @@ class DecisionForm(forms.Form):
         }
         if self.approval.kind == ApprovalKind.UNKNOWN_OUTCOME and decision != "stop":
             arguments["resolution"] = decision
-            arguments["result"] = self.cleaned_data["result"]
+            if decision == Resolution.HAPPENED:
+                arguments["result"] = self.cleaned_data["result"]
         return arguments

@@ -198,16 +198,25 @@ def decision_apply(*, run: Run, approval: Approval, actor: str, user: AbstractBa
 
 def approvals_cancel_for_run(*, run: Run, actor: str) -> int:
     """Close the run's pending approvals when the run ends without them."""
-    pending = list(Approval.objects.filter(run=run, status=ApprovalStatus.PENDING))
-    for approval in pending:
+    return approvals_withdraw(run=run, actor=actor, reason=f"the run ended ({run.status})")
+
+
+def approvals_withdraw(*, run: Run, actor: str, reason: str, step: Step | None = None) -> int:
+    """Cancel pending approvals of the run (of one step, if given): the question is moot."""
+    pending = Approval.objects.filter(run=run, status=ApprovalStatus.PENDING)
+    if step is not None:
+        pending = pending.filter(step=step)
+    withdrawn = list(pending)
+    for approval in withdrawn:
         states.APPROVAL.check(approval.status, ApprovalStatus.CANCELLED)
         approval.status = ApprovalStatus.CANCELLED
         approval.decided_at = timezone.now()
-        approval.save(update_fields=["status", "decided_at"])
+        approval.decision_reason = reason
+        approval.save(update_fields=["status", "decided_at", "decision_reason"])
         event_append(
             run_uuid=run.pk,
             kind="approval.cancelled",
             actor=actor,
-            payload={"approval": approval.pk, "reason": f"the run ended ({run.status})"},
+            payload={"approval": approval.pk, "reason": reason},
         )
-    return len(pending)
+    return len(withdrawn)

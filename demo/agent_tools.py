@@ -61,7 +61,9 @@ def email_send(ctx: ToolContext, *, to: str, subject: str, body: str) -> dict:
     try:
         sent = message.send(fail_silently=False)
     except OSError as error:
-        raise ToolError(f"the mail server refused the message: {error}", transient=True) from error
+        # Not transient: the server may have taken the message before the error, and
+        # sending twice is worse than asking the agent to report the failure.
+        raise ToolError(f"the mail server failed: {error}") from error
     return {"sent": sent, "to": to, "subject": subject}
 
 

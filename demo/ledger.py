@@ -38,7 +38,7 @@ PAYMENTS = [
 
 
 def ledger_path() -> Path:
-    return Path(settings.VAR_DIR) / "demo_ledger.sqlite3"
+    return Path(settings.AGENTOPS_DEMO_LEDGER)
 
 
 def ledger_create(path: Path | None = None) -> Path:

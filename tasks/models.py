@@ -3,6 +3,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 
@@ -12,6 +13,11 @@ TOOL_NAME_VALIDATOR = RegexValidator(
     r"^[A-Za-z0-9_-]{1,64}$",
     "Use 1 to 64 letters, digits, underscores or hyphens (the model sees this name).",
 )
+
+
+def zero_or_at_least_two(value: int) -> None:
+    if value == 1:
+        raise ValidationError("0 turns loop detection off; otherwise a loop is 2 repeats or more.")
 
 
 class SideEffect(models.TextChoices):
@@ -125,6 +131,7 @@ class Task(models.Model):
     )
     loop_repeat_limit = models.PositiveSmallIntegerField(
         default=3,
+        validators=[zero_or_at_least_two],
         help_text="The same call returning the same result this many times is a loop. 0: off.",
     )
     stall_limit = models.PositiveSmallIntegerField(

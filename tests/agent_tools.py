@@ -60,3 +60,18 @@ def test_flaky(ctx: ToolContext, *, text: str) -> dict:
     if EFFECTS[f"flaky:{text}"] <= int(text):
         raise ToolError(f"not yet (attempt {EFFECTS[f'flaky:{text}']} of {text})", transient=True)
     return {"ok": True}
+
+
+@tool(schema=TEXT, side_effect="read", idempotent=True)
+def test_slow_lease_watch(ctx: ToolContext, *, text: str) -> dict:
+    """Sleeps float(text) seconds and reports the run's lease deadline before and after."""
+    import time
+
+    from tasks.models import Run
+
+    def deadline() -> str:
+        return Run.objects.values_list("lease_expires_at", flat=True).get(pk=ctx.run_id).isoformat()
+
+    before = deadline()
+    time.sleep(float(text))
+    return {"before": before, "after": deadline()}

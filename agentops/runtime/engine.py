@@ -21,8 +21,10 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,12 +33,13 @@ from enum import Enum
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
 from agentops import states
 from agentops.runtime.budgets import (
+    BudgetBreach,
     Limits,
     Usage,
     budget_check,
@@ -60,7 +63,7 @@ from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.tools import ToolContext, ToolResult, executor_for
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
-from approvals.services import approval_request
+from approvals.services import approval_request, approvals_withdraw
 from lineage.services import event_append, json_plain
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
 from tasks.services import price_for, run_transition, step_create, step_transition
@@ -272,7 +275,8 @@ class Context:
         return (self.steps[-1].number + 1) if self.steps else 1
 
 
-# Versions of a task made before a setting existed run with its default.
+# A task version made before a setting existed runs as it did then: without the rail
+# (no self-check, no confidence threshold), or with the default the rail had.
 DEFINITION_DEFAULTS: dict[str, Any] = {
     "max_tokens": None,
     "max_seconds": None,
@@ -330,7 +334,7 @@ def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
         )
     check = next((s for s in later if s.kind == StepKind.CHECK), None)
     if check is None:
-        return check_turn(ctx)
+        return check_turn(ctx, final)
     report = check.result or {}
     threshold = float(ctx.setting("confidence_threshold"))
     if report.get("objective_met") and report.get("confidence", 0) >= threshold:
@@ -345,12 +349,20 @@ def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
         if not report.get("objective_met")
         else f"the agent's confidence {report.get('confidence', 0):.2f} is below {threshold:.2f}"
     )
+    return outcome_review(ctx, final, check, why, report)
+
+
+def outcome_review(
+    ctx: Context, final: Step, check: Step | None, why: str, report: dict[str, Any]
+) -> Outcome:
+    """A person decides whether the agent's final answer is the run's outcome."""
+    threshold = float(ctx.setting("confidence_threshold"))
     with transaction.atomic():
         lease_fence(ctx)
         approval_request(
             run=ctx.run,
             kind=ApprovalKind.OUTCOME_REVIEW,
-            step=check,
+            step=check or final,
             gate=why,
             reasoning=report.get("evidence", ""),
             confidence=report.get("confidence"),
@@ -363,11 +375,20 @@ def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
 # Budgets and loops -------------------------------------------------------------------
 
 
-def budget_gate(ctx: Context, *, tokens: int = 0, spend: Decimal = Decimal(0)) -> Outcome | None:
-    """Before a call: stop the run here if the call could cross a budget."""
+def budget_gate(
+    ctx: Context,
+    *,
+    tokens: int = 0,
+    spend: Decimal = Decimal(0),
+    on_breach: Callable[[BudgetBreach], Outcome] | None = None,
+) -> Outcome | None:
+    """Before a call: stop the run here if the call could cross a budget (halt, or ask
+    a person for more), or hand the breach to ``on_breach``."""
     breach = budget_check(ctx.limits, ctx.usage(), tokens=tokens, spend=spend)
     if breach is None:
         return None
+    if on_breach is not None:
+        return on_breach(breach)
     payload = {"budget": breach.budget, "limit": breach.limit, "used": breach.used}
     if ctx.setting("on_budget_breach") != "ask":
         return run_end(ctx, to=RunStatus.HALTED, reason=breach.reason, payload=payload)
@@ -384,18 +405,21 @@ def budget_gate(ctx: Context, *, tokens: int = 0, spend: Decimal = Decimal(0)) -
     return Outcome.WAITING
 
 
+OK_STATUSES = (StepStatus.SUCCEEDED, StepStatus.SIMULATED)
+
+
 def loops_check(ctx: Context) -> LoopFinding | None:
     calls = (
         ToolCallRecord(
             number=s.number,
             tool=s.tool_name,
             arguments=s.arguments,
-            outcome=s.result if s.status == StepStatus.SUCCEEDED else {"error": s.error},
+            outcome=s.result if s.status in OK_STATUSES else {"error": s.error},
         )
         for s in ctx.steps
         if s.kind == StepKind.TOOL
         and s.number > ctx.run.loops_accepted_through
-        and s.status in (StepStatus.SUCCEEDED, StepStatus.FAILED)
+        and s.status in (*OK_STATUSES, StepStatus.FAILED, StepStatus.REFUSED)
     )
     return loop_find(
         calls,
@@ -466,7 +490,12 @@ def usage_changes(turn: ModelTurn, turn_cost: Decimal) -> dict[str, Any]:
 
 
 def model_call(
-    ctx: Context, messages: list[dict], specs: list[dict], *, tool_choice: str | None
+    ctx: Context,
+    messages: list[dict],
+    specs: list[dict],
+    *,
+    tool_choice: str | None,
+    on_breach: Callable[[BudgetBreach], Outcome] | None = None,
 ) -> tuple[ModelTurn, int, Decimal] | Outcome:
     """Ask the model, within budget, retrying transient failures with backoff.
 
@@ -490,7 +519,7 @@ def model_call(
             # Not even a short answer fits: this always breaches the token budget.
             max_out = MIN_ANSWER_TOKENS
     projected = cost(tokens_in=prompt, tokens_out=max_out, price_in=price_in, price_out=price_out)
-    stopped = budget_gate(ctx, tokens=prompt + max_out, spend=projected)
+    stopped = budget_gate(ctx, tokens=prompt + max_out, spend=projected, on_breach=on_breach)
     if stopped:
         return stopped
     timeout = settings.AGENTOPS_MODEL_TIMEOUT
@@ -539,16 +568,34 @@ def backoff(base: float, attempt: int) -> float:
     return ceiling * random.uniform(0.5, 1.0)
 
 
-def retry_note(ctx: Context, kind: str, **payload: Any) -> None:
+def retry_note(ctx: Context, kind: str, *, fenced: bool = True, **payload: Any) -> None:
+    """Record a retry. Inside a tool call (``fenced=False``) the note is written even if
+    the lease moved meanwhile: the call is in flight and its trail must be whole."""
     with transaction.atomic():
-        lease_fence(ctx)
+        if fenced:
+            lease_fence(ctx)
         event_append(run_uuid=ctx.run.pk, kind=kind, actor="engine", payload=payload)
 
 
-def check_turn(ctx: Context) -> Outcome:
-    """Ask the model to check its final answer against the objective."""
+def lease_held(ctx: Context) -> bool:
+    return Run.objects.filter(
+        pk=ctx.run.pk, status=RunStatus.RUNNING, lease_owner=ctx.owner
+    ).exists()
+
+
+def check_turn(ctx: Context, final: Step) -> Outcome:
+    """Ask the model to check its final answer against the objective. If the budget
+    leaves no room for the check, the answer exists: a person reviews it unchecked."""
     messages = [*transcript(ctx), {"role": "user", "content": CHECK_PROMPT}]
-    answer = model_call(ctx, messages, [builtin_spec(CHECK_TOOL)], tool_choice=CHECK_TOOL)
+
+    def unchecked(breach: BudgetBreach) -> Outcome:
+        return outcome_review(
+            ctx, final, None, f"the self-check could not run: {breach.reason}", {}
+        )
+
+    answer = model_call(
+        ctx, messages, [builtin_spec(CHECK_TOOL)], tool_choice=CHECK_TOOL, on_breach=unchecked
+    )
     if isinstance(answer, Outcome):
         return answer
     turn, duration_ms, turn_cost = answer
@@ -980,28 +1027,15 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
     """Make the call of a step already committed ``started``, then record its outcome.
 
     A transient failure (one the tool reports as safe to try again) is retried with
-    backoff under the tool's retry policy, with the same idempotency key. The outcome is
-    recorded even if the run was cancelled meanwhile: the call happened, and the trail
-    must say so. The conditional UPDATE on ``started`` keeps one record."""
+    backoff under the tool's retry policy, with the same idempotency key. The lease is
+    renewed while the call runs. The outcome is recorded even if the run was cancelled or
+    taken over meanwhile: the call happened, and the trail must say so."""
     context = ToolContext(
         run_id=ctx.run.pk, step_number=step.number, idempotency_key=step.idempotency_key
     )
     started = time.monotonic()
-    for attempt in range(1, tool.retry_max_attempts + 1):
-        result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
-        if result.ok or not result.transient or attempt == tool.retry_max_attempts:
-            break
-        delay = backoff(tool.retry_backoff_seconds, attempt)
-        retry_note(
-            ctx,
-            "tool.retrying",
-            step=step.number,
-            tool=tool.name,
-            attempt=attempt,
-            error=result.error,
-            delay=delay,
-        )
-        time.sleep(delay)
+    with LeaseHeartbeat(ctx.run.pk, ctx.owner):
+        result, attempt = call_attempts(ctx, step, tool, context)
     duration_ms = int((time.monotonic() - started) * 1000)
     if result.ok:
         try:
@@ -1012,29 +1046,111 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
             )
     elif attempt > 1:
         result = ToolResult(ok=False, error=f"{result.error} (tried {attempt} times)")
+    call_outcome_record(ctx, step, tool, result, duration_ms)
+    return Outcome.CONTINUE
+
+
+def call_attempts(
+    ctx: Context, step: Step, tool: Tool, context: ToolContext
+) -> tuple[ToolResult, int]:
+    for attempt in range(1, tool.retry_max_attempts + 1):
+        result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+        if result.ok or not result.transient or attempt == tool.retry_max_attempts:
+            break
+        if not lease_held(ctx):
+            break  # the run was cancelled or taken over: record what happened, stop
+        delay = backoff(tool.retry_backoff_seconds, attempt)
+        retry_note(
+            ctx,
+            "tool.retrying",
+            fenced=False,
+            step=step.number,
+            tool=tool.name,
+            attempt=attempt,
+            error=result.error,
+            delay=delay,
+        )
+        time.sleep(delay)
+    return result, attempt
+
+
+def call_outcome_record(
+    ctx: Context, step: Step, tool: Tool, result: ToolResult, duration_ms: int
+) -> None:
+    """Record a call's outcome on its ``started`` step. If another worker meanwhile took
+    the run over and marked the step ``unknown`` (this worker looked dead), the late
+    outcome settles it: the person's pending question is withdrawn and the run goes on."""
+    status, event = (
+        (StepStatus.SUCCEEDED, "tool.succeeded")
+        if result.ok
+        else (StepStatus.FAILED, "tool.failed")
+    )
+    payload: dict[str, Any] = {"tool": tool.name, "duration_ms": duration_ms}
+    payload.update({"result": result.value} if result.ok else {"error": result.error})
+    fields: dict[str, Any] = {"duration_ms": duration_ms, "finished_at": timezone.now()}
+    fields.update({"result": result.value} if result.ok else {"error": result.error})
     with transaction.atomic():
         # Renew the lease if this worker still holds it; record the outcome regardless.
         Run.objects.filter(pk=ctx.run.pk, lease_owner=ctx.owner).update(
             lease_expires_at=lease_deadline(), **clock_changes()
         )
-        if result.ok:
-            step_transition(
-                step=step,
-                to=StepStatus.SUCCEEDED,
-                event="tool.succeeded",
-                payload={"tool": tool.name, "result": result.value, "duration_ms": duration_ms},
-                result=result.value,
-                duration_ms=duration_ms,
-                finished_at=timezone.now(),
+        current = Step.objects.select_for_update().get(pk=step.pk)
+        if current.status == StepStatus.STARTED:
+            step_transition(step=current, to=status, event=event, payload=payload, **fields)
+            return
+        if current.status != StepStatus.UNKNOWN:
+            # Settled by someone else already (a person, or a retry): keep this answer in
+            # the trail beside theirs, change nothing.
+            event_append(
+                run_uuid=ctx.run.pk,
+                kind="tool.late_outcome",
+                actor="engine",
+                payload={"step": step.number, "status_now": current.status, **payload},
             )
-        else:
-            step_transition(
-                step=step,
-                to=StepStatus.FAILED,
-                event="tool.failed",
-                payload={"tool": tool.name, "error": result.error, "duration_ms": duration_ms},
-                error=result.error,
-                duration_ms=duration_ms,
-                finished_at=timezone.now(),
-            )
-    return Outcome.CONTINUE
+            return
+        step_transition(
+            step=current, to=status, event=event, payload={**payload, "late": True}, **fields
+        )
+        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+        approvals_withdraw(
+            run=run,
+            step=current,
+            actor="engine",
+            reason="the interrupted call's outcome arrived: it is recorded on the step",
+        )
+        if run.status == RunStatus.WAITING:
+            run_transition(run=run, to=RunStatus.QUEUED, actor="engine", reason="")
+            from agentops.runtime import dispatch
+
+            dispatch.enqueue(run.pk)
+
+
+class LeaseHeartbeat:
+    """Renews the lease from a thread while a tool call runs, so a long call does not
+    make a healthy worker look dead. It never takes a lease back that moved on."""
+
+    def __init__(self, run_id: uuid.UUID, owner: str) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        self.interval = settings.AGENTOPS_LEASE_SECONDS / 3
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="lease-heartbeat")
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(self.interval):
+                Run.objects.filter(
+                    pk=self.run_id, status=RunStatus.RUNNING, lease_owner=self.owner
+                ).update(lease_expires_at=lease_deadline())
+        except Exception:  # a failed renewal only shortens the lease; the fence decides
+            logger.exception("run %s: the lease heartbeat failed", self.run_id)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def __enter__(self) -> LeaseHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

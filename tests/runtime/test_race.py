@@ -55,5 +55,21 @@ def test_two_workers_advancing_one_run_make_each_call_once(make_task, operator):
     )
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
-    assert EFFECTS == {f"echo:{n}": 1 for n in range(5)}
+    assert {f"echo:{n}": 1 for n in range(5)} == EFFECTS
     assert chain_verify(run.pk).intact
+
+
+def test_a_long_tool_call_keeps_its_lease_alive(make_task, operator, settings):
+    from datetime import datetime
+
+    settings.AGENTOPS_LEASE_SECONDS = 6  # renewed every 2 s while a call runs
+    task = make_task(
+        [{"calls": [("test_slow_lease_watch", {"text": "2.5"})]}, {"content": "ok"}],
+        tools=["test_slow_lease_watch"],
+        self_check=False,
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    assert advance(run.pk) is Outcome.FINISHED
+    result = run.steps.get(kind="tool").result
+    renewed = datetime.fromisoformat(result["after"]) - datetime.fromisoformat(result["before"])
+    assert renewed.total_seconds() >= 1.5

@@ -134,7 +134,7 @@ def test_the_time_budget_counts_work_and_halts(make_task, operator):
 
 def test_a_breach_can_ask_a_person_for_more_and_go_on(make_task, operator):
     task = make_task(
-        echoes(6) + [{"content": "done"}],
+        [*echoes(6), {"content": "done"}],
         tools=["test_echo"],
         max_steps=4,
         on_budget_breach="ask",
@@ -188,7 +188,7 @@ def test_the_same_call_with_the_same_result_three_times_is_a_loop(make_task, ope
 
 
 def test_calls_of_one_tool_with_different_arguments_are_not_a_loop(make_task, operator):
-    task = make_task(echoes(12) + [{"content": "done"}], tools=["test_echo"], self_check=False)
+    task = make_task([*echoes(12), {"content": "done"}], tools=["test_echo"], self_check=False)
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
     assert run.status == RunStatus.SUCCEEDED
@@ -197,7 +197,7 @@ def test_calls_of_one_tool_with_different_arguments_are_not_a_loop(make_task, op
 
 def test_a_loop_can_be_put_to_a_person_who_lets_it_go_on(make_task, operator):
     task = make_task(
-        echoes(4, same=True) + [{"content": "done"}],
+        [*echoes(4, same=True), {"content": "done"}],
         tools=["test_echo"],
         on_loop="ask",
         self_check=False,
@@ -391,3 +391,26 @@ def test_a_model_that_does_not_report_its_check_gets_its_outcome_reviewed(make_t
     check = run.steps.get(kind=StepKind.CHECK)
     assert check.error == "the model did not report its self-check"
     assert run.approvals.get().kind == ApprovalKind.OUTCOME_REVIEW
+
+
+def test_a_final_answer_the_budget_cannot_check_goes_to_a_person(make_task, operator):
+    task = make_task([{"content": "the answer"}], max_steps=1)
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.WAITING
+    approval = run.approvals.get()
+    assert approval.kind == ApprovalKind.OUTCOME_REVIEW
+    assert approval.gate.startswith("the self-check could not run: step budget spent: 1 of 1")
+    approval_decide(approval=approval, user=operator, approve=True)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED and run.outcome == "the answer"
+
+
+def test_a_refused_call_repeated_is_a_loop_too(make_task, operator):
+    task = make_task(
+        [{"calls": [("test_echo", {"text": 1})]} for _ in range(5)],
+        tools=["test_echo"],
+        self_check=False,
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    assert run.status == RunStatus.HALTED and run.reason.startswith("loop: test_echo")
