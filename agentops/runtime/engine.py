@@ -875,6 +875,13 @@ def budget_context(ctx: Context) -> dict[str, Any]:
     }
 
 
+def step_move(ctx: Context, step: Step, **transition: Any) -> None:
+    """One fenced transaction that moves one step (``step_transition``'s arguments)."""
+    with transaction.atomic():
+        lease_fence(ctx)
+        step_transition(step=step, **transition)
+
+
 def idempotency_key(run: Run, number: int) -> str:
     return f"{run.pk}:{number}"
 
@@ -894,36 +901,34 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
             refusal = "the approval does not match this exact call; it was not made"
         else:
             key = idempotency_key(ctx.run, step.number)
-            with transaction.atomic():
-                lease_fence(ctx)
-                step_transition(
-                    step=step,
-                    to=StepStatus.STARTED,
-                    event="tool.started",
-                    payload={
-                        "tool": step.tool_name,
-                        "arguments": step.arguments,
-                        "idempotency_key": key,
-                        "approval": approval.pk,
-                    },
-                    idempotency_key=key,
-                )
+            step_move(
+                ctx,
+                step=step,
+                to=StepStatus.STARTED,
+                event="tool.started",
+                payload={
+                    "tool": step.tool_name,
+                    "arguments": step.arguments,
+                    "idempotency_key": key,
+                    "approval": approval.pk,
+                },
+                idempotency_key=key,
+            )
             return call_fire(ctx, step, step.tool)
     else:
         who = approval.decided_by.get_username() if approval.decided_by else "the system"
         refusal = f"{who} {approval.status} this call" + (
             f": {approval.decision_reason}" if approval.decision_reason else ""
         )
-    with transaction.atomic():
-        lease_fence(ctx)
-        step_transition(
-            step=step,
-            to=StepStatus.REFUSED,
-            event="tool.refused",
-            payload={"tool": step.tool_name, "error": refusal, "approval": approval.pk},
-            error=refusal,
-            finished_at=timezone.now(),
-        )
+    step_move(
+        ctx,
+        step=step,
+        to=StepStatus.REFUSED,
+        event="tool.refused",
+        payload={"tool": step.tool_name, "error": refusal, "approval": approval.pk},
+        error=refusal,
+        finished_at=timezone.now(),
+    )
     return Outcome.CONTINUE
 
 
@@ -992,34 +997,32 @@ def call_after_unknown(ctx: Context, step: Step) -> Outcome:
         return Outcome.WAITING
     who = approval.decided_by.get_username() if approval.decided_by else "a person"
     if approval.resolution == Resolution.REFIRE:
-        with transaction.atomic():
-            lease_fence(ctx)
-            step_transition(
-                step=step,
-                to=StepStatus.STARTED,
-                event="tool.started",
-                payload={
-                    "tool": step.tool_name,
-                    "arguments": step.arguments,
-                    "idempotency_key": step.idempotency_key,
-                    "approval": approval.pk,
-                    "why": f"{who} said the interrupted call did not happen",
-                },
-            )
+        step_move(
+            ctx,
+            step=step,
+            to=StepStatus.STARTED,
+            event="tool.started",
+            payload={
+                "tool": step.tool_name,
+                "arguments": step.arguments,
+                "idempotency_key": step.idempotency_key,
+                "approval": approval.pk,
+                "why": f"{who} said the interrupted call did not happen",
+            },
+        )
         return call_fire(ctx, step, step.tool)
     result = approval.resolution_result
     if result is None:
         result = {"note": f"{who} confirmed the call took effect; its result is not known"}
-    with transaction.atomic():
-        lease_fence(ctx)
-        step_transition(
-            step=step,
-            to=StepStatus.SUCCEEDED,
-            event="tool.succeeded",
-            payload={"tool": step.tool_name, "result": result, "approval": approval.pk},
-            result=result,
-            finished_at=timezone.now(),
-        )
+    step_move(
+        ctx,
+        step=step,
+        to=StepStatus.SUCCEEDED,
+        event="tool.succeeded",
+        payload={"tool": step.tool_name, "result": result, "approval": approval.pk},
+        result=result,
+        finished_at=timezone.now(),
+    )
     return Outcome.CONTINUE
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ pip install -e '.[bench]'.
 """
 
 
-def positive_int(maximum: int):
+def positive_int(maximum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -236,7 +237,7 @@ class Command(BaseCommand):
         )
         self.say(f"agent steps per second, 1 worker: {runs * steps / sum(seconds):.1f}")
         self.say(
-            f"agent steps per second, {workers} worker processes: "
+            f"agent steps per second, {workers} worker process{'es' if workers > 1 else ''}: "
             f"{len(parallel_runs) * steps / parallel_seconds:.1f}"
         )
         commits = count.commits / steps
@@ -313,7 +314,10 @@ class Command(BaseCommand):
                     process.join()
         unfinished = [o for o in outcomes if o != Outcome.FINISHED.value]
         if unfinished:
-            raise CommandError(f"worker processes left runs {', '.join(unfinished)}")
+            raise CommandError(
+                f"{len(unfinished)} runs in the worker processes did not finish: advance "
+                f"returned {', '.join(sorted(set(unfinished)))}"
+            )
         return seconds
 
     def langgraph_compare(self, *, runs: int, steps: int, mine: float) -> None:
