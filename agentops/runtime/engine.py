@@ -58,7 +58,7 @@ from agentops.runtime.builtins import (
     check_read,
     plan_errors,
 )
-from agentops.runtime.gates import Verdict, call_digest, gate_decide
+from agentops.runtime.gates import GateDecision, Verdict, call_digest, gate_decide
 from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.tools import ToolContext, ToolResult, executor_for
@@ -108,6 +108,18 @@ class WorkClock:
 
 
 _clock: ContextVar[WorkClock | None] = ContextVar("agentops_work_clock", default=None)
+# Reads that cannot change what a slice does, kept for the slice: the granted tools of
+# the pinned definition, and the model's price. An edit takes effect at the next slice.
+_slice_cache: ContextVar[dict | None] = ContextVar("agentops_slice_cache", default=None)
+
+
+def slice_cached(key: tuple, load: Callable[[], Any]) -> Any:
+    cache = _slice_cache.get()
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
 
 
 def clock_changes() -> dict[str, Any]:
@@ -128,6 +140,8 @@ def advance(
         return Outcome.NOT_CLAIMED
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
     clock = _clock.set(WorkClock())
+    cache = _slice_cache.set({})
+    heartbeat = LeaseHeartbeat(run_id, owner).start()
     try:
         while True:
             outcome = step_next(run_id, owner)
@@ -142,6 +156,8 @@ def advance(
         logger.exception("run %s: the engine failed", run_id)
         return run_fail_on_error(run_id, owner, error)
     finally:
+        heartbeat.stop()
+        _slice_cache.reset(cache)
         _clock.reset(clock)
 
 
@@ -454,8 +470,22 @@ def model_turn(ctx: Context) -> Outcome:
         return answer
     turn, duration_ms, turn_cost = answer
     calls = calls_normalise(turn, ctx.steps, ctx.number)
+    # The common case, a first call that runs at once, is started in this same commit:
+    # the ledger entry still precedes the call, with one commit fewer per agent step.
+    doors = None
+    if (
+        calls
+        and calls[0]["name"] != PLAN_TOOL
+        and not budget_check(ctx.limits, ctx.usage(), steps=2)
+    ):
+        doors = call_doors(ctx, calls[0])
+        if not doors.runs_now:
+            doors = None
     with transaction.atomic():
-        lease_fence(ctx, **usage_changes(turn, turn_cost))
+        changes = usage_changes(turn, turn_cost)
+        if doors is not None:
+            changes["steps_used"] = F("steps_used") + 2
+        lease_fence(ctx, **changes)
         step_create(
             run=ctx.run,
             number=ctx.number,
@@ -477,6 +507,9 @@ def model_turn(ctx: Context) -> Outcome:
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
+        started = call_start(ctx, calls[0], doors, ctx.number + 1) if doors else None
+    if started is not None:
+        return call_fire(ctx, started, doors.tool)
     return Outcome.CONTINUE
 
 
@@ -502,7 +535,7 @@ def model_call(
     The call's cost is projected before it is made: the prompt is estimated, the answer
     is capped with max_tokens, so a call that could cross the token or spend budget is
     not made. Returns (turn, milliseconds, cost), or the Outcome that stopped the run."""
-    price = price_for(ctx.run.model_label)
+    price = slice_cached(("price", ctx.run.model_label), lambda: price_for(ctx.run.model_label))
     limits, usage = ctx.limits, ctx.usage()
     if price is None and limits.spend is not None:
         return run_end(
@@ -641,7 +674,11 @@ def calls_normalise(turn: ModelTurn, steps: list[Step], number: int) -> list[dic
 
 
 def granted_tools(definition: dict) -> dict[str, Tool]:
-    return {tool.name: tool for tool in Tool.objects.filter(name__in=definition["tools"])}
+    names = tuple(definition["tools"])
+    return slice_cached(
+        ("tools", names),
+        lambda: {tool.name: tool for tool in Tool.objects.filter(name__in=names)},
+    )
 
 
 def tool_spec(tool: Tool) -> dict:
@@ -764,14 +801,31 @@ def plan_record(ctx: Context, call: dict) -> Outcome:
     return Outcome.CONTINUE
 
 
-def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
-    """Put one requested call through the doors: granted, valid, (rules), gate."""
-    stopped = budget_gate(ctx)
-    if stopped:
-        return stopped
-    if call["name"] == PLAN_TOOL:
-        return plan_record(ctx, call)
-    run, number = ctx.run, ctx.number
+@dataclass(frozen=True)
+class Doors:
+    """What the doors say of one requested call, before anything is written."""
+
+    tool: Tool | None
+    arguments: Any
+    refusal: str
+    decision: GateDecision | None
+
+    def step_fields(self, call: dict) -> dict[str, Any]:
+        return {
+            "kind": StepKind.TOOL,
+            "tool": self.tool,
+            "tool_name": call["name"],
+            "tool_call_id": call["id"],
+            "arguments": self.arguments,
+        }
+
+    @property
+    def runs_now(self) -> bool:
+        return self.decision is not None and self.decision.verdict is Verdict.RUN
+
+
+def call_doors(ctx: Context, call: dict) -> Doors:
+    """Granted, valid JSON, valid against the schema, (rules), and the gate."""
     tools = granted_tools(ctx.definition)
     tool = tools.get(call["name"])
     arguments, refusal = call_arguments(call["arguments"])
@@ -782,13 +836,27 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
         errors = executor_for(tool).validate(tool, arguments)
         if errors:
             refusal = f"the arguments do not match {tool.name}'s schema: " + "; ".join(errors)
-    fields = {
-        "kind": StepKind.TOOL,
-        "tool": tool,
-        "tool_name": call["name"],
-        "tool_call_id": call["id"],
-        "arguments": arguments,
-    }
+    if refusal or tool is None:
+        return Doors(tool, arguments, refusal, None)
+    decision = gate_decide(
+        autonomy_level=ctx.definition["autonomy_level"],
+        side_effect=tool.side_effect,
+        always_approve=tool.always_approve,
+    )
+    return Doors(tool, arguments, "", decision)
+
+
+def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
+    """Put one requested call through the doors, and act on what they say."""
+    stopped = budget_gate(ctx)
+    if stopped:
+        return stopped
+    if call["name"] == PLAN_TOOL:
+        return plan_record(ctx, call)
+    run, number = ctx.run, ctx.number
+    doors = call_doors(ctx, call)
+    tool, arguments, refusal, decision = doors.tool, doors.arguments, doors.refusal, doors.decision
+    fields = doors.step_fields(call)
     if refusal:
         with transaction.atomic():
             lease_fence(ctx, steps_used=F("steps_used") + 1)
@@ -804,11 +872,6 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             )
         return Outcome.CONTINUE
 
-    decision = gate_decide(
-        autonomy_level=ctx.definition["autonomy_level"],
-        side_effect=tool.side_effect,
-        always_approve=tool.always_approve,
-    )
     if decision.verdict is Verdict.SIMULATE:
         result = {"simulated": True, "note": "Shadow mode: this call was recorded, not made."}
         with transaction.atomic():
@@ -848,19 +911,25 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
 
-    key = idempotency_key(run, number)
     with transaction.atomic():
         lease_fence(ctx, steps_used=F("steps_used") + 1)
-        step = step_create(
-            run=run,
-            number=number,
-            event="tool.started",
-            payload={"tool": tool.name, "arguments": arguments, "idempotency_key": key},
-            status=StepStatus.STARTED,
-            idempotency_key=key,
-            **fields,
-        )
+        step = call_start(ctx, call, doors, number)
     return call_fire(ctx, step, tool)
+
+
+def call_start(ctx: Context, call: dict, doors: Doors, number: int) -> Step:
+    """Inside a transaction: the ledger entry, committed ``started`` with its
+    idempotency key before the call fires."""
+    key = idempotency_key(ctx.run, number)
+    return step_create(
+        run=ctx.run,
+        number=number,
+        event="tool.started",
+        payload={"tool": doors.tool.name, "arguments": doors.arguments, "idempotency_key": key},
+        status=StepStatus.STARTED,
+        idempotency_key=key,
+        **doors.step_fields(call),
+    )
 
 
 def budget_context(ctx: Context) -> dict[str, Any]:
@@ -1037,8 +1106,7 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
         run_id=ctx.run.pk, step_number=step.number, idempotency_key=step.idempotency_key
     )
     started = time.monotonic()
-    with LeaseHeartbeat(ctx.run.pk, ctx.owner):
-        result, attempt = call_attempts(ctx, step, tool, context)
+    result, attempt = call_attempts(ctx, step, tool, context)
     duration_ms = int((time.monotonic() - started) * 1000)
     if result.ok:
         try:
@@ -1129,8 +1197,9 @@ def call_outcome_record(
 
 
 class LeaseHeartbeat:
-    """Renews the lease from a thread while a tool call runs, so a long call does not
-    make a healthy worker look dead. It never takes a lease back that moved on."""
+    """Renews the lease from a thread while the worker works on the run (a long tool or
+    model call must not make a healthy worker look dead). It never takes back a lease
+    that moved on: the renewal is conditional on this worker still holding it."""
 
     def __init__(self, run_id: uuid.UUID, owner: str) -> None:
         self.run_id = run_id
@@ -1150,10 +1219,10 @@ class LeaseHeartbeat:
         finally:
             connection.close()  # this thread's own connection
 
-    def __enter__(self) -> LeaseHeartbeat:
+    def start(self) -> LeaseHeartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()

@@ -296,14 +296,14 @@ def _started_then_crashed(make_task, operator, tool_name):
     from agentops.runtime.engine import step_next
 
     assert lease_claim(run.pk, "worker-a")
-    assert step_next(run.pk, "worker-a") is Outcome.CONTINUE  # the model turn
-    # Commit the tool step 'started', as the engine does, then 'crash' before the call.
+    # The model turn commits the tool step 'started' with it, as the engine does for a
+    # call that runs at once; then the worker 'crashes' before the call is made.
     import agentops.runtime.engine as engine
 
     real_fire = engine.call_fire
     engine.call_fire = lambda *args, **kwargs: Outcome.CONTINUE
     try:
-        step_next(run.pk, "worker-a")
+        assert step_next(run.pk, "worker-a") is Outcome.CONTINUE
     finally:
         engine.call_fire = real_fire
     assert run.steps.get(kind="tool").status == StepStatus.STARTED

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -46,14 +48,24 @@ class ToolExecutor(Protocol):
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
 
 
+@functools.lru_cache(maxsize=512)
+def validator_for(schema_json: str) -> Draft202012Validator | str:
+    """A checked validator per distinct schema (building one costs far more than using
+    it), or the reason the schema itself is invalid."""
+    schema = json.loads(schema_json)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as error:
+        return f"the tool's own input schema is invalid: {error.message}"
+    return Draft202012Validator(schema)
+
+
 def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the arguments") -> list[str]:
     """Every way ``arguments`` break ``schema``, as sentences naming the field (or
     ``whole`` when the fault is in the object itself, such as a missing property)."""
-    try:
-        validator = Draft202012Validator(schema or {"type": "object"})
-        validator.check_schema(validator.schema)
-    except SchemaError as error:
-        return [f"the tool's own input schema is invalid: {error.message}"]
+    validator = validator_for(json.dumps(schema or {"type": "object"}, sort_keys=True))
+    if isinstance(validator, str):
+        return [validator]
     messages = []
     for error in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
         where = "/".join(str(part) for part in error.path) or whole
