@@ -43,7 +43,7 @@ def test_the_demo_from_login_to_verified_lineage(live_server, page: Page, tmp_pa
 
         # The run page refreshes itself while the worker works, until the email waits.
         expect(page.locator("#run-live .summary .status")).to_have_text("waiting")
-        expect(page.locator("#step-6")).to_contain_text("email_send")
+        expect(page.locator("#step-8")).to_contain_text("email_send")
         expect(page.get_by_text("Scripted model.")).to_be_visible()
         shoot(page, "run-waiting")
         expect(page.locator("#inbox-count")).to_have_text("1")
