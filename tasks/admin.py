@@ -1,8 +1,19 @@
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin
 
-from tasks.models import ModelPrice, Run, Step, Task, TaskVersion, Tool, ToolGrant
+from agentops.runtime.tools import executor_for_kind
+from tasks.models import (
+    GrantRule,
+    ModelPrice,
+    Run,
+    Step,
+    Task,
+    TaskVersion,
+    Tool,
+    ToolGrant,
+)
 from tasks.services import task_version_current
 
 
@@ -10,6 +21,28 @@ class ToolGrantInline(admin.TabularInline):
     model = ToolGrant
     extra = 1
     autocomplete_fields = ["tool"]
+    show_change_link = True  # the grant's page holds its rules
+
+
+class GrantRuleInline(admin.TabularInline):
+    model = GrantRule
+    extra = 1
+    fields = ["position", "effect", "expression", "description"]
+
+
+@admin.register(ToolGrant)
+class ToolGrantAdmin(admin.ModelAdmin):
+    """A grant and its rules over the tool's arguments (CEL, checked when saved)."""
+
+    list_display = ["task", "tool"]
+    list_filter = ["task"]
+    inlines = [GrantRuleInline]
+    autocomplete_fields = ["task", "tool"]
+
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        version = task_version_current(task=form.instance.task, user=request.user)
+        self.message_user(request, f"{form.instance.task.name} is now at version {version.number}.")
 
 
 @admin.register(Task)
@@ -51,8 +84,29 @@ class TaskAdmin(admin.ModelAdmin):
         self.message_user(request, f"{form.instance.name} is now at version {version.number}.")
 
 
+class ToolForm(forms.ModelForm):
+    class Meta:
+        model = Tool
+        fields = "__all__"  # noqa: DJ007 (the admin chooses the fields it shows)
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        kind = cleaned.get("kind")
+        if kind and kind != Tool.Kind.PYTHON:
+            try:
+                errors = executor_for_kind(kind).config_errors(cleaned.get("config") or {})
+            except LookupError as error:
+                errors = [str(error)]
+            for message in errors:
+                self.add_error("config", message)
+        elif kind == Tool.Kind.PYTHON and self.instance.pk is None:
+            self.add_error("kind", "Python tools are declared in code with @tool, not here.")
+        return cleaned
+
+
 @admin.register(Tool)
 class ToolAdmin(admin.ModelAdmin):
+    form = ToolForm
     list_display = ["name", "kind", "side_effect", "idempotency", "always_approve", "available"]
     list_filter = ["kind", "side_effect", "always_approve", "available"]
     search_fields = ["name", "description"]
@@ -68,11 +122,10 @@ class ToolAdmin(admin.ModelAdmin):
                 "side_effect",
                 "idempotency",
                 "available",
+                "config",
+                "timeout_seconds",
             ]
         return []
-
-    def has_add_permission(self, request):
-        return False
 
 
 @admin.register(TaskVersion)

@@ -39,6 +39,10 @@ class Tool(models.Model):
 
     class Kind(models.TextChoices):
         PYTHON = "python", "Python function"
+        HTTP = "http", "HTTP request"
+        SQL = "sql", "SQL query"
+        EMAIL = "email", "Email"
+        MCP = "mcp", "MCP server tool"
 
     class Idempotency(models.TextChoices):
         NONE = "none", "None: a repeat may repeat the effect"
@@ -65,6 +69,17 @@ class Tool(models.Model):
     )
     available = models.BooleanField(
         default=True, help_text="False when the code that implements the tool is gone."
+    )
+    config = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="What the tool's kind needs (URL, database, server...). Credentials are "
+        "named as secret:NAME and read from the environment at call time.",
+    )
+    timeout_seconds = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600.0)],
+        help_text="How long one call may take (http, sql, email and mcp tools).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -202,6 +217,35 @@ class ToolGrant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task.slug} → {self.tool.name}"
+
+
+class GrantRule(models.Model):
+    """A rule over a granted tool's arguments, in CEL: ``args.amount > 1000``."""
+
+    class Effect(models.TextChoices):
+        ALLOW = "allow", "Allow (calls must match an allow rule)"
+        DENY = "deny", "Deny"
+        APPROVE = "approve", "Require a person's approval"
+
+    grant = models.ForeignKey(ToolGrant, on_delete=models.CASCADE, related_name="rules")
+    position = models.PositiveSmallIntegerField(default=0)
+    expression = models.TextField(help_text="CEL over args, e.g. args.amount > 1000")
+    effect = models.CharField(max_length=8, choices=Effect.choices)
+    description = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["grant", "position", "pk"]
+
+    def __str__(self) -> str:
+        return f"{self.effect}: {self.expression}"
+
+    def clean(self) -> None:
+        from agentops.runtime.rules import RuleError, rule_check
+
+        try:
+            rule_check(self.expression)
+        except RuleError as error:
+            raise ValidationError({"expression": str(error)}) from None
 
 
 class Trigger(models.Model):

@@ -90,7 +90,20 @@ def task_definition(task: Task) -> dict[str, Any]:
         "model_max_attempts": task.model_max_attempts,
         "autonomy_level": task.autonomy_level,
         "tools": sorted(task.grants.values_list("tool__name", flat=True)),
+        "rules": grant_rules(task),
     }
+
+
+def grant_rules(task: Task) -> dict[str, list[dict[str, Any]]]:
+    """Each granted tool's rules, in order, as the version pins them."""
+    from tasks.models import GrantRule
+
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for rule in GrantRule.objects.filter(grant__task=task).select_related("grant__tool"):
+        rules.setdefault(rule.grant.tool.name, []).append(
+            {"expression": rule.expression, "effect": rule.effect, "description": rule.description}
+        )
+    return rules
 
 
 def task_version_current(*, task: Task, user: AbstractBaseUser | None = None) -> TaskVersion:

@@ -61,6 +61,8 @@ from agentops.runtime.builtins import (
 from agentops.runtime.gates import GateDecision, Verdict, call_digest, gate_decide
 from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
+from agentops.runtime.rules import RuleSpec, rules_evaluate
+from agentops.runtime.secrets import config_secrets, redact
 from agentops.runtime.tools import ToolContext, ToolResult, executor_for
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
@@ -838,11 +840,20 @@ def call_doors(ctx: Context, call: dict) -> Doors:
             refusal = f"the arguments do not match {tool.name}'s schema: " + "; ".join(errors)
     if refusal or tool is None:
         return Doors(tool, arguments, refusal, None)
+    rules = [
+        RuleSpec(number, rule["expression"], rule["effect"], rule.get("description", ""))
+        for number, rule in enumerate(ctx.definition.get("rules", {}).get(tool.name, []), 1)
+    ]
+    verdict = rules_evaluate(rules, arguments)
+    if verdict.effect == "deny":
+        return Doors(tool, arguments, verdict.reason, None)
     decision = gate_decide(
         autonomy_level=ctx.definition["autonomy_level"],
         side_effect=tool.side_effect,
         always_approve=tool.always_approve,
     )
+    if verdict.effect == "approve" and decision.verdict is Verdict.RUN:
+        decision = GateDecision(Verdict.HOLD, verdict.reason)
     return Doors(tool, arguments, "", decision)
 
 
@@ -1108,6 +1119,14 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
     started = time.monotonic()
     result, attempt = call_attempts(ctx, step, tool, context)
     duration_ms = int((time.monotonic() - started) * 1000)
+    # Whatever the far side echoed of a credential stays out of the record and the model.
+    secrets = config_secrets(tool.config)
+    result = ToolResult(
+        ok=result.ok,
+        value=redact(result.value, secrets),
+        error=redact(result.error, secrets),
+        transient=result.transient,
+    )
     if result.ok:
         try:
             result = ToolResult(ok=True, value=json_plain(result.value))

@@ -10,6 +10,7 @@ from agentops.runtime.tools.base import (
     ToolResult,
     arguments_errors,
     executor_for,
+    executor_for_kind,
 )
 from agentops.runtime.tools.python import REGISTRY, ToolSpec, tool
 
@@ -21,5 +22,6 @@ __all__ = [
     "ToolSpec",
     "arguments_errors",
     "executor_for",
+    "executor_for_kind",
     "tool",
 ]

@@ -43,9 +43,24 @@ class ToolError(Exception):
 
 
 class ToolExecutor(Protocol):
+    """One per tool kind. ``config_errors`` checks a tool's config when it is saved;
+    ``validate`` checks a call's arguments before it fires; ``execute`` makes the call
+    within ``tool.timeout_seconds``, resolving ``secret:NAME`` values at call time."""
+
+    def config_errors(self, config: dict) -> list[str]: ...
+
     def validate(self, tool: Tool, arguments: dict) -> list[str]: ...
 
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
+
+
+EXECUTORS = {
+    "python": "agentops.runtime.tools.python.PythonExecutor",
+    "http": "agentops.runtime.tools.http.HttpExecutor",
+    "sql": "agentops.runtime.tools.sql.SqlExecutor",
+    "email": "agentops.runtime.tools.email.EmailExecutor",
+    "mcp": "agentops.runtime.tools.mcp.McpExecutor",
+}
 
 
 @functools.lru_cache(maxsize=512)
@@ -74,10 +89,14 @@ def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the argument
 
 
 def executor_for(tool: Tool) -> ToolExecutor:
-    from agentops.runtime.tools.python import PythonExecutor
+    return executor_for_kind(tool.kind)
 
-    executors: dict[str, ToolExecutor] = {"python": PythonExecutor()}
+
+@functools.cache
+def executor_for_kind(kind: str) -> ToolExecutor:
+    from django.utils.module_loading import import_string
+
     try:
-        return executors[tool.kind]
-    except KeyError:
-        raise LookupError(f"no executor for tools of kind {tool.kind!r}") from None
+        return import_string(EXECUTORS[kind])()
+    except (KeyError, ImportError):
+        raise LookupError(f"no executor for tools of kind {kind!r}") from None

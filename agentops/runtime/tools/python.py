@@ -72,6 +72,9 @@ def tool(
 
 
 class PythonExecutor:
+    def config_errors(self, config: dict) -> list[str]:
+        return []  # a code tool's contract is its decorator
+
     def validate(self, tool: Tool, arguments: dict) -> list[str]:
         return arguments_errors(tool.input_schema, arguments)
 
