@@ -1,13 +1,16 @@
-"""Credentials, named in a tool's config as ``secret:NAME`` and read from the
-environment at call time. Never stored in the database, never sent to the model, never
+"""Credentials, named in a tool's config as ``secret:NAME`` (a whole value) or
+``{secret:NAME}`` (inside a string, e.g. ``"Bearer {secret:API_TOKEN}"``), and read from
+the environment at call time. Never stored in the database, never sent to the model, never
 written to lineage: every value a call resolved is redacted from what it returns."""
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 PREFIX = "secret:"
+EMBEDDED = re.compile(r"\{secret:([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class SecretMissing(LookupError):
@@ -17,7 +20,9 @@ class SecretMissing(LookupError):
 def secret_names(config: Any) -> set[str]:
     """Every NAME a config refers to as ``secret:NAME``, at any depth."""
     if isinstance(config, str):
-        return {config[len(PREFIX) :]} if config.startswith(PREFIX) else set()
+        if config.startswith(PREFIX):
+            return {config[len(PREFIX) :]}
+        return set(EMBEDDED.findall(config))
     if isinstance(config, dict):
         return set().union(*(secret_names(value) for value in config.values()))
     if isinstance(config, list):
@@ -30,13 +35,17 @@ def config_resolve(config: Any) -> tuple[Any, dict[str, str]]:
     values used (by name), for redaction."""
     used: dict[str, str] = {}
 
+    def lookup(name: str) -> str:
+        if not os.environ.get(name):
+            raise SecretMissing(f"the secret {name} is not set in the worker's environment")
+        used[name] = os.environ[name]
+        return used[name]
+
     def resolve(value: Any) -> Any:
         if isinstance(value, str) and value.startswith(PREFIX):
-            name = value[len(PREFIX) :]
-            if name not in os.environ or os.environ[name] == "":
-                raise SecretMissing(f"the secret {name} is not set in the worker's environment")
-            used[name] = os.environ[name]
-            return used[name]
+            return lookup(value[len(PREFIX) :])
+        if isinstance(value, str):
+            return EMBEDDED.sub(lambda match: lookup(match.group(1)), value)
         if isinstance(value, dict):
             return {key: resolve(item) for key, item in value.items()}
         if isinstance(value, list):
