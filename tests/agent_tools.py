@@ -75,3 +75,25 @@ def test_slow_lease_watch(ctx: ToolContext, *, text: str) -> dict:
     before = deadline()
     time.sleep(float(text))
     return {"before": before, "after": deadline()}
+
+
+@tool(schema=TEXT, side_effect="read", idempotent=True)
+def test_leaky(ctx: ToolContext, *, text: str) -> dict:
+    """Echoes the TEST_API_TOKEN environment variable, as a careless far side might."""
+    import os
+
+    return {"said": f"{text}: token is {os.environ.get('TEST_API_TOKEN', '')}"}
+
+
+@tool(
+    schema={
+        "type": "object",
+        "properties": {"amount": {"type": "number"}, "to": {"type": "string"}},
+        "required": ["amount", "to"],
+    },
+    side_effect="reversible",
+)
+def test_pay(ctx: ToolContext, *, amount: float, to: str) -> dict:
+    """Pays (reversible, for the rule tests)."""
+    EFFECTS[f"pay:{to}:{amount}"] += 1
+    return {"paid": amount, "to": to}
