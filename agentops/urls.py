@@ -8,5 +8,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("tasks/", include("tasks.urls")),
     path("runs/", include("tasks.urls_runs")),
+    path("tools/", include("tasks.urls_tools")),
     path("approvals/", include("approvals.urls")),
 ]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Avg, Count, Max, Q, QuerySet
 
 from approvals.models import ApprovalStatus
-from tasks.models import LIVE_RUN_STATUSES, Run, Step, Task
+from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool
 
 RUN_LIST_LIMIT = 100
 
@@ -49,3 +49,38 @@ def steps_for_run(run: Run) -> list[Step]:
         .prefetch_related("approvals__decided_by")
         .order_by("number")
     )
+
+
+TOOL_CALLS_SHOWN = 50
+
+
+def tools_for_list() -> QuerySet[Tool]:
+    return Tool.objects.annotate(
+        task_count=Count("grants", distinct=True),
+        calls=Count("step", distinct=True),
+        last_call=Max("step__created_at"),
+    ).order_by("name")
+
+
+def tool_for_detail(name: str) -> Tool:
+    return Tool.objects.prefetch_related("grants__task", "grants__rules").get(name=name)
+
+
+def tool_recent_calls(tool: Tool) -> list[Step]:
+    return list(
+        Step.objects.filter(tool=tool)
+        .select_related("run__task")
+        .order_by("-created_at")[:TOOL_CALLS_SHOWN]
+    )
+
+
+def tool_call_figures(tool: Tool) -> dict:
+    """Outcomes of the tool's calls, and their mean latency."""
+    figures = Step.objects.filter(tool=tool).aggregate(
+        total=Count("pk"),
+        succeeded=Count("pk", filter=Q(status=StepStatus.SUCCEEDED)),
+        failed=Count("pk", filter=Q(status=StepStatus.FAILED)),
+        refused=Count("pk", filter=Q(status=StepStatus.REFUSED)),
+        mean_ms=Avg("duration_ms"),
+    )
+    return figures

@@ -14,7 +14,7 @@ from agentops.http import see_other
 from agentops.states import InvalidTransition
 from tasks import selectors
 from tasks.forms import RunStartForm
-from tasks.models import Run, RunStatus, Task
+from tasks.models import Run, RunStatus, Task, Tool
 from tasks.services import RunStartError, run_cancel, run_start
 
 
@@ -111,3 +111,24 @@ def run_cancel_view(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     else:
         messages.success(request, "Run cancelled.")
     return see_other("runs:detail", run_id=run.pk)
+
+
+@require_GET
+@login_required
+def tool_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "tools/list.html", {"tools": selectors.tools_for_list()})
+
+
+@require_GET
+@login_required
+def tool_detail(request: HttpRequest, name: str) -> HttpResponse:
+    try:
+        tool = selectors.tool_for_detail(name)
+    except Tool.DoesNotExist:
+        raise Http404(f"no tool {name!r}") from None
+    context = {
+        "tool": tool,
+        "calls": selectors.tool_recent_calls(tool),
+        "figures": selectors.tool_call_figures(tool),
+    }
+    return render(request, "tools/detail.html", context)

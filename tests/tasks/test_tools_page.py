@@ -1,0 +1,42 @@
+"""The tools page: each tool's contract, the tasks that hold it, its recent calls."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from tasks.models import Run
+from tests.conftest import run_until_rest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_the_tools_list_shows_kind_class_and_use(
+    make_task, operator_client, django_assert_max_num_queries
+):
+    task = make_task(
+        [{"calls": [("test_echo", {"text": "a"})]}, {"content": "ok"}], tools=["test_echo"]
+    )
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run_until_rest(Run.objects.get())
+    with django_assert_max_num_queries(6):
+        page = operator_client.get(reverse("tools:list")).content.decode()
+    assert 'href="/tools/test_echo/"' in page and "Read only" in page and "Irreversible" in page
+
+
+def test_a_tools_page_shows_its_tasks_and_recent_calls_with_latency(make_task, operator_client):
+    task = make_task(
+        [
+            {"calls": [("test_echo", {"text": "a"})]},
+            {"calls": [("test_echo", {"text": 5})]},
+            {"content": "ok"},
+        ],
+        tools=["test_echo"],
+    )
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run_until_rest(Run.objects.get())
+    page = operator_client.get(reverse("tools:detail", args=["test_echo"])).content.decode()
+    assert task.name in page
+    assert "2 in all: 1 succeeded, 0 failed, 1 refused" in page
+    assert " ms</td>" in page and "is not of type" in page
+    assert operator_client.get(reverse("tools:detail", args=["nope"])).status_code == 404
