@@ -21,6 +21,7 @@ class DecisionForm(forms.Form):
     decision = forms.CharField()
     reason = forms.CharField(required=False, max_length=2000)
     result = forms.CharField(required=False, max_length=100_000)
+    arguments = forms.CharField(required=False, max_length=100_000)
 
     def __init__(self, *args, approval: Approval, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -45,6 +46,20 @@ class DecisionForm(forms.Form):
         except json.JSONDecodeError as error:
             raise forms.ValidationError(f"The result is not valid JSON: {error.msg}.") from None
 
+    def clean_arguments(self) -> dict | None:
+        raw = self.cleaned_data["arguments"].strip()
+        if not raw:
+            return None
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise forms.ValidationError(
+                f"The edited arguments are not valid JSON: {error.msg}."
+            ) from None
+        if value == self.approval.arguments:
+            return None  # unchanged: a plain approval
+        return value
+
     def clean(self) -> dict:
         cleaned = super().clean()
         if cleaned.get("decision") in ("reject", "stop") and not cleaned.get("reason", "").strip():
@@ -64,6 +79,8 @@ class DecisionForm(forms.Form):
             "approve": decision not in ("reject", "stop"),
             "reason": self.cleaned_data["reason"],
         }
+        if decision == "approve" and self.cleaned_data.get("arguments") is not None:
+            arguments["arguments"] = self.cleaned_data["arguments"]
         if self.approval.kind == ApprovalKind.UNKNOWN_OUTCOME and decision != "stop":
             arguments["resolution"] = decision
             if decision == Resolution.HAPPENED:

@@ -49,6 +49,19 @@ class Approval(models.Model):
     side_effect = models.CharField(max_length=16, blank=True)
     gate = models.CharField(max_length=300, help_text="The rule or gate that stopped the call.")
     reasoning = models.TextField(blank=True, help_text="What the agent said before this call.")
+    group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Who may decide it now. Blank: anyone holding the decide permission.",
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    escalated = models.BooleanField(default=False)
+    edited_arguments = models.JSONField(
+        null=True, blank=True, help_text="The arguments as a person edited them, if they did."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     decided_at = models.DateTimeField(null=True, blank=True)
     decided_by = models.ForeignKey(
@@ -68,7 +81,10 @@ class Approval(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["status", "created_at"], name="approval_status_created")]
+        indexes = [
+            models.Index(fields=["status", "created_at"], name="approval_status_created"),
+            models.Index(fields=["status", "expires_at"], name="approval_status_expires"),
+        ]
         permissions = [("decide_approval", "Can decide approvals")]
 
     def __str__(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import F, Q, QuerySet
 
 from approvals.models import Approval, ApprovalStatus
 
@@ -11,28 +11,37 @@ DECIDED_LIMIT = 50
 
 
 def approvals_visible_to(user: AbstractBaseUser) -> QuerySet[Approval]:
-    """Approvals this person may see and decide: none without the decide permission."""
+    """Approvals this person may see: none without the decide permission; those routed
+    to a group only to its members (superusers see every one)."""
     if not user.is_authenticated or not user.has_perm("approvals.decide_approval"):
         return Approval.objects.none()
-    return Approval.objects.all()
+    if user.is_superuser:
+        return Approval.objects.all()
+    return Approval.objects.filter(Q(group__isnull=True) | Q(group__in=user.groups.values("pk")))
 
 
 def approvals_pending_for(user: AbstractBaseUser) -> QuerySet[Approval]:
     return (
         approvals_visible_to(user)
         .filter(status=ApprovalStatus.PENDING)
-        .select_related("run__task", "run__started_by", "step__tool")
-        .order_by("created_at")
+        .select_related("run__task", "run__started_by", "step__tool", "group")
+        # Most urgent first: the nearest deadline.
+        .order_by(F("expires_at").asc(nulls_last=True), "created_at")
     )
 
 
-def approvals_decided_for(user: AbstractBaseUser) -> QuerySet[Approval]:
-    return (
-        approvals_visible_to(user)
-        .exclude(status=ApprovalStatus.PENDING)
-        .select_related("run__task", "decided_by")
-        .order_by("-decided_at")[:DECIDED_LIMIT]
-    )
+def approvals_decided_for(user: AbstractBaseUser, *, search: str = "") -> QuerySet[Approval]:
+    """Decided approvals, newest first; ``search`` matches the tool, the task, the
+    decider or the reason."""
+    decided = approvals_visible_to(user).exclude(status=ApprovalStatus.PENDING)
+    if search:
+        decided = decided.filter(
+            Q(tool_name__icontains=search)
+            | Q(run__task__name__icontains=search)
+            | Q(decided_by__username__icontains=search)
+            | Q(decision_reason__icontains=search)
+        )
+    return decided.select_related("run__task", "decided_by").order_by("-decided_at")[:DECIDED_LIMIT]
 
 
 def approval_for_user(user: AbstractBaseUser, approval_id: int) -> Approval:

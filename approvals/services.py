@@ -4,9 +4,12 @@ the run (queued again, halted, or finished) in the same transaction."""
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.mail import send_mail
 from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -17,8 +20,10 @@ from agentops.runtime.budgets import extra_add
 from agentops.runtime.gates import call_digest
 from approvals.models import Approval, ApprovalKind, ApprovalStatus, Resolution
 from lineage.services import event_append
-from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
+from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Task
 from tasks.services import actor_for, run_transition, step_create
+
+logger = logging.getLogger("agentops.approvals")
 
 # What rejecting means, by kind: the agent re-plans (the run goes on) or the run halts.
 REJECTION_CONTINUES = {ApprovalKind.ACTION, ApprovalKind.OUTCOME_REVIEW}
@@ -38,12 +43,16 @@ def approval_request(
     confidence: float | None = None,
     context: dict[str, Any] | None = None,
 ) -> Approval:
-    """Open an approval. Runs inside the engine's step transaction, which also puts the
-    run to waiting."""
+    """Open an approval, routed to the task's approver group with the task's deadline.
+    Runs inside the engine's step transaction, which also puts the run to waiting; the
+    group is told by email once that transaction commits."""
+    task = Task.objects.only("approver_group_id", "approval_timeout_minutes").get(pk=run.task_id)
     approval = Approval.objects.create(
         run=run,
         step=step,
         kind=kind,
+        group_id=task.approver_group_id,
+        expires_at=timezone.now() + timedelta(minutes=task.approval_timeout_minutes),
         tool_name=step.tool_name if step else "",
         arguments=step.arguments if step else None,
         call_digest=call_digest(step.tool_name, step.arguments) if step and step.tool_name else "",
@@ -53,6 +62,8 @@ def approval_request(
         confidence=confidence,
         context=context or {},
     )
+    approval_id = approval.pk
+    transaction.on_commit(lambda: approval_notify(approval_id))
     event_append(
         run_uuid=run.pk,
         kind="approval.requested",
@@ -80,6 +91,7 @@ def approval_decide(
     reason: str = "",
     resolution: str = "",
     result: object = None,
+    arguments: dict | None = None,
 ) -> Approval:
     """Decide a pending approval.
 
@@ -102,11 +114,16 @@ def approval_decide(
         raise DecisionError("say whether the call happened or should be made")
     if not unknown and resolution:
         raise DecisionError("only an unknown outcome takes a resolution")
-    if not user.has_perm("approvals.decide_approval"):
-        raise DecisionError("you do not hold the permission to decide approvals")
+    if arguments is not None and approval.kind != ApprovalKind.ACTION:
+        raise DecisionError("only an action's arguments can be edited")
+    if arguments is not None and not approve:
+        raise DecisionError("edited arguments go with an approval, not a rejection")
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=approval.run_id)
+        run = Run.objects.select_for_update().select_related("task").get(pk=approval.run_id)
         approval = Approval.objects.select_for_update().get(pk=approval.pk)
+        refusal = decider_refusal(user, approval, run)
+        if refusal:
+            raise DecisionError(refusal)
         if approval.status != ApprovalStatus.PENDING:
             who = approval.decided_by.get_username() if approval.decided_by else "the system"
             when = f" at {approval.decided_at:%Y-%m-%d %H:%M:%S} UTC" if approval.decided_at else ""
@@ -122,6 +139,7 @@ def approval_decide(
         if unknown:
             approval.resolution = resolution if approve else Resolution.STOP
             approval.resolution_result = result if approve else None
+        edits = arguments_edit(approval, arguments) if arguments is not None else {}
         approval.save(
             update_fields=[
                 "status",
@@ -130,6 +148,8 @@ def approval_decide(
                 "decision_reason",
                 "resolution",
                 "resolution_result",
+                "edited_arguments",
+                "call_digest",
             ]
         )
         actor = actor_for(user)
@@ -145,10 +165,147 @@ def approval_decide(
                 "call_digest": approval.call_digest,
                 "reason": reason,
                 **({"resolution": approval.resolution, "result": result} if unknown else {}),
+                **edits,
             },
         )
         decision_apply(run=run, approval=approval, actor=actor, user=user)
     return approval
+
+
+def approval_notify(approval_id: int) -> int:
+    """Email the approval's group that something waits for them. A mail failure is
+    logged, never raised: the approval stands in the inbox either way."""
+    approval = Approval.objects.select_related("run__task", "group").get(pk=approval_id)
+    if approval.group is None:
+        return 0
+    recipients = sorted(
+        email for email in approval.group.user_set.values_list("email", flat=True) if email
+    )
+    if not recipients:
+        return 0
+    subject = f"[agentops] {approval.get_kind_display()}: {approval.run.task.name}"
+    if approval.tool_name:
+        subject += f" wants to call {approval.tool_name}"
+    lines = [
+        f"{approval.get_kind_display()} for the run of {approval.run.task.name}.",
+        f"Why it stopped: {approval.gate}",
+        f"Objective: {approval.run.objective}",
+    ]
+    if approval.expires_at:
+        lines.append(f"It expires at {approval.expires_at:%Y-%m-%d %H:%M} UTC.")
+    lines.append("Decide it in the approval inbox: /approvals/")
+    try:
+        return send_mail(subject, "\n".join(lines), None, recipients)
+    except OSError:
+        logger.exception("approval %s: the notification was not sent", approval_id)
+        return 0
+
+
+def decider_refusal(user: AbstractBaseUser, approval: Approval, run: Run) -> str:
+    """Why this person may not decide this approval, or "" if they may."""
+    if not user.has_perm("approvals.decide_approval"):
+        return "you do not hold the permission to decide approvals"
+    if (
+        approval.group_id
+        and not user.is_superuser
+        and not user.groups.filter(pk=approval.group_id).exists()
+    ):
+        return f"this approval is routed to the group {approval.group}, and you are not in it"
+    if run.task.four_eyes and run.started_by_id == user.pk:
+        return "four eyes: you started this run, so someone else must decide its approvals"
+    return ""
+
+
+def arguments_edit(approval: Approval, arguments: dict) -> dict[str, Any]:
+    """Approve with edited arguments: checked against the tool's schema, the step and the
+    approval's call digest moved to the edited call (the engine fires exactly that), and
+    the difference returned for the trail."""
+    from agentops.runtime.tools import executor_for
+
+    step = approval.step
+    if not isinstance(arguments, dict):
+        raise DecisionError("the edited arguments must be a JSON object")
+    errors = executor_for(step.tool).validate(step.tool, arguments) if step.tool else []
+    if errors:
+        raise DecisionError(
+            f"the edited arguments do not match {step.tool_name}'s schema: " + "; ".join(errors)
+        )
+    original = step.arguments or {}
+    changed = {
+        key: {"from": original.get(key), "to": arguments.get(key)}
+        for key in sorted(set(original) | set(arguments))
+        if original.get(key) != arguments.get(key)
+    }
+    approval.edited_arguments = arguments
+    approval.call_digest = call_digest(step.tool_name, arguments)
+    Step.objects.filter(pk=step.pk, status=StepStatus.PROPOSED).update(arguments=arguments)
+    return {"edited": changed}
+
+
+def approvals_expire(*, now: datetime | None = None) -> list[int]:
+    """Act on every pending approval past its deadline, as its task says: pass it once to
+    the escalation group with a fresh deadline, or expire it, which rejects an action (the
+    agent re-plans) and halts the run for every other kind, or halts the run outright."""
+    now = now or timezone.now()
+    acted = []
+    due = Approval.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now)
+    for approval_id in due.values_list("pk", flat=True):
+        with transaction.atomic():
+            approval = (
+                Approval.objects.select_for_update(skip_locked=True)
+                .filter(pk=approval_id, status=ApprovalStatus.PENDING)
+                .select_related("run__task")
+                .first()
+            )
+            if approval is None:
+                continue  # decided meanwhile, or another expirer has it
+            run = Run.objects.select_for_update().get(pk=approval.run_id)
+            approval_expire(approval, run, now)
+            acted.append(approval.pk)
+    return acted
+
+
+def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
+    task = run.task
+    minutes = task.approval_timeout_minutes
+    if (
+        task.on_approval_expiry == "escalate"
+        and task.escalation_group_id
+        and not approval.escalated
+    ):
+        approval.group_id = task.escalation_group_id
+        approval.escalated = True
+        approval.expires_at = now + timedelta(minutes=minutes)
+        approval.save(update_fields=["group", "escalated", "expires_at"])
+        event_append(
+            run_uuid=run.pk,
+            kind="approval.escalated",
+            actor="system",
+            payload={"approval": approval.pk, "to_group": str(task.escalation_group)},
+        )
+        return
+    approval.status = ApprovalStatus.EXPIRED
+    approval.decided_at = now
+    approval.decision_reason = f"no decision within {minutes} minutes"
+    approval.save(update_fields=["status", "decided_at", "decision_reason"])
+    event_append(
+        run_uuid=run.pk,
+        kind="approval.expired",
+        actor="system",
+        payload={"approval": approval.pk, "kind": approval.kind, "then": task.on_approval_expiry},
+    )
+    if run.status != RunStatus.WAITING:
+        return
+    if task.on_approval_expiry != "halt" and approval.kind == ApprovalKind.ACTION:
+        run_transition(run=run, to=RunStatus.QUEUED, actor="system", reason="")
+        dispatch.enqueue(run.pk)
+        return
+    run_transition(
+        run=run,
+        to=RunStatus.HALTED,
+        actor="system",
+        reason=f"the approval expired: {approval.decision_reason}",
+    )
 
 
 def decision_apply(*, run: Run, approval: Approval, actor: str, user: AbstractBaseUser) -> None:

@@ -19,7 +19,10 @@ from approvals.services import DecisionError, approval_decide
 def inbox(request: HttpRequest) -> HttpResponse:
     context = {
         "pending": selectors.approvals_pending_for(request.user),
-        "decided": selectors.approvals_decided_for(request.user),
+        "decided": selectors.approvals_decided_for(
+            request.user, search=request.GET.get("q", "").strip()
+        ),
+        "search": request.GET.get("q", "").strip(),
         "can_decide": request.user.has_perm("approvals.decide_approval"),
     }
     return render(request, "approvals/inbox.html", context)

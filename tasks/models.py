@@ -176,6 +176,40 @@ class Task(models.Model):
         choices=AutonomyLevel.choices, default=AutonomyLevel.SUPERVISED
     )
     tools = models.ManyToManyField(Tool, through="ToolGrant", related_name="tasks")
+    approver_group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Who decides this task's approvals (members holding the decide permission). "
+        "Blank: anyone holding it.",
+    )
+    four_eyes = models.BooleanField(
+        default=False, help_text="Nobody decides an approval on a run they started."
+    )
+    approval_timeout_minutes = models.PositiveIntegerField(
+        default=24 * 60,
+        validators=[MinValueValidator(1)],
+        help_text="How long an approval waits before it expires.",
+    )
+    on_approval_expiry = models.CharField(
+        max_length=10,
+        choices=[
+            ("reject", "Reject it (the agent re-plans)"),
+            ("halt", "Halt the run"),
+            ("escalate", "Pass it to the escalation group, then reject"),
+        ],
+        default="reject",
+    )
+    escalation_group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="Who gets an approval that expired unseen, when the task escalates.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

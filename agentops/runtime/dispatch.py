@@ -39,7 +39,10 @@ def run_advance_job(run_id: str) -> str:
 
 
 def runs_reap_job() -> int:
-    """The periodic job (a django-q2 schedule, or Celery beat) that runs the reaper."""
+    """The periodic job (a django-q2 schedule, or Celery beat): the reaper, and the
+    approvals past their deadline."""
     from agentops.runtime.scheduler import runs_reap
+    from approvals.services import approvals_expire
 
+    approvals_expire()
     return len(runs_reap())

@@ -995,6 +995,8 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
                 idempotency_key=key,
             )
             return call_fire(ctx, step, step.tool)
+    elif approval.status == ApprovalStatus.EXPIRED:
+        refusal = f"the approval expired ({approval.decision_reason}); the call was not made"
     else:
         who = approval.decided_by.get_username() if approval.decided_by else "the system"
         refusal = f"{who} {approval.status} this call" + (

@@ -1,0 +1,186 @@
+"""Routing and authority, deadlines, edited arguments, notification and search."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.models import Group, Permission, User
+from django.core import mail
+from django.test import Client
+from django.urls import reverse
+from django.utils import timezone
+
+from approvals.models import Approval, ApprovalStatus
+from approvals.services import DecisionError, approval_decide, approvals_expire
+from lineage.models import LineageEvent
+from tasks.models import Run, RunStatus, StepStatus
+from tasks.services import run_start
+from tests.agent_tools import EFFECTS
+from tests.conftest import run_until_rest
+
+pytestmark = pytest.mark.django_db
+
+
+def person(username: str, *, groups=(), decide: bool = True) -> User:
+    user = User.objects.create_user(username, f"{username}@example.com", "pw-123456789")
+    if decide:
+        user.user_permissions.add(Permission.objects.get(codename="decide_approval"))
+    for group in groups:
+        user.groups.add(group)
+    return User.objects.get(pk=user.pk)
+
+
+@pytest.fixture
+def finance() -> Group:
+    return Group.objects.create(name="finance")
+
+
+@pytest.fixture
+def held(make_task, finance):
+    """A run of a task routed to finance, with four eyes, waiting on a send."""
+
+    def start(starter: User, **task_fields):
+        task = make_task(
+            [{"calls": [("test_send", {"text": "pay"})]}, {"content": "done"}],
+            tools=["test_send"],
+            approver_group=finance,
+            self_check=False,
+            **task_fields,
+        )
+        run = run_start(task=task, run_input={}, user=starter)
+        run_until_rest(run)
+        return run, Approval.objects.get(run=run)
+
+    return start
+
+
+def test_the_authorisation_matrix(held, finance):
+    member = person("mia", groups=[finance])
+    starter = person("sam", groups=[finance])
+    outsider = person("otto")
+    no_permission = person("nora", groups=[finance], decide=False)
+    run, approval = held(starter, four_eyes=True)
+
+    for user, sees in [(member, True), (starter, True), (outsider, False), (no_permission, False)]:
+        client = Client()
+        client.force_login(user)
+        page = client.get(reverse("approvals:inbox")).content.decode()
+        assert (f'id="approval-{approval.pk}"' in page) is sees, user.username
+
+    with pytest.raises(DecisionError, match="routed to the group finance"):
+        approval_decide(approval=approval, user=outsider, approve=True)
+    with pytest.raises(DecisionError, match="four eyes: you started this run"):
+        approval_decide(approval=approval, user=starter, approve=True)
+    with pytest.raises(DecisionError, match="do not hold the permission"):
+        approval_decide(approval=approval, user=no_permission, approve=True)
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
+    approval_decide(approval=approval, user=member, approve=True)
+    run_until_rest(run)
+    assert EFFECTS == {"send:pay": 1}
+
+
+def test_the_group_is_told_by_email_when_an_approval_opens(
+    held, finance, django_capture_on_commit_callbacks
+):
+    person("mia", groups=[finance])
+    with django_capture_on_commit_callbacks(execute=True):
+        held(person("sam"))
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].to == ["mia@example.com"]
+    assert "wants to call test_send" in mail.outbox[0].subject
+
+
+def test_an_expired_action_is_rejected_and_the_agent_replans(held):
+    run, approval = held(person("sam"), approval_timeout_minutes=30)
+    assert approvals_expire(now=timezone.now() + timedelta(minutes=29)) == []
+    assert approvals_expire(now=timezone.now() + timedelta(minutes=31)) == [approval.pk]
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.EXPIRED
+    run_until_rest(run)
+    assert run.status == RunStatus.SUCCEEDED
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.REFUSED and "the approval expired" in step.error
+    assert EFFECTS == {}
+    assert LineageEvent.objects.filter(run_uuid=run.pk, kind="approval.expired").exists()
+
+
+def test_an_expiry_can_halt_the_run(held):
+    run, approval = held(person("sam"), on_approval_expiry="halt")
+    approvals_expire(now=timezone.now() + timedelta(days=2))
+    run.refresh_from_db()
+    assert run.status == RunStatus.HALTED
+    assert run.reason == "the approval expired: no decision within 1440 minutes"
+
+
+def test_an_expiry_escalates_once_then_rejects(held, finance):
+    managers = Group.objects.create(name="managers")
+    manager = person("max", groups=[managers])
+    run, approval = held(
+        person("sam"),
+        on_approval_expiry="escalate",
+        escalation_group=managers,
+        approval_timeout_minutes=60,
+    )
+    later = timezone.now() + timedelta(minutes=61)
+    approvals_expire(now=later)
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING and approval.escalated
+    assert approval.group == managers
+    client = Client()
+    client.force_login(manager)
+    assert f'id="approval-{approval.pk}"' in client.get(reverse("approvals:inbox")).content.decode()
+    approvals_expire(now=later + timedelta(minutes=61))
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.EXPIRED
+    kinds = list(LineageEvent.objects.filter(run_uuid=run.pk).values_list("kind", flat=True))
+    assert kinds.index("approval.escalated") < kinds.index("approval.expired")
+
+
+def test_approve_with_edited_arguments_fires_the_edit_and_records_the_difference(held, finance):
+    run, approval = held(person("sam"))
+    member = person("mia", groups=[finance])
+    client = Client()
+    client.force_login(member)
+    client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": "pay less"}'},
+    )
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.APPROVED
+    assert approval.arguments == {"text": "pay"} and approval.edited_arguments == {
+        "text": "pay less"
+    }
+    run_until_rest(run)
+    assert EFFECTS == {"send:pay less": 1}
+    event = LineageEvent.objects.get(run_uuid=run.pk, kind="approval.approved")
+    assert event.payload["edited"] == {"text": {"from": "pay", "to": "pay less"}}
+
+
+def test_edited_arguments_that_break_the_schema_are_refused(held, finance):
+    run, approval = held(person("sam"))
+    member = person("mia", groups=[finance])
+    client = Client()
+    client.force_login(member)
+    response = client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": 12}'},
+        follow=True,
+    )
+    assert "the edited arguments do not match test_send&#x27;s schema" in response.content.decode()
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING and approval.edited_arguments is None
+    assert Run.objects.get(pk=run.pk).steps.get(kind="tool").arguments == {"text": "pay"}
+
+
+def test_decided_approvals_are_searchable(held, finance):
+    member = person("mia", groups=[finance])
+    _, first = held(person("sam"))
+    approval_decide(approval=first, user=member, approve=False, reason="wrong vendor")
+    _, second = held(person("sue"))
+    approval_decide(approval=second, user=member, approve=True)
+    client = Client()
+    client.force_login(member)
+    page = client.get(reverse("approvals:inbox"), {"q": "vendor"}).content.decode()
+    assert "wrong vendor" in page and page.count("<tr><td>Approve an action") == 1
