@@ -335,6 +335,10 @@ def decision_apply(*, run: Run, approval: Approval, actor: str, user: AbstractBa
         fields["budget_extra"] = extra_add(run.budget_extra, approval.context["extension"])
     if approved and kind == ApprovalKind.LOOP_REVIEW:
         fields["loops_accepted_through"] = approval.context["through_step"]
+    if not approved and kind == ApprovalKind.ACTION:
+        from tasks.autonomy import autonomy_after_rejection
+
+        autonomy_after_rejection(run.task)
     if not approved and kind == ApprovalKind.OUTCOME_REVIEW:
         # The person's words join the conversation; the agent keeps working.
         number = (Step.objects.filter(run=run).aggregate(n=Max("number"))["n"] or 0) + 1

@@ -202,6 +202,11 @@ class Task(models.Model):
         ],
         default="reject",
     )
+    step_down_rejections = models.PositiveSmallIntegerField(
+        default=3,
+        help_text="This many rejections among the last 20 decided actions lower the "
+        "autonomy level by one, by itself. 0: never.",
+    )
     escalation_group = models.ForeignKey(
         "auth.Group",
         null=True,
@@ -218,6 +223,55 @@ class Task(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AutonomyChange(models.Model):
+    """A turn of a task's autonomy dial. Raising it above Supervised needs a second
+    person's confirmation; lowering takes effect at once; the track record can lower it
+    by itself (requested_by is then empty)."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPLIED = "applied"
+        DECLINED = "declined"
+
+    task = models.ForeignKey("Task", on_delete=models.CASCADE, related_name="autonomy_changes")
+    from_level = models.PositiveSmallIntegerField(choices=AutonomyLevel.choices)
+    to_level = models.PositiveSmallIntegerField(choices=AutonomyLevel.choices)
+    reason = models.TextField(blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    confirmed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.task.slug}: {self.from_level} → {self.to_level} ({self.status})"
+
+
+class Incident(models.Model):
+    """An operator flags a run as having gone wrong: it counts against the task's record
+    and steps its autonomy down."""
+
+    run = models.ForeignKey("Run", on_delete=models.CASCADE, related_name="incidents")
+    note = models.TextField()
+    flagged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"incident on {self.run_id}: {self.note[:60]}"
 
 
 class TaskVersion(models.Model):

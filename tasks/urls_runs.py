@@ -7,5 +7,6 @@ urlpatterns = [
     path("", views.run_list, name="list"),
     path("<uuid:run_id>/", views.run_detail, name="detail"),
     path("<uuid:run_id>/cancel/", views.run_cancel_view, name="cancel"),
+    path("<uuid:run_id>/incident/", views.run_incident, name="incident"),
     path("<uuid:run_id>/lineage/", include("lineage.urls")),
 ]

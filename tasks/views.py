@@ -4,7 +4,7 @@ import json
 import uuid
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
@@ -13,8 +13,17 @@ from django_htmx.http import trigger_client_event
 from agentops.http import see_other
 from agentops.states import InvalidTransition
 from tasks import selectors
+from tasks.autonomy import (
+    DialError,
+    autonomy_decide,
+    autonomy_request,
+    incident_flag,
+    recommendation,
+    task_trail_uuid,
+    track_record,
+)
 from tasks.forms import RunStartForm
-from tasks.models import Run, RunStatus, Task, Tool
+from tasks.models import AutonomyChange, AutonomyLevel, Run, RunStatus, Task, Tool
 from tasks.services import RunStartError, run_cancel, run_start
 
 
@@ -42,11 +51,17 @@ def task_detail(request: HttpRequest, slug: str) -> HttpResponse:
 def _task_page(
     request: HttpRequest, task: Task, form: RunStartForm, status: int = 200
 ) -> HttpResponse:
+    record = track_record(task)
     context = {
         "task": task,
         "form": form,
         "runs": selectors.runs_for_list(task_slug=task.slug)[:20],
         "version": task.versions.order_by("-number").first(),
+        "record": record,
+        "recommendation": recommendation(task, record),
+        "changes": task.autonomy_changes.select_related("requested_by", "confirmed_by")[:10],
+        "levels": AutonomyLevel.choices,
+        "trail": task_trail_uuid(task),
     }
     return render(request, "tasks/detail.html", context, status=status)
 
@@ -132,3 +147,60 @@ def tool_detail(request: HttpRequest, name: str) -> HttpResponse:
         "figures": selectors.tool_call_figures(tool),
     }
     return render(request, "tools/detail.html", context)
+
+
+@require_POST
+@login_required
+@permission_required("tasks.change_task", raise_exception=True)
+def task_autonomy(request: HttpRequest, slug: str) -> HttpResponse:
+    task = _task_or_404(slug)
+    try:
+        level = int(request.POST.get("level", ""))
+        change = autonomy_request(
+            task=task, to_level=level, user=request.user, reason=request.POST.get("reason", "")
+        )
+    except (ValueError, DialError) as error:
+        messages.error(request, f"The dial did not move: {error}.")
+    else:
+        if change.status == AutonomyChange.Status.PENDING:
+            messages.success(
+                request,
+                f"Asked to raise {task.name} to {change.get_to_level_display()}: "
+                "a second person must confirm it.",
+            )
+        else:
+            messages.success(request, f"{task.name} is now at {change.get_to_level_display()}.")
+    return see_other("tasks:detail", slug=task.slug)
+
+
+@require_POST
+@login_required
+@permission_required("tasks.change_task", raise_exception=True)
+def autonomy_change_decide(request: HttpRequest, change_id: int) -> HttpResponse:
+    try:
+        change = AutonomyChange.objects.select_related("task").get(pk=change_id)
+    except AutonomyChange.DoesNotExist:
+        raise Http404("no such change") from None
+    try:
+        autonomy_decide(
+            change=change, user=request.user, confirm=request.POST.get("decision") == "confirm"
+        )
+    except DialError as error:
+        messages.error(request, f"Not decided: {error}.")
+    else:
+        messages.success(request, "Decided.")
+    return see_other("tasks:detail", slug=change.task.slug)
+
+
+@require_POST
+@login_required
+@permission_required("tasks.add_incident", raise_exception=True)
+def run_incident(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
+    run = _run_or_404(run_id)
+    try:
+        incident_flag(run=run, user=request.user, note=request.POST.get("note", ""))
+    except DialError as error:
+        messages.error(request, f"Not flagged: {error}.")
+    else:
+        messages.success(request, "Incident flagged; the task's autonomy steps down if it can.")
+    return see_other("runs:detail", run_id=run.pk)

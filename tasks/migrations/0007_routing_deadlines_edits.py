@@ -6,36 +6,63 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('auth', '0012_alter_user_first_name_max_length'),
-        ('tasks', '0006_tool_kinds_config_rules'),
+        ("auth", "0012_alter_user_first_name_max_length"),
+        ("tasks", "0006_tool_kinds_config_rules"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='task',
-            name='approval_timeout_minutes',
-            field=models.PositiveIntegerField(default=1440, help_text='How long an approval waits before it expires.', validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="task",
+            name="approval_timeout_minutes",
+            field=models.PositiveIntegerField(
+                default=1440,
+                help_text="How long an approval waits before it expires.",
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='task',
-            name='approver_group',
-            field=models.ForeignKey(blank=True, help_text="Who decides this task's approvals (members holding the decide permission). Blank: anyone holding it.", null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='auth.group'),
+            model_name="task",
+            name="approver_group",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="Who decides this task's approvals (members holding the decide permission). Blank: anyone holding it.",
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="auth.group",
+            ),
         ),
         migrations.AddField(
-            model_name='task',
-            name='escalation_group',
-            field=models.ForeignKey(blank=True, help_text='Who gets an approval that expired unseen, when the task escalates.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to='auth.group'),
+            model_name="task",
+            name="escalation_group",
+            field=models.ForeignKey(
+                blank=True,
+                help_text="Who gets an approval that expired unseen, when the task escalates.",
+                null=True,
+                on_delete=django.db.models.deletion.SET_NULL,
+                related_name="+",
+                to="auth.group",
+            ),
         ),
         migrations.AddField(
-            model_name='task',
-            name='four_eyes',
-            field=models.BooleanField(default=False, help_text='Nobody decides an approval on a run they started.'),
+            model_name="task",
+            name="four_eyes",
+            field=models.BooleanField(
+                default=False, help_text="Nobody decides an approval on a run they started."
+            ),
         ),
         migrations.AddField(
-            model_name='task',
-            name='on_approval_expiry',
-            field=models.CharField(choices=[('reject', 'Reject it (the agent re-plans)'), ('halt', 'Halt the run'), ('escalate', 'Pass it to the escalation group, then reject')], default='reject', max_length=10),
+            model_name="task",
+            name="on_approval_expiry",
+            field=models.CharField(
+                choices=[
+                    ("reject", "Reject it (the agent re-plans)"),
+                    ("halt", "Halt the run"),
+                    ("escalate", "Pass it to the escalation group, then reject"),
+                ],
+                default="reject",
+                max_length=10,
+            ),
         ),
     ]

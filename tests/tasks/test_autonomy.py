@@ -1,0 +1,155 @@
+"""The autonomy dial: a second person to raise it, the track record, steps down."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.urls import reverse
+
+from approvals.models import Approval
+from approvals.services import approval_decide
+from lineage.models import LineageEvent
+from lineage.services import chain_verify
+from tasks.autonomy import (
+    DialError,
+    autonomy_decide,
+    autonomy_request,
+    incident_flag,
+    recommendation,
+    task_trail_uuid,
+    track_record,
+)
+from tasks.models import AutonomyChange, Task
+from tasks.services import run_start
+from tests.conftest import run_until_rest
+
+pytestmark = pytest.mark.django_db
+
+
+def editor(username: str) -> User:
+    user = User.objects.create_user(username, f"{username}@example.com", "pw-123456789")
+    for codename in ("change_task", "decide_approval", "add_incident"):
+        user.user_permissions.add(
+            Permission.objects.get(
+                codename=codename, content_type__app_label__in=["tasks", "approvals"]
+            )
+        )
+    return User.objects.get(pk=user.pk)
+
+
+def test_raising_above_supervised_waits_for_a_second_person(make_task):
+    task = make_task([])
+    alice, bob = editor("alice"), editor("bob")
+    change = autonomy_request(task=task, to_level=2, user=alice, reason="clean record")
+    task.refresh_from_db()
+    assert change.status == AutonomyChange.Status.PENDING and task.autonomy_level == 1
+    with pytest.raises(DialError, match="a second person must confirm"):
+        autonomy_decide(change=change, user=alice, confirm=True)
+    autonomy_decide(change=change, user=bob, confirm=True)
+    task.refresh_from_db()
+    assert task.autonomy_level == 2
+    assert task.versions.order_by("-number").first().definition["autonomy_level"] == 2
+    kinds = list(
+        LineageEvent.objects.filter(run_uuid=task_trail_uuid(task))
+        .order_by("seq")
+        .values_list("kind", flat=True)
+    )
+    assert kinds == ["autonomy.requested", "autonomy.changed"]
+    assert chain_verify(task_trail_uuid(task)).intact
+
+
+def test_lowering_the_dial_takes_effect_at_once(make_task):
+    task = make_task([], autonomy_level=3)
+    change = autonomy_request(task=task, to_level=1, user=editor("alice"), reason="incident review")
+    task.refresh_from_db()
+    assert change.status == AutonomyChange.Status.APPLIED and task.autonomy_level == 1
+
+
+def test_turning_the_dial_through_the_task_page(make_task, client):
+    task = make_task([])
+    alice, bob = editor("alice"), editor("bob")
+    client.force_login(alice)
+    response = client.post(
+        reverse("tasks:autonomy", args=[task.slug]),
+        {"level": "3", "reason": "trusted"},
+        follow=True,
+    )
+    assert "a second person must confirm it" in response.content.decode()
+    change = AutonomyChange.objects.get()
+    other = Client()
+    other.force_login(bob)
+    other.post(reverse("tasks:autonomy_decide", args=[change.pk]), {"decision": "confirm"})
+    assert Task.objects.get(pk=task.pk).autonomy_level == 3
+    response = client.post(
+        reverse("tasks:autonomy", args=[task.slug]), {"level": "3", "reason": "again"}, follow=True
+    )
+    assert "already at 3 · Autonomous" in response.content.decode()
+
+
+def test_someone_without_the_permission_cannot_turn_the_dial(make_task, client, outsider):
+    task = make_task([])
+    client.force_login(outsider)
+    response = client.post(
+        reverse("tasks:autonomy", args=[task.slug]), {"level": "1", "reason": "x"}
+    )
+    assert response.status_code == 403
+
+
+def test_the_record_and_its_recommendation(make_task, operator):
+    task = make_task(
+        [{"calls": [("test_send", {"text": "x"})]}, {"content": "ok"}],
+        tools=["test_send"],
+        self_check=False,
+    )
+    for _ in range(3):
+        run = run_start(task=task, run_input={}, user=operator)
+        run_until_rest(run)
+        approval_decide(approval=Approval.objects.get(run=run), user=operator, approve=True)
+        run_until_rest(run)
+    record = track_record(task)
+    assert (record.approved_as_proposed, record.streak, record.runs_succeeded) == (3, 3, 3)
+    assert recommendation(task, record) == (
+        "stay at 1 · Supervised: 37 more approvals approved as proposed in a row make it "
+        "eligible for 2 · Guarded"
+    )
+
+
+def test_rejections_step_the_dial_down_by_themselves(make_task, operator):
+    task = make_task(
+        [{"calls": [("test_send", {"text": "x"})]}, {"content": "ok"}],
+        tools=["test_send"],
+        autonomy_level=3,
+        step_down_rejections=2,
+        self_check=False,
+    )
+    from tasks.models import Tool
+
+    Tool.objects.filter(name="test_send").update(always_approve=True)
+    for number in range(2):
+        run = run_start(task=task, run_input={}, user=operator)
+        run_until_rest(run)
+        approval_decide(
+            approval=Approval.objects.get(run=run),
+            user=operator,
+            approve=False,
+            reason=f"no {number}",
+        )
+    task.refresh_from_db()
+    assert task.autonomy_level == 2
+    change = AutonomyChange.objects.get(task=task)
+    assert change.requested_by is None
+    assert change.reason == "2 of the last 2 decided actions were rejected"
+
+
+def test_an_incident_steps_the_dial_down_and_is_in_the_runs_trail(make_task, operator):
+    task = make_task([{"content": "done"}], autonomy_level=2)
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    incident_flag(run=run, user=editor("alice"), note="emailed the wrong customer")
+    task.refresh_from_db()
+    assert task.autonomy_level == 1
+    assert LineageEvent.objects.filter(run_uuid=run.pk, kind="incident.flagged").exists()
+    assert recommendation(task, track_record(task)).startswith(
+        "stay at 1 · Supervised: an incident"
+    )
