@@ -51,7 +51,8 @@ RUN = Transitions(
 STEP = Transitions(
     "step",
     {
-        "proposed": {"started", "refused", "simulated"},
+        # succeeded: a question to a person (ask_person), answered; it fires nothing.
+        "proposed": {"started", "refused", "simulated", "succeeded"},
         "started": {"succeeded", "failed", "unknown"},
         "unknown": {"succeeded", "failed", "started", "refused"},
         "succeeded": set(),

@@ -12,6 +12,7 @@ DECISIONS = {
     ApprovalKind.OUTCOME_REVIEW: {"approve", "reject"},
     ApprovalKind.BUDGET_EXTENSION: {"approve", "reject"},
     ApprovalKind.LOOP_REVIEW: {"approve", "reject"},
+    ApprovalKind.QUESTION: {"answer", "reject"},
 }
 
 
@@ -62,8 +63,14 @@ class DecisionForm(forms.Form):
 
     def clean(self) -> dict:
         cleaned = super().clean()
+        if cleaned.get("decision") == "answer" and not cleaned.get("reason", "").strip():
+            self.add_error("reason", "Write your answer: the agent reads it.")
         if cleaned.get("decision") in ("reject", "stop") and not cleaned.get("reason", "").strip():
-            goes_on = self.approval.kind in (ApprovalKind.ACTION, ApprovalKind.OUTCOME_REVIEW)
+            goes_on = self.approval.kind in (
+                ApprovalKind.ACTION,
+                ApprovalKind.OUTCOME_REVIEW,
+                ApprovalKind.QUESTION,
+            )
             self.add_error(
                 "reason",
                 "Say why you reject it: the agent reads the reason to re-plan."

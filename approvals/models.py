@@ -12,6 +12,7 @@ class ApprovalKind(models.TextChoices):
     OUTCOME_REVIEW = "outcome_review", "Review an outcome"
     BUDGET_EXTENSION = "budget_extension", "Extend a budget"
     LOOP_REVIEW = "loop_review", "Review a possible loop"
+    QUESTION = "question", "Answer the agent's question"
 
 
 class Resolution(models.TextChoices):

@@ -26,7 +26,7 @@ from tasks.services import actor_for, run_transition, step_create
 logger = logging.getLogger("agentops.approvals")
 
 # What rejecting means, by kind: the agent re-plans (the run goes on) or the run halts.
-REJECTION_CONTINUES = {ApprovalKind.ACTION, ApprovalKind.OUTCOME_REVIEW}
+REJECTION_CONTINUES = {ApprovalKind.ACTION, ApprovalKind.OUTCOME_REVIEW, ApprovalKind.QUESTION}
 
 
 class DecisionError(Exception):
@@ -110,6 +110,8 @@ def approval_decide(
         if approval.kind in REJECTION_CONTINUES:
             raise DecisionError("say why you reject it: the agent reads the reason to re-plan")
         raise DecisionError("say why you stop the run: the reason is kept in its trail")
+    if approval.kind == ApprovalKind.QUESTION and approve and not reason:
+        raise DecisionError("write your answer: the agent reads it")
     if unknown and approve and resolution not in (Resolution.HAPPENED, Resolution.REFIRE):
         raise DecisionError("say whether the call happened or should be made")
     if not unknown and resolution:
@@ -199,6 +201,27 @@ def approval_notify(approval_id: int) -> int:
     except OSError:
         logger.exception("approval %s: the notification was not sent", approval_id)
         return 0
+
+
+BULK_EFFECTS = ("read", "reversible")
+
+
+def approvals_bulk_approve(
+    *, approval_ids: list[int], user: AbstractBaseUser
+) -> tuple[list[Approval], list[str]]:
+    """Approve several actions at once: only read or reversible ones; an irreversible
+    action is decided on its own. Returns what was approved and why the rest were not."""
+    approved, refused = [], []
+    approvals = Approval.objects.filter(pk__in=approval_ids).select_related("run__task")
+    for approval in approvals.order_by("pk"):
+        if approval.kind != ApprovalKind.ACTION or approval.side_effect not in BULK_EFFECTS:
+            refused.append(f"#{approval.pk} {approval.tool_name}: decide it on its own")
+            continue
+        try:
+            approved.append(approval_decide(approval=approval, user=user, approve=True))
+        except DecisionError as error:
+            refused.append(f"#{approval.pk} {approval.tool_name}: {error}")
+    return approved, refused
 
 
 def decider_refusal(user: AbstractBaseUser, approval: Approval, run: Run) -> str:

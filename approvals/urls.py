@@ -6,5 +6,6 @@ app_name = "approvals"
 urlpatterns = [
     path("", views.inbox, name="inbox"),
     path("count/", views.inbox_count, name="count"),
+    path("bulk-approve/", views.bulk_approve, name="bulk_approve"),
     path("<int:approval_id>/decide/", views.decide, name="decide"),
 ]

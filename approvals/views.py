@@ -11,7 +11,7 @@ from agentops.http import see_other
 from approvals import selectors
 from approvals.forms import DecisionForm
 from approvals.models import Approval
-from approvals.services import DecisionError, approval_decide
+from approvals.services import DecisionError, approval_decide, approvals_bulk_approve
 
 
 @require_GET
@@ -67,4 +67,21 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         messages.error(request, f"Not decided: {error}")
     else:
         messages.success(request, f"{approval.get_status_display()}: {approval.tool_name}.")
+    return see_other("approvals:inbox")
+
+
+@require_POST
+@login_required
+def bulk_approve(request: HttpRequest) -> HttpResponse:
+    ids = [int(value) for value in request.POST.getlist("ids") if value.isdigit()]
+    visible = selectors.approvals_visible_to(request.user).filter(pk__in=ids)
+    approved, refused = approvals_bulk_approve(
+        approval_ids=list(visible.values_list("pk", flat=True)), user=request.user
+    )
+    if approved:
+        messages.success(request, f"Approved {len(approved)}.")
+    if refused:
+        messages.error(request, "Not approved: " + "; ".join(refused) + ".")
+    if not ids:
+        messages.error(request, "Select the approvals to approve.")
     return see_other("approvals:inbox")

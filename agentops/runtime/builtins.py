@@ -10,6 +10,14 @@ from agentops.runtime.tools import arguments_errors
 
 PLAN_TOOL = "plan_update"
 CHECK_TOOL = "report_check"
+ASK_TOOL = "ask_person"
+
+ASK_SCHEMA = {
+    "type": "object",
+    "properties": {"question": {"type": "string", "minLength": 1, "maxLength": 2000}},
+    "required": ["question"],
+    "additionalProperties": False,
+}
 
 PLAN_SCHEMA = {
     "type": "object",
@@ -62,6 +70,11 @@ def builtin_spec(name: str) -> dict:
     schema, description = {
         PLAN_TOOL: (PLAN_SCHEMA, "Record or revise your ordered plan."),
         CHECK_TOOL: (CHECK_SCHEMA, "Report your self-check of the final answer."),
+        ASK_TOOL: (
+            ASK_SCHEMA,
+            "Ask a person a question when you cannot go on without their answer. The run "
+            "waits for it.",
+        ),
     }[name]
     return {
         "type": "function",

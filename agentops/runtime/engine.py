@@ -50,6 +50,8 @@ from agentops.runtime.budgets import (
     tokens_estimate,
 )
 from agentops.runtime.builtins import (
+    ASK_SCHEMA,
+    ASK_TOOL,
     CHECK_PROMPT,
     CHECK_TOOL,
     PLAN_TOOL,
@@ -63,7 +65,7 @@ from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.rules import RuleSpec, rules_evaluate
 from agentops.runtime.secrets import config_secrets, redact
-from agentops.runtime.tools import ToolContext, ToolResult, executor_for
+from agentops.runtime.tools import ToolContext, ToolResult, arguments_errors, executor_for
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
 from lineage.services import event_append, json_plain
@@ -464,7 +466,11 @@ def loop_stop(ctx: Context, finding: LoopFinding) -> Outcome:
 
 def model_turn(ctx: Context) -> Outcome:
     tools = granted_tools(ctx.definition)
-    specs = [builtin_spec(PLAN_TOOL), *(tool_spec(t) for t in tools.values())]
+    specs = [
+        builtin_spec(PLAN_TOOL),
+        builtin_spec(ASK_TOOL),
+        *(tool_spec(t) for t in tools.values()),
+    ]
     # The first turn drafts the plan before anything else happens.
     first = not any(s.kind == StepKind.MODEL for s in ctx.steps)
     answer = model_call(ctx, transcript(ctx), specs, tool_choice=PLAN_TOOL if first else None)
@@ -857,6 +863,57 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     return Doors(tool, arguments, "", decision)
 
 
+def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
+    """The agent asks a person: the run waits, and the answer is the call's result."""
+    arguments, refusal = call_arguments(call["arguments"])
+    if not refusal:
+        errors = arguments_errors(ASK_SCHEMA, arguments)
+        refusal = (
+            "the question does not match ask_person's schema: " + "; ".join(errors)
+            if errors
+            else ""
+        )
+    fields = {
+        "kind": StepKind.TOOL,
+        "tool_name": ASK_TOOL,
+        "tool_call_id": call["id"],
+        "arguments": arguments,
+    }
+    with transaction.atomic():
+        lease_fence(ctx, steps_used=F("steps_used") + 1)
+        if refusal:
+            step_create(
+                run=ctx.run,
+                number=ctx.number,
+                event="tool.refused",
+                payload={"tool": ASK_TOOL, "error": refusal},
+                status=StepStatus.REFUSED,
+                error=refusal,
+                finished_at=timezone.now(),
+                **fields,
+            )
+            return Outcome.CONTINUE
+        step = step_create(
+            run=ctx.run,
+            number=ctx.number,
+            event="question.asked",
+            payload={"question": arguments["question"]},
+            status=StepStatus.PROPOSED,
+            gate="the agent asks a person",
+            **fields,
+        )
+        approval_request(
+            run=ctx.run,
+            kind=ApprovalKind.QUESTION,
+            step=step,
+            gate=f"the agent asks: {arguments['question']}",
+            reasoning=model_step.content,
+            context=budget_context(ctx),
+        )
+        run_wait(ctx.run, "answer the agent's question")
+    return Outcome.WAITING
+
+
 def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
     """Put one requested call through the doors, and act on what they say."""
     stopped = budget_gate(ctx)
@@ -864,6 +921,8 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
         return stopped
     if call["name"] == PLAN_TOOL:
         return plan_record(ctx, call)
+    if call["name"] == ASK_TOOL:
+        return question_ask(ctx, model_step, call)
     run, number = ctx.run, ctx.number
     doors = call_doors(ctx, call)
     tool, arguments, refusal, decision = doors.tool, doors.arguments, doors.refusal, doors.decision
@@ -976,6 +1035,19 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
             lease_fence(ctx)
             run_wait(ctx.run, f"approve {step.tool_name}")
         return Outcome.WAITING
+    if approval.status == ApprovalStatus.APPROVED and approval.kind == ApprovalKind.QUESTION:
+        who = approval.decided_by.get_username() if approval.decided_by else "a person"
+        answer = {"answer": approval.decision_reason, "answered_by": who}
+        step_move(
+            ctx,
+            step,
+            to=StepStatus.SUCCEEDED,
+            event="question.answered",
+            payload={"answer": approval.decision_reason, "approval": approval.pk},
+            result=answer,
+            finished_at=timezone.now(),
+        )
+        return Outcome.CONTINUE
     if approval.status == ApprovalStatus.APPROVED:
         if approval.call_digest != call_digest(step.tool_name, step.arguments):
             refusal = "the approval does not match this exact call; it was not made"

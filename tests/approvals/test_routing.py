@@ -184,3 +184,50 @@ def test_decided_approvals_are_searchable(held, finance):
     client.force_login(member)
     page = client.get(reverse("approvals:inbox"), {"q": "vendor"}).content.decode()
     assert "wrong vendor" in page and page.count("<tr><td>Approve an action") == 1
+
+
+def test_bulk_approve_takes_read_and_reversible_actions_only(make_task, operator_client):
+    reversible = make_task([{"calls": [("test_note", {"text": "n"})]}], tools=["test_note"])
+    irreversible = make_task([{"calls": [("test_send", {"text": "s"})]}], tools=["test_send"])
+    runs = []
+    for task in (reversible, reversible, irreversible):
+        operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    runs = list(Run.objects.all())
+    for run in runs:
+        run_until_rest(run)
+    ids = list(Approval.objects.values_list("pk", flat=True))
+    response = operator_client.post(reverse("approvals:bulk_approve"), {"ids": ids}, follow=True)
+    page = response.content.decode()
+    assert "Approved 2." in page and "test_send: decide it on its own" in page
+    statuses = dict(Approval.objects.values_list("tool_name", "status").distinct())
+    assert statuses["test_send"] == ApprovalStatus.PENDING
+    assert set(Approval.objects.filter(tool_name="test_note").values_list("status", flat=True)) == {
+        ApprovalStatus.APPROVED
+    }
+
+
+def test_the_agent_asks_a_person_and_reads_the_answer(make_task, operator):
+    seen = []
+
+    def agent(messages):
+        from agentops.runtime.models.scripted import scripted_turn
+
+        seen.append(messages[-1])
+        if len(seen) == 1:
+            return scripted_turn({"calls": [("ask_person", {"question": "Which batch?"})]}, 0)
+        return scripted_turn({"content": "done"}, 1)
+
+    from agentops.runtime.models.scripted import SCRIPTS
+
+    task = make_task([], self_check=False)
+    SCRIPTS[task.model.split(":", 1)[1]] = agent
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    approval = Approval.objects.get(run=run)
+    assert approval.kind == "question" and approval.gate == "the agent asks: Which batch?"
+    with pytest.raises(DecisionError, match="write your answer"):
+        approval_decide(approval=approval, user=operator, approve=True)
+    approval_decide(approval=approval, user=operator, approve=True, reason="2026-11")
+    run_until_rest(run)
+    assert run.status == RunStatus.SUCCEEDED
+    assert '"answer": "2026-11"' in seen[-1]["content"]

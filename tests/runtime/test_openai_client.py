@@ -332,8 +332,12 @@ def test_a_run_on_a_served_model_plans_calls_a_tool_checks_and_finishes(
     assert len(server.requests) == 3
     first, second, third = (request["body"] for request in server.requests)
     assert first["model"] == "test-model"
-    assert [tool["function"]["name"] for tool in first["tools"]] == ["plan_update", "test_echo"]
-    assert first["tools"][1]["function"]["parameters"]["required"] == ["text"]
+    assert [tool["function"]["name"] for tool in first["tools"]] == [
+        "plan_update",
+        "ask_person",
+        "test_echo",
+    ]
+    assert first["tools"][2]["function"]["parameters"]["required"] == ["text"]
     # The first turn must draft the plan; every answer is capped.
     assert first["tool_choice"] == {"type": "function", "function": {"name": "plan_update"}}
     assert first["max_tokens"] == 4096

@@ -1,0 +1,722 @@
+"""HTTP tools: one REST call per tool, described in its config:
+
+    {
+        "method": "POST",
+        "url": "https://api.example.com/items/{id}",
+        "headers": {"Authorization": "Bearer {secret:API_TOKEN}"},
+        "query": {"q": "{term}"},
+        "body": {"id": "{id}", "note": "about {term}"},
+        "allowed_hosts": ["api.example.com"],
+        "allow_private": false,
+        "max_response_bytes": 1000000
+    }
+
+``{name}`` is filled from the call's arguments (URL-quoted in the URL); in the body, a
+string that is exactly one placeholder becomes the argument's value with its JSON type,
+and ``"$arguments"`` becomes all of them. Secrets (``secret:NAME``, ``{secret:NAME}``) are
+read from the environment at call time and redacted from whatever the call returns.
+
+The guards: the URL's host is fixed in the config (no placeholders) and must be one of
+``allowed_hosts``; the name is resolved once and every address it resolves to is checked
+(no private, loopback, link-local, multicast, reserved or unspecified address unless
+``allow_private``); the connection goes to that checked address, so a second lookup cannot
+answer differently (DNS rebinding), while the Host header and the TLS certificate check
+still use the name. Redirects are not followed. The response is cut off past
+``max_response_bytes``, and the whole call (lookup, connect, send, read) ends at
+``tool.timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import ipaddress
+import json
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from agentops.runtime.secrets import PREFIX, SecretMissing, config_resolve, redact
+from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
+
+if TYPE_CHECKING:
+    from tasks.models import Tool
+
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+CONFIG_KEYS = (
+    "method",
+    "url",
+    "headers",
+    "query",
+    "body",
+    "allowed_hosts",
+    "allow_private",
+    "max_response_bytes",
+)
+DEFAULT_MAX_RESPONSE_BYTES = 1_000_000
+# A response becomes a step's stored result and part of the model's next prompt: past a
+# few megabytes it is a mistake in the tool, not data anyone can use.
+MAX_RESPONSE_BYTES_CEILING = 10_000_000
+ALL_ARGUMENTS = "$arguments"
+# {name} is an argument; {secret:NAME} a secret. One pattern, one pass: a value filled in
+# is never read again as a template, so an argument cannot name a secret to be resolved.
+TEMPLATE = re.compile(r"\{(secret:)?([A-Za-z_][A-Za-z0-9_]*)\}")
+ARGUMENT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Set by the executor from the URL, the body and the call; a config that set them could
+# send the request to one virtual host while the allowlist checked another.
+RESERVED_HEADERS = ("host", "content-length", "transfer-encoding", "connection", "idempotency-key")
+KEPT_HEADERS = (
+    "content-type",
+    "content-length",
+    "etag",
+    "last-modified",
+    "location",
+    "retry-after",
+)
+EXCERPT_CHARS = 300
+ERROR_BODY_BYTES = 16384
+READ_CHUNK = 65536
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class RequestInvalid(ValueError):
+    """The call's arguments cannot make a request from this tool's templates."""
+
+
+@dataclass
+class HttpRequest:
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # without the query, for messages
+    target: str  # path and query, as sent
+    headers: dict[str, str]
+    body: bytes | None
+    secrets: dict[str, str] = field(default_factory=dict)  # the values used, by name
+
+    @property
+    def label(self) -> str:
+        """The request as messages name it (no query: it may hold arguments or keys)."""
+        netloc = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        if self.port != default:
+            netloc += f":{self.port}"
+        return f"{self.method} {self.scheme}://{netloc}{self.path}"
+
+
+class HttpExecutor:
+    def config_errors(self, config: dict) -> list[str]:
+        """Every problem with an http tool's config, each named."""
+        if not isinstance(config, dict):
+            return ["the config must be a JSON object"]
+        errors = []
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            errors.append(
+                f"unknown config keys: {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})"
+            )
+        method = config.get("method")
+        if method not in METHODS:
+            errors.append(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        allowed = config.get("allowed_hosts")
+        errors += allowed_hosts_errors(allowed)
+        errors += url_errors(config.get("url"), allowed if isinstance(allowed, list) else [])
+        errors += headers_errors(config.get("headers", {}))
+        query = config.get("query", {})
+        if not isinstance(query, dict):
+            errors.append("query must be an object of parameter names to values")
+        else:
+            for name, value in query.items():
+                if not isinstance(value, str | int | float | bool):
+                    errors.append(f"query {name!r}: the value must be a string or a number")
+        if method == "GET" and config.get("body") is not None:
+            errors.append("a GET request has no body: remove body or use another method")
+        if not isinstance(config.get("allow_private", False), bool):
+            errors.append("allow_private must be true or false")
+        size = config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            errors.append(f"max_response_bytes must be a positive whole number, not {size!r}")
+        elif size > MAX_RESPONSE_BYTES_CEILING:
+            errors.append(
+                f"max_response_bytes may be at most {MAX_RESPONSE_BYTES_CEILING}, not {size}"
+            )
+        return errors
+
+    def validate(self, tool: Tool, arguments: dict) -> list[str]:
+        errors = arguments_errors(tool.input_schema, arguments)
+        problems = self.config_errors(tool.config)
+        if problems:
+            errors.append("the tool's config is invalid: " + "; ".join(problems))
+            return errors
+        if not isinstance(arguments, dict):
+            return errors or ["the arguments must be a JSON object"]
+        for name, places in sorted(placeholders(tool.config).items()):
+            if name not in arguments:
+                errors.append(f"{name}: required by the tool's {' and '.join(sorted(places))}")
+        return errors
+
+    def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
+        """Make the call once. ``transient`` only where the far side cannot have acted (no
+        request sent) or acting twice is harmless (an idempotent tool, or a GET)."""
+        config = tool.config
+        problems = self.config_errors(config)
+        if problems:
+            return ToolResult(
+                ok=False, error="the tool's config is invalid: " + "; ".join(problems)
+            )
+        try:
+            request = request_build(config, arguments, context.idempotency_key)
+        except (SecretMissing, RequestInvalid) as error:
+            return ToolResult(ok=False, error=str(error))
+        try:
+            value = request_send(
+                request,
+                allowed_hosts=config["allowed_hosts"],
+                allow_private=config.get("allow_private", False),
+                max_bytes=config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+                timeout=tool.timeout_seconds,
+                repeatable=tool.idempotent or request.method == "GET",
+            )
+        except ToolError as failure:
+            result = ToolResult(ok=False, error=str(failure), transient=failure.transient)
+        else:
+            result = ToolResult(ok=True, value=value)
+        return secrets_redact(result, request.secrets)
+
+
+# The config ----------------------------------------------------------------------------
+
+
+def allowed_hosts_errors(allowed: Any) -> list[str]:
+    if not isinstance(allowed, list) or not allowed:
+        return ["allowed_hosts is required: a list of the exact host names the tool may call"]
+    errors = []
+    for host in allowed:
+        if not isinstance(host, str) or not host:
+            errors.append(f"allowed_hosts: {host!r} is not a host name")
+        elif any(mark in host for mark in "/@{}?#") or any(c.isspace() for c in host):
+            errors.append(f"allowed_hosts: {host!r} is not a host name (no scheme, path or port)")
+    return errors
+
+
+def url_errors(url: Any, allowed: list) -> list[str]:
+    if not isinstance(url, str) or not url:
+        return ["url is required, e.g. https://api.example.com/items/{id}"]
+    if not url.isascii() or any(c.isspace() or not c.isprintable() for c in url):
+        return [f"url {url!r}: percent-encode spaces and other characters outside ASCII"]
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        return [f"url {url!r} is not a valid URL: {error}"]
+    if parts.scheme not in ("http", "https"):
+        return [f"url must start with http:// or https://, not {url!r}"]
+    if "{" in parts.netloc or "}" in parts.netloc:
+        return [
+            f"url {url!r}: the host part may not hold placeholders; the host is fixed so "
+            "that allowed_hosts means what it says"
+        ]
+    try:
+        parts.port  # noqa: B018 (parsing the port is the check)
+    except ValueError as error:
+        return [f"url {url!r} is not a valid URL: {error}"]
+    if "@" in parts.netloc:
+        return [f"url {url!r}: credentials go in headers as secrets, not in the URL"]
+    if not parts.hostname:
+        return [f"url {url!r} names no host"]
+    hosts = {host.lower() for host in allowed if isinstance(host, str)}
+    if hosts and parts.hostname not in hosts:
+        return [f"the url's host {parts.hostname} is not in allowed_hosts ({', '.join(allowed)})"]
+    return []
+
+
+def headers_errors(headers: Any) -> list[str]:
+    if not isinstance(headers, dict):
+        return ["headers must be an object of header names to string values"]
+    errors = []
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            errors.append(f"headers: {name!r} is not a valid header name")
+        elif name.lower() in RESERVED_HEADERS:
+            errors.append(f"headers: {name} is set by the executor, not the config")
+        if not isinstance(value, str):
+            errors.append(f"headers {name!r}: the value must be a string")
+    return errors
+
+
+def placeholders(config: dict) -> dict[str, set[str]]:
+    """Each argument the config's templates name, and where (url, query, headers, body)."""
+    found: dict[str, set[str]] = {}
+
+    def scan(value: Any, place: str) -> None:
+        if isinstance(value, str):
+            for name in ARGUMENT.findall(value):
+                found.setdefault(name, set()).add(place)
+        elif isinstance(value, dict):
+            for item in value.values():
+                scan(item, place)
+        elif isinstance(value, list):
+            for item in value:
+                scan(item, place)
+
+    for place in ("url", "query", "headers", "body"):
+        scan(config.get(place), place)
+    return found
+
+
+# The request ---------------------------------------------------------------------------
+
+
+def request_build(config: dict, arguments: Any, idempotency_key: str) -> HttpRequest:
+    """The request the templates make from the arguments, secrets resolved. Raises
+    ``SecretMissing`` or ``RequestInvalid``."""
+    if not isinstance(arguments, dict):
+        raise RequestInvalid("the arguments must be a JSON object")
+    filler = TemplateFiller(arguments)
+    parts = urlsplit(config["url"])
+    path = filler.fill(parts.path or "/", quoted=True, path=True)
+    query = [filler.fill(parts.query, quoted=True)] if parts.query else []
+    extra = {name: filler.text(value) for name, value in config.get("query", {}).items()}
+    if extra:
+        query.append(urlencode(extra))
+    target = path + ("?" + "&".join(query) if query else "")
+
+    headers = {}
+    for name, template in config.get("headers", {}).items():
+        value = filler.fill(template)
+        if any(mark in value for mark in "\r\n\0"):
+            raise RequestInvalid(f"the header {name} would hold a line break; refused")
+        try:
+            value.encode("latin-1")  # what http.client sends a header value as
+        except UnicodeEncodeError:
+            raise RequestInvalid(
+                f"the header {name} would hold characters a header cannot carry"
+            ) from None
+        headers[name] = value
+    body = None
+    defaults = {"Accept": "application/json", "User-Agent": "agentops-http-tool"}
+    if config.get("body") is not None:
+        body = json.dumps(filler.value(config["body"])).encode()
+        defaults["Content-Type"] = "application/json"
+    named = {name.lower() for name in headers}
+    headers.update({name: value for name, value in defaults.items() if name.lower() not in named})
+    headers["Idempotency-Key"] = idempotency_key
+    return HttpRequest(
+        method=config["method"],
+        scheme=parts.scheme,
+        host=parts.hostname,
+        port=parts.port or (443 if parts.scheme == "https" else 80),
+        path=path,
+        target=target,
+        headers=headers,
+        body=body,
+        secrets=filler.secrets,
+    )
+
+
+class TemplateFiller:
+    """Fills templates from one call's arguments, and remembers the secrets it used."""
+
+    def __init__(self, arguments: dict) -> None:
+        self.arguments = arguments
+        self.secrets: dict[str, str] = {}
+
+    def argument(self, name: str) -> Any:
+        if name not in self.arguments:
+            raise RequestInvalid(f"{name}: the tool's templates need this argument")
+        return self.arguments[name]
+
+    def secret(self, reference: str) -> str:
+        value, used = config_resolve(reference)
+        self.secrets.update(used)
+        return value
+
+    def fill(self, template: str, *, quoted: bool = False, path: bool = False) -> str:
+        if template.startswith(PREFIX):
+            return self.secret(template)
+
+        def one(match: re.Match) -> str:
+            if match.group(1):
+                text = self.secret(match.group(0))
+            else:
+                text = plain_text(self.argument(match.group(2)))
+                if path and text in (".", ".."):
+                    raise RequestInvalid(
+                        f"{match.group(2)}: {text!r} is not allowed in the URL's path"
+                    )
+            return quote(text, safe="") if quoted else text
+
+        return TEMPLATE.sub(one, template)
+
+    def text(self, template: Any) -> str:
+        return self.fill(template) if isinstance(template, str) else plain_text(template)
+
+    def value(self, template: Any) -> Any:
+        """A body template filled: exact placeholders keep the argument's JSON type."""
+        if isinstance(template, str):
+            if template == ALL_ARGUMENTS:
+                return dict(self.arguments)
+            exact = ARGUMENT.fullmatch(template)
+            if exact:
+                return self.argument(exact.group(1))
+            return self.fill(template)
+        if isinstance(template, dict):
+            return {key: self.value(item) for key, item in template.items()}
+        if isinstance(template, list):
+            return [self.value(item) for item in template]
+        return template
+
+
+def plain_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+# The call ------------------------------------------------------------------------------
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left, never 0 (a 0 timeout would make a socket non-blocking)."""
+        return max(0.001, self.at - time.monotonic())
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
+def request_send(
+    request: HttpRequest,
+    *,
+    allowed_hosts: list[str],
+    allow_private: bool,
+    max_bytes: int,
+    timeout: float,
+    repeatable: bool,
+) -> dict:
+    """Make the request within ``timeout`` seconds and return ``{status, headers, body}``
+    for a 2xx answer; raise ``ToolError`` for anything else."""
+    if request.host not in {host.lower() for host in allowed_hosts}:
+        raise ToolError(f"refused: {request.host} is not in the tool's allowed_hosts")
+    deadline = Deadline(timeout)
+    addresses = host_resolve(request, deadline)
+    if not allow_private:
+        for _, (address, *_) in addresses:
+            reason = address_refusal(address)
+            if reason:
+                subject = (
+                    request.host
+                    if address == request.host
+                    else f"{request.host} resolves to {address}, which"
+                )
+                raise ToolError(
+                    f"refused: {subject} is {reason}; this tool may reach only public "
+                    "addresses (its allow_private is off)"
+                )
+    connection = connection_open(request, addresses, deadline)
+    try:
+        with Watchdog(connection, deadline):
+            return exchange(connection, request, deadline, max_bytes, repeatable)
+    finally:
+        connection.close()
+
+
+def host_resolve(request: HttpRequest, deadline: Deadline) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) the host resolves to, within the deadline. The
+    system resolver has no timeout of its own, so it runs in a thread we stop waiting for."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(request.host, request.port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as error:
+            answer.append(error)
+
+    thread = threading.Thread(target=lookup, daemon=True, name="http-tool-resolve")
+    thread.start()
+    thread.join(deadline.remaining())
+    if not answer:
+        raise ToolError(
+            f"{request.label}: looking up {request.host} took longer than the tool's "
+            f"timeout of {deadline.seconds:g} s",
+            transient=True,
+        )
+    if isinstance(answer[0], Exception):
+        # Nothing was sent, so trying again cannot repeat an effect.
+        raise ToolError(
+            f"{request.label}: could not look up {request.host}: {answer[0]}", transient=True
+        )
+    seen, addresses = set(), []
+    for family, _, _, _, sockaddr in answer[0]:
+        if sockaddr[0] not in seen:
+            seen.add(sockaddr[0])
+            addresses.append((family, sockaddr))
+    return addresses
+
+
+def address_refusal(address: str) -> str:
+    """Why a tool that may reach only public addresses must not reach ``address`` (a
+    phrase such as "a loopback address"), or "" if it may."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address carried in IPv6 reaches the IPv4 host: judge that one.
+        if ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        elif ip in NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    checks = (
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_link_local, "a link-local address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip.is_private, "a private address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "not a public address"),
+    )
+    return next((reason for refused, reason in checks if refused), "")
+
+
+class PinnedConnection(http.client.HTTPConnection):
+    """An HTTP or HTTPS connection to one address already resolved and checked, so the
+    name is not looked up again between the check and the connect. The Host header and
+    the certificate check still use the host name."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        family: int,
+        sockaddr: tuple,
+        tls: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.family = family
+        self.sockaddr = sockaddr
+        self.tls = tls
+        # Kept past close(): a response that ends the connection still reads from it.
+        self.pinned: socket.socket | None = None
+        if tls is not None:
+            self.default_port = 443  # the Host header leaves out the scheme's own port
+
+    def connect(self) -> None:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = self.pinned = sock
+
+
+def connection_open(
+    request: HttpRequest, addresses: list[tuple[int, tuple]], deadline: Deadline
+) -> PinnedConnection:
+    """Connect to the first checked address that answers. Nothing is sent yet, so every
+    failure here but a bad certificate is safe to retry."""
+    tls = ssl.create_default_context() if request.scheme == "https" else None
+    failures = []
+    for family, sockaddr in addresses:
+        connection = PinnedConnection(
+            request.host,
+            request.port,
+            family=family,
+            sockaddr=sockaddr,
+            tls=tls,
+            timeout=deadline.remaining(),
+        )
+        try:
+            connection.connect()
+            return connection
+        except ssl.SSLCertVerificationError as error:
+            raise ToolError(
+                f"{request.label}: the server's TLS certificate was refused: "
+                f"{error.verify_message or error}"
+            ) from None
+        except ssl.SSLError as error:
+            raise ToolError(f"{request.label}: the TLS handshake failed: {error}") from None
+        except TimeoutError:
+            failures.append(f"{sockaddr[0]}: no answer")
+        except OSError as error:
+            failures.append(f"{sockaddr[0]}: {error.strerror or error}")
+        if deadline.passed:
+            break
+    raise ToolError(
+        f"{request.label}: could not connect ({'; '.join(failures)}); nothing was sent",
+        transient=True,
+    )
+
+
+class Watchdog:
+    """Ends the exchange at the deadline: a socket timeout bounds each read, not the sum
+    of them, so a server that trickles its headers could otherwise hold the call."""
+
+    def __init__(self, connection: PinnedConnection, deadline: Deadline) -> None:
+        self.connection = connection
+        self.timer = threading.Timer(deadline.remaining(), self.expire)
+        self.timer.daemon = True
+
+    def expire(self) -> None:
+        sock = self.connection.pinned
+        if sock is not None:
+            # The plain socket's shutdown, also under TLS: it wakes a blocked read without
+            # touching the TLS object the reading thread is using.
+            with contextlib.suppress(OSError):  # already closed
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def __enter__(self) -> Watchdog:
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+
+
+def exchange(
+    connection: PinnedConnection,
+    request: HttpRequest,
+    deadline: Deadline,
+    max_bytes: int,
+    repeatable: bool,
+) -> dict:
+    """Send the request and read the answer. Once anything is sent the far side may have
+    acted, so a failure is transient only if the call is ``repeatable``."""
+    try:
+        connection.pinned.settimeout(deadline.remaining())
+        connection.request(
+            request.method, request.target, body=request.body, headers=request.headers
+        )
+        connection.pinned.settimeout(deadline.remaining())
+        response = connection.getresponse()
+        # Of an answer that is not a success only an excerpt is kept: a large error page
+        # is not a reason to lose the status (and with it, a retry).
+        success = 200 <= response.status < 300
+        limit = max_bytes if success else min(max_bytes, ERROR_BODY_BYTES)
+        data, more = body_read(response, connection, deadline, limit)
+    except (OSError, http.client.HTTPException) as error:
+        effect = "" if repeatable else "; it may have had an effect"
+        if deadline.passed or isinstance(error, TimeoutError):
+            raise ToolError(
+                f"{request.label} timed out after {deadline.seconds:g} s (the tool's "
+                f"timeout_seconds){effect}",
+                transient=repeatable,
+            ) from None
+        raise ToolError(
+            f"{request.label}: the connection failed after the request was sent "
+            f"({type(error).__name__}: {error}){effect}",
+            transient=repeatable,
+        ) from None
+    if more and success:
+        raise ToolError(f"{request.label}: the response was larger than {max_bytes} bytes; cut off")
+    return response_judge(request, response, data, repeatable)
+
+
+def body_read(
+    response: http.client.HTTPResponse,
+    connection: PinnedConnection,
+    deadline: Deadline,
+    max_bytes: int,
+) -> tuple[bytes, bool]:
+    """At most ``max_bytes`` of the body, and whether there was more."""
+    chunks, size = [], 0
+    while size <= max_bytes:
+        if deadline.passed:
+            raise TimeoutError
+        connection.pinned.settimeout(deadline.remaining())
+        chunk = response.read1(min(READ_CHUNK, max_bytes + 1 - size))
+        if not chunk:
+            if deadline.passed:
+                raise TimeoutError  # the watchdog closed the socket
+            if response.length:  # the server promised more than it sent
+                raise http.client.IncompleteRead(b"".join(chunks), response.length)
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:max_bytes], size > max_bytes
+
+
+def response_judge(
+    request: HttpRequest, response: http.client.HTTPResponse, data: bytes, repeatable: bool
+) -> dict:
+    status = response.status
+    headers = {
+        name: response.getheader(name)
+        for name in KEPT_HEADERS
+        if response.getheader(name) is not None
+    }
+    body = body_decode(response, data)
+    if 200 <= status < 300:
+        return {"status": status, "headers": headers, "body": body}
+    said = f"{request.label} answered {status} {response.reason}".rstrip()
+    if 300 <= status < 400:
+        raise ToolError(
+            f"{said}, a redirect to {headers.get('location', '(no Location)')}; redirects are "
+            "not followed, so a call cannot leave the allowed hosts"
+        )
+    excerpt = body if isinstance(body, str) else json.dumps(body)
+    excerpt = " ".join(excerpt.split())
+    if len(excerpt) > EXCERPT_CHARS:
+        excerpt = excerpt[:EXCERPT_CHARS] + "…"
+    message = f"{said}: {excerpt}" if excerpt else said
+    if status == 429 or status >= 500:
+        if not repeatable and status >= 500:
+            message += " (not retried: the call may have had an effect)"
+        raise ToolError(message, transient=repeatable)
+    raise ToolError(message)
+
+
+def body_decode(response: http.client.HTTPResponse, data: bytes) -> Any:
+    """JSON as its value, text as a string, anything else described, not shown."""
+    mime = response.headers.get_content_type()
+    textual = (
+        mime.startswith("text/")
+        or mime.endswith(("+json", "+xml", "/json", "/xml", "/javascript"))
+        or mime == "application/x-www-form-urlencoded"
+    )
+    if not textual:
+        return f"[{len(data)} bytes of {mime}, not shown]"
+    charset = response.headers.get_content_charset() or "utf-8"
+    try:
+        text = data.decode(charset, errors="replace")
+    except LookupError:
+        text = data.decode("utf-8", errors="replace")
+    if mime.endswith(("/json", "+json")):
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return text  # labelled JSON but not: the text still tells the model something
+    return text
+
+
+def secrets_redact(result: ToolResult, secrets: dict[str, str]) -> ToolResult:
+    """The result with every secret the call used replaced by ``[secret:NAME]``, as sent
+    and URL-quoted. The engine redacts results too, but it records a transient error in
+    its retry notes before that, and the quoted form is this executor's to know."""
+    quoted = {name: quote(value, safe="") for name, value in secrets.items()}
+    quoted = {name: value for name, value in quoted.items() if value != secrets[name]}
+
+    def clean(value: Any) -> Any:
+        return redact(redact(value, secrets), quoted)
+
+    return ToolResult(
+        ok=result.ok,
+        value=clean(result.value),
+        error=clean(result.error),
+        transient=result.transient,
+    )
