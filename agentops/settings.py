@@ -118,6 +118,17 @@ else:
     EMAIL_FILE_PATH = VAR_DIR / "mail"
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "agentops@localhost")
 
+# Optional: every approval that opens is also POSTed as JSON to this URL, signed with
+# HMAC-SHA256 of the body under the secret (header X-Agentops-Signature: sha256=<hex>).
+AGENTOPS_APPROVAL_WEBHOOK_URL = env_str("AGENTOPS_APPROVAL_WEBHOOK_URL")
+AGENTOPS_APPROVAL_WEBHOOK_SECRET = env_str("AGENTOPS_APPROVAL_WEBHOOK_SECRET")
+if AGENTOPS_APPROVAL_WEBHOOK_URL and not AGENTOPS_APPROVAL_WEBHOOK_SECRET:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "AGENTOPS_APPROVAL_WEBHOOK_URL needs AGENTOPS_APPROVAL_WEBHOOK_SECRET to sign its posts"
+    )
+
 # The demo's sample ledger: a SQLite file apart from agentops' own database.
 AGENTOPS_DEMO_LEDGER = VAR_DIR / (env_str("AGENTOPS_DEMO_LEDGER") or "demo_ledger.sqlite3")
 

@@ -60,6 +60,7 @@ class Approval(models.Model):
     )
     expires_at = models.DateTimeField(null=True, blank=True)
     escalated = models.BooleanField(default=False)
+    reminded_at = models.DateTimeField(null=True, blank=True)
     edited_arguments = models.JSONField(
         null=True, blank=True, help_text="The arguments as a person edited them, if they did."
     )

@@ -4,10 +4,15 @@ the run (queued again, halted, or finished) in the same transaction."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
+import urllib.request
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.mail import send_mail
 from django.db import transaction
@@ -174,10 +179,13 @@ def approval_decide(
     return approval
 
 
-def approval_notify(approval_id: int) -> int:
-    """Email the approval's group that something waits for them. A mail failure is
+def approval_notify(approval_id: int, *, reminder: bool = False) -> int:
+    """Email the approval's group that something waits for them (or, as a reminder, that
+    it expires soon), and POST it to the approvals webhook if one is set. A failure is
     logged, never raised: the approval stands in the inbox either way."""
     approval = Approval.objects.select_related("run__task", "group").get(pk=approval_id)
+    if not reminder:
+        approval_webhook_post(approval)
     if approval.group is None:
         return 0
     recipients = sorted(
@@ -188,6 +196,8 @@ def approval_notify(approval_id: int) -> int:
     subject = f"[agentops] {approval.get_kind_display()}: {approval.run.task.name}"
     if approval.tool_name:
         subject += f" wants to call {approval.tool_name}"
+    if reminder:
+        subject = "[agentops] Reminder, expires soon: " + subject.removeprefix("[agentops] ")
     lines = [
         f"{approval.get_kind_display()} for the run of {approval.run.task.name}.",
         f"Why it stopped: {approval.gate}",
@@ -201,6 +211,46 @@ def approval_notify(approval_id: int) -> int:
     except OSError:
         logger.exception("approval %s: the notification was not sent", approval_id)
         return 0
+
+
+def approval_webhook_body(approval: Approval) -> bytes:
+    document = {
+        "approval": approval.pk,
+        "kind": approval.kind,
+        "run": str(approval.run_id),
+        "task": approval.run.task.slug,
+        "tool": approval.tool_name,
+        "arguments": approval.arguments,
+        "gate": approval.gate,
+        "reasoning": approval.reasoning,
+        "confidence": approval.confidence,
+        "expires_at": approval.expires_at.isoformat() if approval.expires_at else None,
+        "group": approval.group.name if approval.group else None,
+    }
+    return json.dumps(document, sort_keys=True, default=str).encode()
+
+
+def approval_webhook_post(approval: Approval) -> int | None:
+    """POST the approval as JSON, signed: X-Agentops-Signature: sha256=HMAC(secret, body)."""
+    url = settings.AGENTOPS_APPROVAL_WEBHOOK_URL
+    if not url:
+        return None
+    body = approval_webhook_body(approval)
+    signature = hmac.new(
+        settings.AGENTOPS_APPROVAL_WEBHOOK_SECRET.encode(), body, hashlib.sha256
+    ).hexdigest()
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", "X-Agentops-Signature": f"sha256={signature}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except OSError:
+        logger.exception("approval %s: the webhook post failed", approval.pk)
+        return None
 
 
 BULK_EFFECTS = ("read", "reversible")
@@ -270,6 +320,7 @@ def approvals_expire(*, now: datetime | None = None) -> list[int]:
     the escalation group with a fresh deadline, or expire it, which rejects an action (the
     agent re-plans) and halts the run for every other kind, or halts the run outright."""
     now = now or timezone.now()
+    approvals_remind(now=now)
     acted = []
     due = Approval.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now)
     for approval_id in due.values_list("pk", flat=True):
@@ -286,6 +337,27 @@ def approvals_expire(*, now: datetime | None = None) -> list[int]:
             approval_expire(approval, run, now)
             acted.append(approval.pk)
     return acted
+
+
+def approvals_remind(*, now: datetime) -> list[int]:
+    """Remind the group once of each pending approval with under a quarter of its time
+    left. ``reminded_at`` is claimed with a conditional UPDATE, so two schedulers remind
+    once."""
+    reminded = []
+    pending = Approval.objects.filter(
+        status=ApprovalStatus.PENDING, reminded_at__isnull=True, expires_at__gt=now
+    ).select_related("run__task")
+    for approval in pending:
+        window = timedelta(minutes=approval.run.task.approval_timeout_minutes) / 4
+        if approval.expires_at - now > window:
+            continue
+        claimed = Approval.objects.filter(pk=approval.pk, reminded_at__isnull=True).update(
+            reminded_at=now
+        )
+        if claimed:
+            approval_notify(approval.pk, reminder=True)
+            reminded.append(approval.pk)
+    return reminded
 
 
 def approval_expire(approval: Approval, run: Run, now: datetime) -> None:

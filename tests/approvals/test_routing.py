@@ -107,7 +107,7 @@ def test_an_expired_action_is_rejected_and_the_agent_replans(held):
 
 
 def test_an_expiry_can_halt_the_run(held):
-    run, approval = held(person("sam"), on_approval_expiry="halt")
+    run, _approval = held(person("sam"), on_approval_expiry="halt")
     approvals_expire(now=timezone.now() + timedelta(days=2))
     run.refresh_from_db()
     assert run.status == RunStatus.HALTED
@@ -231,3 +231,53 @@ def test_the_agent_asks_a_person_and_reads_the_answer(make_task, operator):
     run_until_rest(run)
     assert run.status == RunStatus.SUCCEEDED
     assert '"answer": "2026-11"' in seen[-1]["content"]
+
+
+def test_the_group_is_reminded_once_before_the_deadline(held, finance):
+    person("mia", groups=[finance])
+    _run, _approval = held(person("sam"), approval_timeout_minutes=60)
+    mail.outbox.clear()
+    approvals_expire(now=timezone.now() + timedelta(minutes=30))
+    assert mail.outbox == []  # half the time is left
+    approvals_expire(now=timezone.now() + timedelta(minutes=50))
+    approvals_expire(now=timezone.now() + timedelta(minutes=55))
+    assert len(mail.outbox) == 1 and mail.outbox[0].subject.startswith("[agentops] Reminder")
+
+
+def test_an_opened_approval_is_posted_to_the_webhook_signed(
+    held, settings, django_capture_on_commit_callbacks
+):
+    import hashlib
+    import hmac
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers["X-Agentops-Signature"], body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    settings.AGENTOPS_APPROVAL_WEBHOOK_URL = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    settings.AGENTOPS_APPROVAL_WEBHOOK_SECRET = "hook-secret"
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            _, approval = held(person("sam"))
+        thread.join(timeout=10)
+    finally:
+        server.server_close()
+    ((signature, body),) = received
+    expected = hmac.new(b"hook-secret", body, hashlib.sha256).hexdigest()
+    assert signature == f"sha256={expected}"
+    document = json.loads(body)
+    assert document["approval"] == approval.pk and document["tool"] == "test_send"
