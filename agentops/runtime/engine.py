@@ -843,7 +843,7 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     elif not refusal:
         errors = executor_for(tool).validate(tool, arguments)
         if errors:
-            refusal = f"the arguments do not match {tool.name}'s schema: " + "; ".join(errors)
+            refusal = f"{tool.name} refused the arguments: " + "; ".join(errors)
     if refusal or tool is None:
         return Doors(tool, arguments, refusal, None)
     rules = [
