@@ -1052,21 +1052,9 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
         if approval.call_digest != call_digest(step.tool_name, step.arguments):
             refusal = "the approval does not match this exact call; it was not made"
         else:
-            key = idempotency_key(ctx.run, step.number)
-            step_move(
-                ctx,
-                step=step,
-                to=StepStatus.STARTED,
-                event="tool.started",
-                payload={
-                    "tool": step.tool_name,
-                    "arguments": step.arguments,
-                    "idempotency_key": key,
-                    "approval": approval.pk,
-                },
-                idempotency_key=key,
+            return call_fire_approved(
+                ctx, step, approval, key=idempotency_key(ctx.run, step.number)
             )
-            return call_fire(ctx, step, step.tool)
     elif approval.status == ApprovalStatus.EXPIRED:
         refusal = f"the approval expired ({approval.decision_reason}); the call was not made"
     else:
@@ -1140,6 +1128,23 @@ def run_wait(run: Run, why: str) -> None:
     )
 
 
+def call_fire_approved(
+    ctx: Context, step: Step, approval: Any, *, key: str, why: str = ""
+) -> Outcome:
+    """A person's decision lets this exact call go: commit it started, then make it."""
+    payload = {
+        "tool": step.tool_name,
+        "arguments": step.arguments,
+        "idempotency_key": key,
+        "approval": approval.pk,
+        **({"why": why} if why else {}),
+    }
+    step_move(
+        ctx, step, to=StepStatus.STARTED, event="tool.started", payload=payload, idempotency_key=key
+    )
+    return call_fire(ctx, step, step.tool)
+
+
 def call_after_unknown(ctx: Context, step: Step) -> Outcome:
     """A person said what became of an interrupted call: record it, or make the call."""
     approval = step.approvals.order_by("-created_at").first()
@@ -1151,20 +1156,13 @@ def call_after_unknown(ctx: Context, step: Step) -> Outcome:
         return Outcome.WAITING
     who = approval.decided_by.get_username() if approval.decided_by else "a person"
     if approval.resolution == Resolution.REFIRE:
-        step_move(
+        return call_fire_approved(
             ctx,
-            step=step,
-            to=StepStatus.STARTED,
-            event="tool.started",
-            payload={
-                "tool": step.tool_name,
-                "arguments": step.arguments,
-                "idempotency_key": step.idempotency_key,
-                "approval": approval.pk,
-                "why": f"{who} said the interrupted call did not happen",
-            },
+            step,
+            approval,
+            key=step.idempotency_key,
+            why=f"{who} said the interrupted call did not happen",
         )
-        return call_fire(ctx, step, step.tool)
     result = approval.resolution_result
     if result is None:
         result = {"note": f"{who} confirmed the call took effect; its result is not known"}
@@ -1217,8 +1215,17 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
 def call_attempts(
     ctx: Context, step: Step, tool: Tool, context: ToolContext
 ) -> tuple[ToolResult, int]:
+    """Make the call, retrying transient failures with backoff under the tool's policy."""
     for attempt in range(1, tool.retry_max_attempts + 1):
-        result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+        try:
+            result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+        except Exception as error:  # an executor's bug: the call may have gone out
+            logger.exception("run %s: the %s executor raised", ctx.run.pk, tool.kind)
+            result = ToolResult(
+                ok=False,
+                error=f"the {tool.kind} tool failed unexpectedly ({type(error).__name__}: "
+                f"{error}); it may have taken effect",
+            )
         if result.ok or not result.transient or attempt == tool.retry_max_attempts:
             break
         if not lease_held(ctx):
@@ -1231,7 +1238,7 @@ def call_attempts(
             step=step.number,
             tool=tool.name,
             attempt=attempt,
-            error=result.error,
+            error=redact(result.error, config_secrets(tool.config)),
             delay=delay,
         )
         time.sleep(delay)

@@ -1,0 +1,451 @@
+"""MCP tools against real servers: mcp-server-time over stdio, and the tests' own server
+(tests/peers/mcp_server.py) over streamable HTTP on 127.0.0.1. Imported with
+``manage.py mcp_import``, called through the engine."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import uuid
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from agentops.runtime.engine import Outcome
+from agentops.runtime.tools import ToolContext, executor_for_kind
+from agentops.runtime.tools.mcp import McpExecutor
+from lineage.models import LineageEvent
+from tasks.models import Run, RunStatus, StepStatus, Tool
+from tasks.services import run_start
+from tests.conftest import run_until_rest
+from tests.peers.mcp_server import McpPeer, free_port
+
+pytestmark = pytest.mark.django_db
+
+TIME_COMMAND = [sys.executable, "-m", "mcp_server_time", "--local-timezone", "UTC"]
+
+
+@pytest.fixture(scope="module")
+def mcp_peer():
+    peer = McpPeer().start()
+    yield peer
+    peer.stop()
+
+
+def mcp_import(*args: str) -> str:
+    out = StringIO()
+    call_command("mcp_import", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def events(run: Run) -> list[str]:
+    return list(
+        LineageEvent.objects.filter(run_uuid=run.pk).order_by("seq").values_list("kind", flat=True)
+    )
+
+
+def run_one_call(make_task, operator, tool: str, arguments: dict) -> Run:
+    """A run whose scripted model calls ``tool`` once, then answers."""
+    task = make_task(
+        [{"calls": [(tool, arguments)]}, {"content": "done"}],
+        tools=[tool],
+        autonomy_level=3,
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.FINISHED
+    return run
+
+
+# mcp-server-time over stdio -------------------------------------------------------------
+
+
+def test_time_tools_import_as_read_only_when_the_operator_agrees():
+    out = mcp_import("time", "--stdio", shlex.join(TIME_COMMAND), "--accept-read-only")
+
+    tool = Tool.objects.get(name="time_get_current_time")
+    assert tool.kind == Tool.Kind.MCP
+    assert tool.side_effect == "read"
+    assert tool.idempotency == "key"
+    assert tool.description == "Get current time in a specific timezone"
+    assert tool.input_schema["required"] == ["timezone"]
+    assert tool.config == {
+        "server": {"transport": "stdio", "command": TIME_COMMAND},
+        "tool": "get_current_time",
+        "annotations": {
+            "read_only_hint": True,
+            "destructive_hint": False,
+            "idempotent_hint": True,
+            "open_world_hint": False,
+        },
+    }
+    assert Tool.objects.get(name="time_convert_time").side_effect == "read"
+    assert (
+        "create time_get_current_time: read (the server marks it read-only and "
+        "--accept-read-only was given); idempotency key (the server marks it idempotent)"
+    ) in out
+
+
+def test_without_the_operators_agreement_every_tool_is_irreversible():
+    out = mcp_import("time", "--stdio", shlex.join(TIME_COMMAND))
+
+    assert set(Tool.objects.filter(kind="mcp").values_list("name", "side_effect")) == {
+        ("time_get_current_time", "irreversible"),
+        ("time_convert_time", "irreversible"),
+    }
+    assert "but --accept-read-only was not given" in out
+
+
+def test_get_current_time_runs_through_the_engine(make_task, operator):
+    mcp_import("time", "--stdio", shlex.join(TIME_COMMAND), "--accept-read-only")
+
+    run = run_one_call(make_task, operator, "time_get_current_time", {"timezone": "Europe/London"})
+
+    assert run.status == RunStatus.SUCCEEDED
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.SUCCEEDED
+    assert step.result["structured"]["timezone"] == "Europe/London"
+    assert step.result["structured"]["day_of_week"]
+    assert json.loads(step.result["content"][0])["timezone"] == "Europe/London"
+    assert "tool.succeeded" in events(run)
+
+
+def test_the_time_servers_own_error_is_a_failed_step(make_task, operator):
+    mcp_import("time", "--stdio", shlex.join(TIME_COMMAND), "--accept-read-only")
+
+    run = run_one_call(make_task, operator, "time_get_current_time", {"timezone": "Mars/Olympus"})
+
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.FAILED
+    assert "Invalid timezone" in step.error and "Mars/Olympus" in step.error
+    assert "tool.retrying" not in events(run)
+
+
+def test_a_stdio_command_that_does_not_start_fails_the_import():
+    with pytest.raises(
+        CommandError,
+        match="could not start the MCP server `/nonexistent/mcp-server --flag`: No such file",
+    ):
+        mcp_import("gone", "--stdio", "/nonexistent/mcp-server --flag")
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+def test_a_stdio_server_that_exits_says_what_it_printed():
+    command = shlex.join([sys.executable, "-c", "import sys; sys.exit('no licence key')"])
+    with pytest.raises(CommandError, match=r"did not start a session.*no licence key"):
+        mcp_import("gone", "--stdio", command)
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+# The tests' server over streamable HTTP -----------------------------------------------
+
+
+def test_http_tools_import_with_names_made_to_fit(mcp_peer):
+    out = mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+
+    assert set(Tool.objects.filter(kind="mcp").values_list("name", flat=True)) == {
+        "srv_add",
+        "srv_fail",
+        "srv_slow",
+        "srv_whoami",
+        "srv_note_save",
+    }
+    add = Tool.objects.get(name="srv_add")
+    assert (add.side_effect, add.idempotency) == ("read", "key")
+    assert add.config["server"] == {"transport": "http", "url": mcp_peer.url}
+    assert add.config["annotations"] == {"read_only_hint": True, "idempotent_hint": True}
+    fail = Tool.objects.get(name="srv_fail")
+    assert (fail.side_effect, fail.idempotency) == ("irreversible", "none")
+    assert Tool.objects.get(name="srv_note_save").config["tool"] == "note.save"
+    assert "create srv_note_save (the server's 'note.save'): irreversible" in out
+    assert "srv_fail: irreversible (the server does not mark it read-only)" in out
+
+
+def test_add_runs_through_the_engine(mcp_peer, make_task, operator):
+    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+
+    run = run_one_call(make_task, operator, "srv_add", {"a": 2, "b": 3})
+
+    assert run.status == RunStatus.SUCCEEDED
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.SUCCEEDED
+    assert step.result == {"content": ["5"], "structured": {"result": 5}}
+
+
+def test_a_tool_error_is_a_failed_step_with_the_servers_text(mcp_peer, make_task, operator):
+    mcp_import("srv", "--url", mcp_peer.url)
+
+    run = run_one_call(make_task, operator, "srv_fail", {"reason": "the ledger is closed"})
+
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.FAILED
+    assert "the ledger is closed" in step.error
+    assert "tool.retrying" not in events(run)
+    assert run.status == RunStatus.SUCCEEDED  # the model saw the error and answered
+
+
+def test_arguments_are_checked_against_the_imported_schema(mcp_peer, make_task, operator):
+    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+
+    run = run_one_call(make_task, operator, "srv_add", {"a": "two"})
+
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.REFUSED
+    assert "a: 'two' is not of type 'integer'" in step.error
+    assert "'b' is a required property" in step.error
+
+
+def test_an_unreachable_server_fails_the_import_and_writes_nothing():
+    url = f"http://127.0.0.1:{free_port()}/mcp"
+    with pytest.raises(CommandError, match=rf"could not reach the MCP server at {url}"):
+        mcp_import("srv", "--url", url)
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+def test_an_unreachable_server_is_a_transient_failure_retried(mcp_peer, make_task, operator):
+    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    tool = Tool.objects.get(name="srv_add")
+    tool.config["server"]["url"] = f"http://127.0.0.1:{free_port()}/mcp"
+    tool.retry_backoff_seconds = 0.0
+    tool.save()
+
+    run = run_one_call(make_task, operator, "srv_add", {"a": 1, "b": 1})
+
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.FAILED
+    assert "could not reach the MCP server" in step.error
+    assert "nothing was called" in step.error and "(tried 3 times)" in step.error
+    assert events(run).count("tool.retrying") == 2
+
+
+@pytest.mark.parametrize(
+    ("idempotency", "retries", "says"),
+    [
+        ("none", 0, "may or may not have taken effect"),
+        ("key", 2, "the tool is idempotent"),
+    ],
+)
+def test_a_call_that_times_out_is_retried_only_if_the_tool_is_idempotent(
+    mcp_peer, make_task, operator, idempotency, retries, says
+):
+    mcp_import("srv", "--url", mcp_peer.url)
+    Tool.objects.filter(name="srv_slow").update(
+        timeout_seconds=0.5, idempotency=idempotency, retry_backoff_seconds=0.0
+    )
+
+    run = run_one_call(make_task, operator, "srv_slow", {"seconds": 5})
+
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.FAILED
+    assert "did not answer within 0.5 s" in step.error and says in step.error
+    assert events(run).count("tool.retrying") == retries
+
+
+def test_a_secret_header_is_sent_and_kept_out_of_the_record(
+    mcp_peer, make_task, operator, monkeypatch
+):
+    monkeypatch.setenv("MCP_TEST_TOKEN", "tok-5ecret-42")
+    mcp_import(
+        "srv",
+        "--url",
+        mcp_peer.url,
+        "--header",
+        "Authorization=Bearer {secret:MCP_TEST_TOKEN}",
+        "--accept-read-only",
+    )
+    tool = Tool.objects.get(name="srv_whoami")
+    assert tool.config["server"]["headers"] == {"Authorization": "Bearer {secret:MCP_TEST_TOKEN}"}
+
+    run = run_one_call(make_task, operator, "srv_whoami", {})
+
+    step = run.steps.get(kind="tool")
+    # The server saw the token; the record shows only the secret's name.
+    assert step.result["content"] == ["Bearer [secret:MCP_TEST_TOKEN]"]
+    trail = json.dumps(list(LineageEvent.objects.filter(run_uuid=run.pk).values("payload")))
+    assert "tok-5ecret-42" not in trail and "tok-5ecret-42" not in json.dumps(step.result)
+
+
+def test_a_missing_secret_stops_the_import(mcp_peer, monkeypatch):
+    monkeypatch.delenv("MCP_TEST_TOKEN", raising=False)
+    with pytest.raises(CommandError, match="the secret MCP_TEST_TOKEN is not set"):
+        mcp_import("srv", "--url", mcp_peer.url, "--header", "X-Token=secret:MCP_TEST_TOKEN")
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+def test_reimport_keeps_what_the_operator_set(mcp_peer):
+    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    Tool.objects.filter(name="srv_add").update(
+        side_effect="irreversible",
+        always_approve=True,
+        description="edited",
+        input_schema={},
+        available=False,
+    )
+
+    out = mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+
+    add = Tool.objects.get(name="srv_add")
+    assert (add.side_effect, add.always_approve) == ("irreversible", True)
+    assert add.description == "Add two integers." and add.input_schema["required"] == ["a", "b"]
+    assert add.available
+    assert "update srv_add: schema, description and config from the server" in out
+    assert "side effect irreversible kept (the operator's; a new import would choose read" in out
+    assert Tool.objects.filter(kind="mcp").count() == 5
+
+
+def test_a_dry_run_writes_nothing(mcp_peer):
+    out = mcp_import("srv", "--url", mcp_peer.url, "--dry-run")
+
+    assert "would create srv_add: irreversible" in out
+    assert "Dry run: nothing was written." in out
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+def test_a_name_taken_by_another_kind_of_tool_stops_the_import(mcp_peer):
+    Tool.objects.create(name="srv_add", kind="python", side_effect="read")
+    with pytest.raises(CommandError, match="a python function tool is already named 'srv_add'"):
+        mcp_import("srv", "--url", mcp_peer.url)
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["bad prefix!", "--url", "http://127.0.0.1:1/mcp"], "the prefix 'bad prefix!'"),
+        (["srv", "--url", "ftp://example.com/mcp"], "--url: 'ftp://example.com/mcp' is not"),
+        (["srv", "--stdio", "python -m x", "--header", "A=b"], "--header goes with --url"),
+        (["srv", "--url", "http://127.0.0.1:1/mcp", "--env", "A=b"], "--env goes with --stdio"),
+        (["srv", "--url", "http://127.0.0.1:1/mcp", "--header", "novalue"], "NAME=VALUE"),
+        (["srv", "--stdio", "python 'unclosed"], "--stdio cannot be split"),
+    ],
+)
+def test_bad_options_are_named_and_nothing_is_written(args, says):
+    with pytest.raises(CommandError, match=says.replace("?", r"\?")):
+        mcp_import(*args)
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+# The executor's contract ---------------------------------------------------------------
+
+
+def test_the_executor_is_registered_for_the_mcp_kind():
+    assert isinstance(executor_for_kind("mcp"), McpExecutor)
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ([], "the config must be a JSON object"),
+        ({"tool": "x"}, "server: missing"),
+        (
+            {"server": {"transport": "ws"}, "tool": "x"},
+            "server: transport must be one of stdio, http",
+        ),
+        (
+            {"server": {"transport": "stdio"}, "tool": "x"},
+            "server: command: must be a non-empty list",
+        ),
+        (
+            {"server": {"transport": "stdio", "command": "python -m x"}, "tool": "x"},
+            "server: command: must be a non-empty list",
+        ),
+        (
+            {"server": {"transport": "stdio", "command": ["x"], "env": {"K": 1}}, "tool": "x"},
+            "server: env.K: must be text, not int",
+        ),
+        (
+            {"server": {"transport": "http", "url": "localhost:8765"}, "tool": "x"},
+            "server: url: 'localhost:8765' is not an http:// or https:// URL",
+        ),
+        ({"server": {"transport": "http"}, "tool": "x"}, "server: url: missing"),
+        (
+            {
+                "server": {"transport": "http", "url": "http://h/mcp", "headers": ["A: b"]},
+                "tool": "x",
+            },
+            "server: headers: must be a JSON object",
+        ),
+        (
+            {"server": {"transport": "http", "url": "http://h/mcp", "headers": {"A": "secret:1x"}}},
+            "server: headers.A: 'secret:1x' does not name a secret",
+        ),
+        (
+            {"server": {"transport": "http", "url": "http://h/mcp", "command": ["x"]}, "tool": "x"},
+            "server: unknown key 'command' for the http transport",
+        ),
+        ({"server": {"transport": "http", "url": "http://h/mcp"}}, "tool: missing"),
+        (
+            {"server": {"transport": "http", "url": "http://h/mcp"}, "tool": "x", "tol": 1},
+            "unknown key 'tol'",
+        ),
+        (
+            {"server": {"transport": "http", "url": "http://h/mcp"}, "tool": "x", "annotations": 1},
+            "annotations: must be a JSON object",
+        ),
+    ],
+)
+def test_config_errors_name_each_problem(config, says):
+    assert any(says in problem for problem in McpExecutor().config_errors(config)), (
+        McpExecutor().config_errors(config)
+    )
+
+
+def test_good_configs_have_no_errors():
+    executor = McpExecutor()
+    assert (
+        executor.config_errors(
+            {
+                "server": {
+                    "transport": "stdio",
+                    "command": ["python", "-m", "x"],
+                    "env": {"K": "secret:K"},
+                },
+                "tool": "get_current_time",
+            }
+        )
+        == []
+    )
+    assert (
+        executor.config_errors(
+            {
+                "server": {
+                    "transport": "http",
+                    "url": "http://127.0.0.1:8765/mcp",
+                    "headers": {"Authorization": "Bearer {secret:TOKEN}"},
+                },
+                "tool": "add",
+                "annotations": {"read_only_hint": True},
+            }
+        )
+        == []
+    )
+
+
+def test_a_tool_with_a_bad_config_fails_without_calling_anything():
+    tool = Tool(name="broken", kind="mcp", side_effect="read", config={"tool": "x"})
+    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
+    result = McpExecutor().execute(tool, {}, context)
+    assert not result.ok and not result.transient
+    assert "the config of broken is invalid: server: missing" in result.error
+
+
+def test_a_missing_secret_at_call_time_is_named(monkeypatch):
+    monkeypatch.delenv("MCP_ABSENT_TOKEN", raising=False)
+    tool = Tool(
+        name="needs_token",
+        kind="mcp",
+        side_effect="read",
+        config={
+            "server": {
+                "transport": "stdio",
+                "command": ["python"],
+                "env": {"T": "secret:MCP_ABSENT_TOKEN"},
+            },
+            "tool": "x",
+        },
+    )
+    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
+    result = McpExecutor().execute(tool, {}, context)
+    assert not result.ok
+    assert "the secret MCP_ABSENT_TOKEN is not set" in result.error
