@@ -66,3 +66,7 @@ def test_the_demo_from_login_to_verified_lineage(live_server, page: Page, tmp_pa
         page.get_by_role("link", name="Lineage").click()
         expect(page.locator("#verification")).to_contain_text("Verified.")
         shoot(page, "lineage")
+
+        page.get_by_role("link", name="Tools").click()
+        expect(page.get_by_role("link", name="email_send")).to_be_visible()
+        shoot(page, "tools")
