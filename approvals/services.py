@@ -52,6 +52,7 @@ def approval_request(
     Runs inside the engine's step transaction, which also puts the run to waiting; the
     group is told by email once that transaction commits."""
     task = Task.objects.only("approver_group_id", "approval_timeout_minutes").get(pk=run.task_id)
+    context = {**(context or {}), "recent_steps": recent_steps(run)}
     approval = Approval.objects.create(
         run=run,
         step=step,
@@ -65,7 +66,7 @@ def approval_request(
         gate=gate,
         reasoning=reasoning,
         confidence=confidence,
-        context=context or {},
+        context=context,
     )
     approval_id = approval.pk
     transaction.on_commit(lambda: approval_notify(approval_id))
@@ -86,6 +87,21 @@ def approval_request(
         },
     )
     return approval
+
+
+RECENT_STEPS = 6
+
+
+def recent_steps(run: Run) -> list[dict[str, Any]]:
+    """The run's last steps, as a person deciding needs them: what the agent did so far."""
+    steps = Step.objects.filter(run=run).order_by("-number")[:RECENT_STEPS]
+    summary = []
+    for step in reversed(list(steps)):
+        what = step.tool_name or (step.content[:160] if step.content else "")
+        summary.append(
+            {"number": step.number, "kind": step.kind, "status": step.status, "what": what}
+        )
+    return summary
 
 
 def approval_decide(

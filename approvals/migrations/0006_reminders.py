@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('approvals', '0005_question_kind'),
+        ("approvals", "0005_question_kind"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='approval',
-            name='reminded_at',
+            model_name="approval",
+            name="reminded_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]

@@ -210,3 +210,56 @@ def test_an_unknown_outcome_is_resolved_through_the_inbox_with_its_result(
     run_until_rest(run)
     assert run.steps.get(kind="tool").result == {"sent": True}
     assert EFFECTS == {}
+
+
+def test_the_other_kinds_are_decided_through_http(make_task, operator_client):
+    from agentops.runtime.models.scripted import CHECKS, SCRIPTS, check_turn, scripted_turn
+
+    # An outcome below the confidence threshold, sent back once, then accepted.
+    review = make_task([{"content": "first"}, {"content": "second"}], confidence_threshold=0.9)
+    CHECKS[review.model.split(":", 1)[1]] = lambda messages: check_turn(0.5, "unsure")
+    # A loop the task puts to a person.
+    loop = make_task(
+        [{"calls": [("test_echo", {"text": "x"})]} for _ in range(4)] + [{"content": "ok"}],
+        tools=["test_echo"],
+        on_loop="ask",
+        self_check=False,
+    )
+    # A question.
+    question = make_task([], self_check=False)
+    asked = iter([True, False])
+    SCRIPTS[question.model.split(":", 1)[1]] = lambda messages: scripted_turn(
+        {"calls": [("ask_person", {"question": "Which batch?"})]}
+        if next(asked)
+        else {"content": "thanks"},
+        0,
+    )
+    for task in (review, loop, question):
+        operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+        run_until_rest(Run.objects.get(task=task))
+
+    page = operator_client.get(reverse("approvals:inbox")).content.decode()
+    assert "Review an outcome" in page and "Send back to the agent" in page
+    assert "Review a possible loop" in page and "Let it go on" in page
+    assert "Answer the agent&#x27;s question" in page and "the agent asks: Which batch?" in page
+    assert "Last steps" in page
+
+    def decide(task, data):
+        approval = Approval.objects.get(run__task=task, status="pending")
+        return operator_client.post(reverse("approvals:decide", args=[approval.pk]), data)
+
+    decide(review, {"decision": "reject", "reason": "check again"})
+    run_until_rest(Run.objects.get(task=review))
+    decide(review, {"decision": "approve"})
+    assert Run.objects.get(task=review).status == "succeeded"
+    assert Run.objects.get(task=review).outcome == "second"
+
+    decide(loop, {"decision": "approve"})
+    run_until_rest(Run.objects.get(task=loop))
+    assert Run.objects.get(task=loop).status == "succeeded"
+
+    decide(question, {"decision": "answer", "reason": "2026-11"})
+    run_until_rest(Run.objects.get(task=question))
+    run = Run.objects.get(task=question)
+    assert run.status == "succeeded"
+    assert run.steps.get(tool_name="ask_person").result["answer"] == "2026-11"
