@@ -89,6 +89,12 @@ class ToolForm(forms.ModelForm):
         model = Tool
         fields = "__all__"  # noqa: DJ007 (the admin chooses the fields it shows)
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is None:
+            # A new tool is irreversible until the operator says otherwise.
+            self.fields["side_effect"].initial = "irreversible"
+
     def clean(self) -> dict:
         cleaned = super().clean()
         kind = cleaned.get("kind")
@@ -99,9 +105,27 @@ class ToolForm(forms.ModelForm):
                 errors = [str(error)]
             for message in errors:
                 self.add_error("config", message)
+            if kind == Tool.Kind.SQL and not errors:
+                self.sql_clean(cleaned)
         elif kind == Tool.Kind.PYTHON and self.instance.pk is None:
             self.add_error("kind", "Python tools are declared in code with @tool, not here.")
         return cleaned
+
+    def sql_clean(self, cleaned: dict) -> None:
+        from agentops.runtime.tools.sql import query_schema_errors
+
+        config = cleaned.get("config") or {}
+        for message in query_schema_errors(config, cleaned.get("input_schema") or {}):
+            self.add_error("input_schema", message)
+        if config.get("mode") == "write":
+            if cleaned.get("side_effect") == "read":
+                self.add_error("side_effect", "A write tool cannot be read-only.")
+            if cleaned.get("idempotency") == "key":
+                self.add_error(
+                    "idempotency",
+                    "A SQL write never sees the idempotency key, so a repeat repeats it: "
+                    "choose none.",
+                )
 
 
 @admin.register(Tool)

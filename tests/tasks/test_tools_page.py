@@ -40,3 +40,32 @@ def test_a_tools_page_shows_its_tasks_and_recent_calls_with_latency(make_task, o
     assert "2 in all: 1 succeeded, 0 failed, 1 refused" in page
     assert " ms</td>" in page and "is not of type" in page
     assert operator_client.get(reverse("tools:detail", args=["nope"])).status_code == 404
+
+
+def test_the_admin_checks_a_new_tools_config_with_its_kind(admin_client):
+    from tasks.models import Tool
+
+    form = {
+        "name": "orders_delete",
+        "kind": "sql",
+        "description": "",
+        "input_schema": '{"type": "object", "properties": {"id": {"type": "integer"}}}',
+        "side_effect": "read",
+        "idempotency": "key",
+        "retry_max_attempts": "3",
+        "retry_backoff_seconds": "0.5",
+        "timeout_seconds": "5",
+        "available": "on",
+        "config": '{"database": "default", "query": "DELETE FROM orders WHERE id = %(id)s", '
+        '"mode": "write"}',
+    }
+    response = admin_client.post("/admin/tasks/tool/add/", form)
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "A write tool cannot be read-only." in page
+    assert "never sees the idempotency key" in page
+    assert not Tool.objects.filter(name="orders_delete").exists()
+
+    form.update(side_effect="irreversible", idempotency="none", config='{"mode": "sometimes"}')
+    page = admin_client.post("/admin/tasks/tool/add/", form).content.decode()
+    assert "mode" in page and not Tool.objects.filter(name="orders_delete").exists()

@@ -25,7 +25,9 @@ of Django's, so the engine's transactions and the tool's never mix.
   transaction.
 
 A read-only transaction does not stop a function whose effects leave the database (say
-dblink): give the tool's database user only what the tool needs.
+dblink): give the tool's database user only what the tool needs. The query takes no
+idempotency key, so a write tool's idempotency stays ``none``: a write interrupted before
+its outcome was recorded then goes to a person instead of being made again.
 
 Placeholders are psycopg's named ``%(name)s``; a literal ``%`` is written ``%%``. SQLite
 receives the same query with each placeholder as ``:name``. Every parameter must be a
@@ -147,6 +149,21 @@ class Target:
     label: str
 
 
+@dataclass(frozen=True)
+class SqlCall:
+    """One call: the query as configured, the values to bind, and its limits."""
+
+    query: str
+    parameters: dict[str, Any]
+    read: bool
+    row_limit: int
+    timeout: float
+
+    @property
+    def limit_words(self) -> str:
+        return f"the tool's {self.timeout:g}-second limit"
+
+
 def vendor_of(engine: str) -> str:
     if engine in POSTGRES_ENGINES:
         return "postgresql"
@@ -264,6 +281,9 @@ def read_result(rows: Iterator[dict], row_limit: int) -> dict:
 
 
 class SqlExecutor:
+    """Runs the one query a tool's config names. A call that is refused here (a bad
+    config, a write declared read-only, a missing secret) never reaches the database."""
+
     def config_errors(self, config: dict) -> list[str]:
         if not isinstance(config, dict):
             return ["the config must be a JSON object"]
@@ -368,27 +388,15 @@ class SqlExecutor:
         return ToolResult(ok=True, value=value)
 
 
-@dataclass(frozen=True)
-class SqlCall:
-    query: str
-    parameters: dict[str, Any]
-    read: bool
-    row_limit: int
-    timeout: float
-
-    @property
-    def limit_words(self) -> str:
-        return f"the tool's {self.timeout:g}-second limit"
-
-
 def refusal(target: Target, what: str, detail: str) -> ToolError:
     """A failure the database reported while running the query."""
     return ToolError(f"{target.label} {what}: {detail}")
 
 
 def stopped(target: Target, call: SqlCall, why: str) -> ToolError:
-    """A query stopped by the time limit or a lock: safe to try again only when it was a
-    read (the brief of write tools is to fail loudly rather than pile up retries)."""
+    """A query stopped by the time limit or a lock. Either way it was rolled back, but only
+    a read is retried on its own: a write that overran goes back to the model (and the
+    people watching) rather than being sent again into a database already under strain."""
     return ToolError(f"{target.label}: {why}, so the query was stopped", transient=call.read)
 
 
@@ -556,6 +564,11 @@ def sqlite_run(target: Target, call: SqlCall) -> dict:
         return value
     except sqlite3.Error as error:
         raise sqlite_failure(target, call, error) from None
+    except OverflowError:
+        # Raised by sqlite3 while binding, before the statement ran.
+        raise ToolError(
+            f"{target.label} refused the query: a number is too large for SQLite's 64-bit integers"
+        ) from None
     finally:
         connection.close()  # rolls back whatever is still open
 
