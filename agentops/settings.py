@@ -122,6 +122,14 @@ DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "agentops@localhost")
 # HMAC-SHA256 of the body under the secret (header X-Agentops-Signature: sha256=<hex>).
 AGENTOPS_APPROVAL_WEBHOOK_URL = env_str("AGENTOPS_APPROVAL_WEBHOOK_URL")
 AGENTOPS_APPROVAL_WEBHOOK_SECRET = env_str("AGENTOPS_APPROVAL_WEBHOOK_SECRET")
+if AGENTOPS_APPROVAL_WEBHOOK_URL and not AGENTOPS_APPROVAL_WEBHOOK_URL.startswith(
+    ("http://", "https://")
+):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        f"AGENTOPS_APPROVAL_WEBHOOK_URL={AGENTOPS_APPROVAL_WEBHOOK_URL!r} is not an http(s) URL"
+    )
 if AGENTOPS_APPROVAL_WEBHOOK_URL and not AGENTOPS_APPROVAL_WEBHOOK_SECRET:
     from django.core.exceptions import ImproperlyConfigured
 

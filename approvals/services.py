@@ -264,7 +264,7 @@ def approval_webhook_post(approval: Approval) -> int | None:
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status
-    except OSError:
+    except (OSError, ValueError):
         logger.exception("approval %s: the webhook post failed", approval.pk)
         return None
 
@@ -319,6 +319,16 @@ def arguments_edit(approval: Approval, arguments: dict) -> dict[str, Any]:
         raise DecisionError(
             f"the edited arguments do not match {step.tool_name}'s schema: " + "; ".join(errors)
         )
+    from agentops.runtime.rules import RuleSpec, rules_evaluate
+
+    pinned = approval.run.task_version.definition.get("rules", {}).get(step.tool_name, [])
+    rules = [
+        RuleSpec(number, rule["expression"], rule["effect"], rule.get("description", ""))
+        for number, rule in enumerate(pinned, 1)
+    ]
+    verdict = rules_evaluate(rules, arguments)
+    if verdict.effect == "deny":
+        raise DecisionError(f"the edited call is {verdict.reason}")
     original = step.arguments or {}
     changed = {
         key: {"from": original.get(key), "to": arguments.get(key)}
@@ -394,6 +404,8 @@ def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
             actor="system",
             payload={"approval": approval.pk, "to_group": str(task.escalation_group)},
         )
+        approval_id = approval.pk
+        transaction.on_commit(lambda: approval_notify(approval_id))
         return
     approval.status = ApprovalStatus.EXPIRED
     approval.decided_at = now

@@ -68,6 +68,19 @@ class TaskAdmin(admin.ModelAdmin):
         ),
         ("Autonomy", {"fields": ["autonomy_level", "self_check", "confidence_threshold"]}),
         (
+            "Approvals",
+            {
+                "fields": [
+                    "approver_group",
+                    "four_eyes",
+                    "approval_timeout_minutes",
+                    "on_approval_expiry",
+                    "escalation_group",
+                    "step_down_rejections",
+                ]
+            },
+        ),
+        (
             "Budgets",
             {"fields": ["max_steps", "max_tokens", "max_seconds", "max_spend", "on_budget_breach"]},
         ),
@@ -76,6 +89,11 @@ class TaskAdmin(admin.ModelAdmin):
             {"fields": ["loop_repeat_limit", "stall_limit", "on_loop", "model_max_attempts"]},
         ),
     ]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Once a task exists, its dial turns on the task page, where raising it takes a
+        # second person and every turn is recorded in the task's trail.
+        return ["autonomy_level"] if obj is not None else []
 
     def save_related(self, request, form, formsets, change):
         # Grants are saved with the inlines, so the version is taken after them.
@@ -107,8 +125,12 @@ class ToolForm(forms.ModelForm):
                 self.add_error("config", message)
             if kind == Tool.Kind.SQL and not errors:
                 self.sql_clean(cleaned)
-        elif kind == Tool.Kind.PYTHON and self.instance.pk is None:
+        elif kind == Tool.Kind.PYTHON and (
+            self.instance.pk is None or self.instance.kind != Tool.Kind.PYTHON
+        ):
             self.add_error("kind", "Python tools are declared in code with @tool, not here.")
+        if kind == Tool.Kind.EMAIL and cleaned.get("side_effect") == "read":
+            self.add_error("side_effect", "Sending email is never read-only.")
         return cleaned
 
     def sql_clean(self, cleaned: dict) -> None:

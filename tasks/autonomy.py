@@ -266,6 +266,8 @@ def incident_flag(*, run: Run, user: AbstractBaseUser, note: str) -> Incident:
     """An operator flags a run: recorded in its trail, and the task steps down."""
     if not note.strip():
         raise DialError("say what went wrong: the note is kept in the run's trail")
+    if not run.is_finished:
+        raise DialError(f"the run is still {run.status}: cancel it first, then flag it")
     with transaction.atomic():
         incident = Incident.objects.create(run=run, note=note.strip(), flagged_by=user)
         event_append(

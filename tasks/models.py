@@ -196,7 +196,7 @@ class Task(models.Model):
     on_approval_expiry = models.CharField(
         max_length=10,
         choices=[
-            ("reject", "Reject it (the agent re-plans)"),
+            ("reject", "Reject it (an action: the agent re-plans; any other kind halts)"),
             ("halt", "Halt the run"),
             ("escalate", "Pass it to the escalation group, then reject"),
         ],

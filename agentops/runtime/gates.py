@@ -1,8 +1,9 @@
 """The gate: given the task's autonomy level and the tool's side-effect class, does a
 call run, wait for a person, or (Shadow) get recorded without being made?
 
-The table is ARCHITECTURE.md's autonomy dial. Confidence and rule-required approvals
-join it in later work; a tool marked ``always_approve`` is a hard gate at every level.
+The table is ARCHITECTURE.md's autonomy dial; a tool marked ``always_approve`` is a hard
+gate at every level. Rules that require approval are applied on top of it by the engine
+(``call_doors``), and low confidence by the self-check before a run ends.
 """
 
 from __future__ import annotations

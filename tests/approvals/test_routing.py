@@ -281,3 +281,32 @@ def test_an_opened_approval_is_posted_to_the_webhook_signed(
     assert signature == f"sha256={expected}"
     document = json.loads(body)
     assert document["approval"] == approval.pk and document["tool"] == "test_send"
+
+
+def test_an_edit_that_a_deny_rule_forbids_is_refused(held, finance):
+    from tasks.models import GrantRule, ToolGrant
+    from tasks.services import task_version_current
+
+    run, approval = held(person("sam"))
+    grant = ToolGrant.objects.get(task=run.task)
+    GrantRule.objects.create(grant=grant, effect="deny", expression='args.text == "all"')
+    # The rule joins the task's next version; pin this run to it, as if it started there.
+    run.task_version = task_version_current(task=run.task)
+    run.save(update_fields=["task_version"])
+    with pytest.raises(DecisionError, match="the edited call is denied by rule 1"):
+        approval_decide(
+            approval=approval,
+            user=person("mia", groups=[finance]),
+            approve=True,
+            arguments={"text": "all"},
+        )
+
+
+def test_the_escalation_group_is_told(held, finance, django_capture_on_commit_callbacks):
+    managers = Group.objects.create(name="managers")
+    person("max", groups=[managers])
+    held(person("sam"), on_approval_expiry="escalate", escalation_group=managers)
+    mail.outbox.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        approvals_expire(now=timezone.now() + timedelta(days=2))
+    assert [message.to for message in mail.outbox] == [["max@example.com"]]

@@ -153,3 +153,11 @@ def test_an_incident_steps_the_dial_down_and_is_in_the_runs_trail(make_task, ope
     assert recommendation(task, track_record(task)).startswith(
         "stay at 1 · Supervised: an incident"
     )
+
+
+def test_an_incident_is_flagged_on_a_finished_run_only(make_task, operator):
+    task = make_task([{"calls": [("test_send", {"text": "x"})]}], tools=["test_send"])
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    with pytest.raises(DialError, match="the run is still waiting: cancel it first"):
+        incident_flag(run=run, user=editor("alice"), note="odd")
