@@ -10,19 +10,29 @@ from django_htmx.http import trigger_client_event
 from agentops.http import see_other
 from approvals import selectors
 from approvals.forms import DecisionForm
-from approvals.models import Approval
-from approvals.services import DecisionError, approval_decide, approvals_bulk_approve
+from approvals.models import Approval, ApprovalKind
+from approvals.services import (
+    BULK_EFFECTS,
+    DecisionError,
+    approval_decide,
+    approvals_bulk_approve,
+)
 
 
 @require_GET
 @login_required
 def inbox(request: HttpRequest) -> HttpResponse:
+    search = request.GET.get("q", "").strip()
+    pending = list(selectors.approvals_pending_for(request.user))
     context = {
-        "pending": selectors.approvals_pending_for(request.user),
-        "decided": selectors.approvals_decided_for(
-            request.user, search=request.GET.get("q", "").strip()
+        "pending": pending,
+        # Offer bulk approval only where there is something it may take.
+        "bulk_possible": any(
+            approval.kind == ApprovalKind.ACTION and approval.side_effect in BULK_EFFECTS
+            for approval in pending
         ),
-        "search": request.GET.get("q", "").strip(),
+        "decided": selectors.approvals_decided_for(request.user, search=search),
+        "search": search,
         "can_decide": request.user.has_perm("approvals.decide_approval"),
     }
     return render(request, "approvals/inbox.html", context)
