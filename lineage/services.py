@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,36 +44,128 @@ def event_hash(prev_hash: str, canonical: str) -> str:
 def event_append(
     *, run_uuid: uuid.UUID, kind: str, actor: str, payload: dict[str, Any] | None = None
 ) -> LineageEvent:
-    """Append one event to the run's chain.
+    """Append one event to the run's chain (see ``events_append``)."""
+    return events_append(run_uuid=run_uuid, events=[(kind, actor, payload)])[0]
+
+
+class ChainMoved(Exception):
+    """Another transaction appended to the chain while this one was appending."""
+
+
+# Each thread's last known chain head per run, (seq, hash): only a hint, which saves the
+# read of the head when one worker appends to a run again and again. The INSERT checks it.
+_heads = threading.local()
+HEADS_KEPT = 1024
+
+
+def events_append(
+    *, run_uuid: uuid.UUID, events: list[tuple[str, str, dict[str, Any] | None]]
+) -> list[LineageEvent]:
+    """Append ``(kind, actor, payload)`` events to the run's chain, in order, in one
+    INSERT. The events returned have no primary key.
 
     Callers hold the run's row lock (or SQLite's write lock) inside the transaction that
     changes the run, so the chain's head cannot move under them; the unique (run, seq)
     constraint turns any slip into an error instead of a fork.
     """
-    if not transaction.get_connection().in_atomic_block:
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
         raise RuntimeError("event_append must run inside the transaction that changes the run")
+    heads = _heads.__dict__.setdefault(connection.alias, {})
+    head = heads.get(run_uuid)
+    for _ in range(2):
+        if head is None:
+            head = chain_head(run_uuid)
+        rows = events_chained(run_uuid, head, events)
+        if rows_insert_after_head(connection, run_uuid, head, rows):
+            if len(heads) >= HEADS_KEPT:
+                heads.clear()
+            heads[run_uuid] = (rows[-1].seq, rows[-1].hash)
+            return rows
+        head = None  # the hint was out of date (a rollback, or another writer): read it
+    raise ChainMoved(f"the chain of {run_uuid} moved while events were appended to it")
+
+
+def chain_head(run_uuid: uuid.UUID) -> tuple[int, str]:
+    """(seq, hash) of the run's last event; (0, GENESIS_HASH) before the first."""
     head = (
         LineageEvent.objects.filter(run_uuid=run_uuid)
         .order_by("-seq")
         .values_list("seq", "hash")
         .first()
     )
-    seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS_HASH)
+    return head or (0, GENESIS_HASH)
+
+
+def events_chained(
+    run_uuid: uuid.UUID, head: tuple[int, str], events: list[tuple[str, str, dict | None]]
+) -> list[LineageEvent]:
+    seq, prev_hash = head
     at = timezone.now()
-    body = json_plain(payload or {})
-    canonical = event_canonical(
-        run_uuid=run_uuid, seq=seq, at=at, kind=kind, actor=actor, payload=body
+    rows = []
+    for kind, actor, payload in events:
+        seq += 1
+        body = json_plain(payload or {})
+        canonical = event_canonical(
+            run_uuid=run_uuid, seq=seq, at=at, kind=kind, actor=actor, payload=body
+        )
+        digest = event_hash(prev_hash, canonical)
+        rows.append(
+            LineageEvent(
+                run_uuid=run_uuid,
+                seq=seq,
+                at=at,
+                kind=kind,
+                actor=actor,
+                payload=body,
+                prev_hash=prev_hash,
+                hash=digest,
+            )
+        )
+        prev_hash = digest
+    return rows
+
+
+COLUMNS = ("run_uuid", "seq", "at", "kind", "actor", "payload", "prev_hash", "hash")
+
+
+def rows_insert_after_head(
+    connection: Any, run_uuid: uuid.UUID, head: tuple[int, str], rows: list[LineageEvent]
+) -> bool:
+    """INSERT the rows only if ``head`` is still the chain's last event, checked in the
+    same statement (so a stale hint can neither fork the chain nor leave a gap); False,
+    and nothing written, if it is not. Raw SQL, because the ORM has no conditional
+    multi-row INSERT."""
+    meta = LineageEvent._meta
+    fields = [meta.get_field(name) for name in COLUMNS]
+    quote = connection.ops.quote_name
+    table = quote(meta.db_table)
+    if connection.vendor == "postgresql":
+        # VALUES in a SELECT has no column types to infer from: name them.
+        slot = "(" + ", ".join(f"CAST(%s AS {f.db_type(connection)})" for f in fields) + ")"
+    else:
+        slot = "(" + ", ".join("%s" for _ in fields) + ")"
+    params: list[Any] = []
+    for row in rows:
+        params.extend(f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields)
+    run_column, seq_column, hash_column = quote("run_uuid"), quote("seq"), quote("hash")
+    run_param = fields[0].get_db_prep_save(run_uuid, connection)
+    seq, last_hash = head
+    guard = f"NOT EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s AND {seq_column} > %s)"
+    params.extend([run_param, seq])
+    if seq:
+        guard += (
+            f" AND EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s"
+            f" AND {seq_column} = %s AND {hash_column} = %s)"
+        )
+        params.extend([run_param, seq, last_hash])
+    sql = (
+        f"INSERT INTO {table} ({', '.join(quote(c) for c in COLUMNS)}) "
+        f"SELECT * FROM (VALUES {', '.join(slot for _ in rows)}) AS new_events WHERE {guard}"
     )
-    return LineageEvent.objects.create(
-        run_uuid=run_uuid,
-        seq=seq,
-        at=at,
-        kind=kind,
-        actor=actor,
-        payload=body,
-        prev_hash=prev_hash,
-        hash=event_hash(prev_hash, canonical),
-    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount == len(rows)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from agentops import states
 from agentops.runtime import dispatch
 from agentops.runtime.models import client_for, model_label_for
 from agentops.runtime.tools import REGISTRY, arguments_errors
-from lineage.services import event_append
+from lineage.services import event_append, events_append
 from tasks.models import Run, RunStatus, Task, TaskVersion, Tool, Trigger
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -296,11 +296,25 @@ def step_create(
     **fields: Any,
 ):
     """Record a new step and the lineage event that describes it."""
+    entry = {"number": number, "event": event, "payload": payload, **fields}
+    return steps_create(run=run, entries=[entry], actor=actor)[0]
+
+
+def steps_create(*, run: Run, entries: list[dict[str, Any]], actor: str = "engine") -> list:
+    """Record new steps and the lineage events that describe them, in order: one INSERT
+    for the steps, one for the events. Each entry is a step's fields, its ``number``
+    among them, plus the ``event``'s kind and its ``payload``."""
     from tasks.models import Step
 
-    step = Step.objects.create(run=run, number=number, **fields)
-    event_append(run_uuid=run.pk, kind=event, actor=actor, payload={"step": number, **payload})
-    return step
+    steps, events = [], []
+    for entry in entries:
+        fields = dict(entry)
+        event, payload = fields.pop("event"), fields.pop("payload")
+        steps.append(Step(run=run, **fields))
+        events.append((event, actor, {"step": fields["number"], **payload}))
+    Step.objects.bulk_create(steps)
+    events_append(run_uuid=run.pk, events=events)
+    return steps
 
 
 def step_transition(*, step, to: str, event: str, payload: dict[str, Any], **fields: Any):
@@ -308,16 +322,26 @@ def step_transition(*, step, to: str, event: str, payload: dict[str, Any], **fie
 
     Zero rows changed means another worker recorded this step first; the caller's
     transaction rolls back with ``InvalidTransition``."""
+    if not step_transition_if_unchanged(step=step, to=to, event=event, payload=payload, **fields):
+        raise states.InvalidTransition(f"step #{step.number} was changed meanwhile")
+    return step
+
+
+def step_transition_if_unchanged(
+    *, step, to: str, event: str, payload: dict[str, Any], **fields: Any
+) -> bool:
+    """``step_transition`` that reports, instead of raising, a step whose status in the
+    database is no longer ``step.status``: it then changes nothing and returns False."""
     from tasks.models import Step
 
     states.STEP.check(step.status, to)
     updated = Step.objects.filter(pk=step.pk, status=step.status).update(status=to, **fields)
     if updated != 1:
-        raise states.InvalidTransition(f"step #{step.number} was changed meanwhile")
+        return False
     step.status = to
     for name, value in fields.items():
         setattr(step, name, value)
     event_append(
         run_uuid=step.run_id, kind=event, actor="engine", payload={"step": step.number, **payload}
     )
-    return step
+    return True

@@ -24,9 +24,10 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from enum import Enum
@@ -70,7 +71,13 @@ from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
 from lineage.services import event_append, json_plain
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
-from tasks.services import price_for, run_transition, step_create, step_transition
+from tasks.services import (
+    price_for,
+    run_transition,
+    step_transition,
+    step_transition_if_unchanged,
+    steps_create,
+)
 
 logger = logging.getLogger("agentops.engine")
 
@@ -126,9 +133,15 @@ def slice_cached(key: tuple, load: Callable[[], Any]) -> Any:
     return cache[key]
 
 
-def clock_changes() -> dict[str, Any]:
+def clock_added() -> dict[str, float]:
+    """The seconds of work since the last commit, to add to the run's count."""
     clock = _clock.get()
-    return {"seconds_used": F("seconds_used") + clock.lap()} if clock else {}
+    return {"seconds_used": clock.lap()} if clock else {}
+
+
+def increments(added: dict[str, Any]) -> dict[str, Any]:
+    """``{"steps_used": 1}`` as the UPDATE's ``steps_used = steps_used + 1``."""
+    return {name: F(name) + delta for name, delta in added.items()}
 
 
 def worker_name() -> str:
@@ -147,12 +160,13 @@ def advance(
     cache = _slice_cache.set({})
     heartbeat = LeaseHeartbeat(run_id, owner).start()
     try:
+        ctx = context_load(run_id, owner)
         while True:
-            outcome = step_next(run_id, owner)
+            outcome = step_next(ctx)
             if outcome is not Outcome.CONTINUE:
                 return outcome
             if time.monotonic() >= slice_ends:
-                return run_yield(run_id, owner)
+                return run_yield(ctx)
     except (LeaseLost, states.InvalidTransition) as stop:
         logger.info("run %s: worker %s stops: %s", run_id, owner, stop)
         return Outcome.STOPPED
@@ -198,29 +212,35 @@ def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
     return True
 
 
-def fence(run_id: uuid.UUID, owner: str, **changes: Any) -> None:
-    """Inside a step's transaction: renew the lease, apply counters (and the seconds of
-    work since the last commit), and prove this worker still owns a running run.
-    Anything else rolls the step back."""
+def fence(
+    run_id: uuid.UUID, owner: str, *, add: dict[str, Any] | None = None, **values: Any
+) -> dict[str, Any]:
+    """Inside a step's transaction: renew the lease, add to counters (and the seconds of
+    work since the last commit), set ``values``, and prove this worker still owns a
+    running run. Anything else rolls the step back. Returns what was added."""
+    added = {**(add or {}), **clock_added()}
     updated = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, lease_owner=owner).update(
-        lease_expires_at=lease_deadline(), **clock_changes(), **changes
+        lease_expires_at=lease_deadline(), **increments(added), **values
     )
     if updated != 1:
         raise LeaseLost(f"worker {owner} no longer owns run {run_id}")
+    return added
 
 
-def lease_fence(ctx: Context, **changes: Any) -> None:
-    fence(ctx.run.pk, ctx.owner, **changes)
+def lease_fence(ctx: Context, *, add: dict[str, Any] | None = None, **values: Any) -> None:
+    """``fence`` for the slice's run; its record in memory follows once the transaction
+    commits (a rollback ends the slice, and the next one reads the record afresh)."""
+    added = fence(ctx.run.pk, ctx.owner, add=add, **values)
+    ctx.on_commit(lambda: ctx.run_changed(added, values))
 
 
-def run_yield(run_id: uuid.UUID, owner: str) -> Outcome:
+def run_yield(ctx: Context) -> Outcome:
     from agentops.runtime import dispatch
 
-    with transaction.atomic():
-        fence(run_id, owner)
-        run = Run.objects.get(pk=run_id)
+    with ctx.transaction():
+        lease_fence(ctx)
         run_transition(
-            run=run,
+            run=ctx.run,
             to=RunStatus.QUEUED,
             actor="engine",
             reason="",
@@ -228,12 +248,15 @@ def run_yield(run_id: uuid.UUID, owner: str) -> Outcome:
             lease_expires_at=None,
             payload={"why": "the slice ended; the run goes back to the queue"},
         )
-        dispatch.enqueue(run_id)
+        dispatch.enqueue(ctx.run.pk)
     return Outcome.YIELDED
 
 
 def run_end(ctx: Context, *, to: str, reason: str = "", **fields: Any) -> Outcome:
-    return run_end_by_id(ctx.run.pk, ctx.owner, to=to, reason=reason, **fields)
+    with ctx.transaction():
+        lease_fence(ctx)
+        run_transition(run=ctx.run, to=to, actor="engine", reason=reason, **fields)
+    return Outcome.FINISHED
 
 
 def run_end_by_id(
@@ -266,12 +289,58 @@ def run_fail_on_error(run_id: uuid.UUID, owner: str, error: Exception) -> Outcom
 
 @dataclass
 class Context:
-    """One step's view of the run: the run row, its pinned definition, its steps."""
+    """The slice's view of the run: the run row, its pinned definition, its steps.
+
+    It is read once when the slice starts and then kept in step with what this worker
+    commits, since while it holds the lease nobody else writes the run's steps or
+    counters: the fence in every transaction proves that it still holds it. Where a
+    commit may have met someone else's write, the record is marked ``stale`` and read
+    again before the next step."""
 
     run: Run
     owner: str
     definition: dict
     steps: list[Step]
+    stale: bool = False
+    _committed: list[Callable[[], None]] | None = field(default=None, repr=False)
+
+    def run_changed(self, added: dict[str, Any], values: dict[str, Any]) -> None:
+        """What a committed fence did to the run's row, mirrored in memory."""
+        for name, delta in added.items():
+            setattr(self.run, name, getattr(self.run, name) + delta)
+        for name, value in values.items():
+            setattr(self.run, name, value)
+
+    def steps_committed(self, steps: list[Step]) -> None:
+        self.steps.extend(steps)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One of the slice's transactions. What it wrote reaches the record in memory
+        when the block commits; after an error, nothing does. (Not Django's
+        ``on_commit``, which waits for the outermost transaction: a test wraps each test
+        in one.) A block inside another leaves it to the outer one."""
+        if self._committed is not None:
+            with transaction.atomic():
+                yield
+            return
+        self._committed = []
+        try:
+            with transaction.atomic():
+                yield
+            applies = self._committed
+        finally:
+            self._committed = None
+        for apply in applies:
+            apply()
+
+    def on_commit(self, apply: Callable[[], None]) -> None:
+        self._committed.append(apply)
+
+    def reload(self) -> None:
+        fresh = context_load(self.run.pk, self.owner)
+        self.run, self.definition, self.steps = fresh.run, fresh.definition, fresh.steps
+        self.stale = False
 
     def setting(self, name: str) -> Any:
         return self.definition.get(name, DEFINITION_DEFAULTS.get(name))
@@ -311,13 +380,20 @@ DEFINITION_DEFAULTS: dict[str, Any] = {
 }
 
 
-def step_next(run_id: uuid.UUID, owner: str) -> Outcome:
-    """Do the one next thing the run's record calls for."""
+def context_load(run_id: uuid.UUID, owner: str) -> Context:
+    """Read the run's record for a slice; stop if this worker does not hold the run."""
     run = Run.objects.select_related("task_version").get(pk=run_id)
     if run.status != RunStatus.RUNNING or run.lease_owner != owner:
         raise LeaseLost(f"run {run_id} is {run.status}, leased to {run.lease_owner or 'nobody'}")
     steps = list(Step.objects.filter(run=run).select_related("tool").order_by("number"))
-    ctx = Context(run=run, owner=owner, definition=run.task_version.definition, steps=steps)
+    return Context(run=run, owner=owner, definition=run.task_version.definition, steps=steps)
+
+
+def step_next(ctx: Context) -> Outcome:
+    """Do the one next thing the run's record calls for."""
+    if ctx.stale:
+        ctx.reload()
+    steps = ctx.steps
     last_model = next((s for s in reversed(steps) if s.kind == StepKind.MODEL), None)
     if last_model is not None:
         answers = {
@@ -349,21 +425,20 @@ def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
     """The model gave its final answer: check it if the task asks, then finish or ask a
     person to review it."""
     if not ctx.setting("self_check"):
-        return run_end(
-            ctx, to=RunStatus.SUCCEEDED, outcome=final.content, payload={"outcome": final.content}
-        )
+        with ctx.transaction():
+            lease_fence(ctx)
+            run_succeed(ctx, final.content)
+        return Outcome.FINISHED
     check = next((s for s in later if s.kind == StepKind.CHECK), None)
     if check is None:
         return check_turn(ctx, final)
     report = check.result or {}
     threshold = float(ctx.setting("confidence_threshold"))
     if report.get("objective_met") and report.get("confidence", 0) >= threshold:
-        return run_end(
-            ctx,
-            to=RunStatus.SUCCEEDED,
-            outcome=final.content,
-            payload={"outcome": final.content, "confidence": report["confidence"]},
-        )
+        with ctx.transaction():
+            lease_fence(ctx)
+            run_succeed(ctx, final.content, confidence=report["confidence"])
+        return Outcome.FINISHED
     why = (
         "the agent says the objective is not met"
         if not report.get("objective_met")
@@ -372,12 +447,23 @@ def run_finish(ctx: Context, final: Step, later: list[Step]) -> Outcome:
     return outcome_review(ctx, final, check, why, report)
 
 
+def run_succeed(ctx: Context, outcome: str, **payload: Any) -> None:
+    """Inside a fenced transaction: the final answer is the run's outcome."""
+    run_transition(
+        run=ctx.run,
+        to=RunStatus.SUCCEEDED,
+        actor="engine",
+        outcome=outcome,
+        payload={"outcome": outcome, **payload},
+    )
+
+
 def outcome_review(
     ctx: Context, final: Step, check: Step | None, why: str, report: dict[str, Any]
 ) -> Outcome:
     """A person decides whether the agent's final answer is the run's outcome."""
     threshold = float(ctx.setting("confidence_threshold"))
-    with transaction.atomic():
+    with ctx.transaction():
         lease_fence(ctx)
         approval_request(
             run=ctx.run,
@@ -413,7 +499,7 @@ def budget_gate(
     if ctx.setting("on_budget_breach") != "ask":
         return run_end(ctx, to=RunStatus.HALTED, reason=breach.reason, payload=payload)
     extension = extension_for(breach, ctx.limits)
-    with transaction.atomic():
+    with ctx.transaction():
         lease_fence(ctx)
         approval_request(
             run=ctx.run,
@@ -452,7 +538,7 @@ def loop_stop(ctx: Context, finding: LoopFinding) -> Outcome:
     payload = {"finding": finding.kind, "through_step": finding.through_step}
     if ctx.setting("on_loop") != "ask":
         return run_end(ctx, to=RunStatus.HALTED, reason=finding.reason, payload=payload)
-    with transaction.atomic():
+    with ctx.transaction():
         lease_fence(ctx)
         approval_request(
             run=ctx.run, kind=ApprovalKind.LOOP_REVIEW, gate=finding.reason, context=payload
@@ -489,14 +575,14 @@ def model_turn(ctx: Context) -> Outcome:
         doors = call_doors(ctx, calls[0])
         if not doors.runs_now:
             doors = None
-    with transaction.atomic():
-        changes = usage_changes(turn, turn_cost)
+    # A final answer that needs no check ends the run in the same commit.
+    final = not calls and not ctx.setting("self_check")
+    with ctx.transaction():
+        added = usage_added(turn, turn_cost)
         if doors is not None:
-            changes["steps_used"] = F("steps_used") + 2
-        lease_fence(ctx, **changes)
-        step_create(
-            run=ctx.run,
-            number=ctx.number,
+            added["steps_used"] = 2
+        lease_fence(ctx, add=added)
+        model_step = step_entry(
             event="model.responded",
             payload={
                 "content": turn.content,
@@ -515,18 +601,25 @@ def model_turn(ctx: Context) -> Outcome:
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
-        started = call_start(ctx, calls[0], doors, ctx.number + 1) if doors else None
-    if started is not None:
-        return call_fire(ctx, started, doors.tool)
+        entries = [model_step]
+        if doors is not None:
+            entries.append(call_start(ctx, calls[0], doors, ctx.number + 1))
+        steps = steps_add(ctx, *entries)
+        if final:
+            run_succeed(ctx, turn.content)
+    if final:
+        return Outcome.FINISHED
+    if doors is not None:
+        return call_fire(ctx, steps[1], doors.tool)
     return Outcome.CONTINUE
 
 
-def usage_changes(turn: ModelTurn, turn_cost: Decimal) -> dict[str, Any]:
+def usage_added(turn: ModelTurn, turn_cost: Decimal) -> dict[str, Any]:
     return {
-        "steps_used": F("steps_used") + 1,
-        "tokens_in": F("tokens_in") + turn.tokens_in,
-        "tokens_out": F("tokens_out") + turn.tokens_out,
-        "spend": F("spend") + turn_cost,
+        "steps_used": 1,
+        "tokens_in": turn.tokens_in,
+        "tokens_out": turn.tokens_out,
+        "spend": turn_cost,
     }
 
 
@@ -612,7 +705,7 @@ def backoff(base: float, attempt: int) -> float:
 def retry_note(ctx: Context, kind: str, *, fenced: bool = True, **payload: Any) -> None:
     """Record a retry. Inside a tool call (``fenced=False``) the note is written even if
     the lease moved meanwhile: the call is in flight and its trail must be whole."""
-    with transaction.atomic():
+    with ctx.transaction():
         if fenced:
             lease_fence(ctx)
         event_append(run_uuid=ctx.run.pk, kind=kind, actor="engine", payload=payload)
@@ -643,11 +736,10 @@ def check_turn(ctx: Context, final: Step) -> Outcome:
     call = next((c for c in turn.tool_calls if c.name == CHECK_TOOL), None)
     arguments = call_arguments(call.arguments)[0] if call else None
     report, problem = check_read(arguments)
-    with transaction.atomic():
-        lease_fence(ctx, confidence=report["confidence"], **usage_changes(turn, turn_cost))
-        step_create(
-            run=ctx.run,
-            number=ctx.number,
+    with ctx.transaction():
+        lease_fence(ctx, add=usage_added(turn, turn_cost), confidence=report["confidence"])
+        step_add(
+            ctx,
             event="check.reported",
             payload={
                 **report,
@@ -744,8 +836,11 @@ def transcript(ctx: Context) -> list[dict]:
 
 
 def tool_message(step: Step) -> str:
+    """The call's outcome as the model reads it. Keys sorted: PostgreSQL's jsonb keeps
+    them in an order of its own, and the transcript rebuilt from the record after a
+    restart must read exactly as the one the slice kept in memory."""
     if step.status in (StepStatus.SUCCEEDED, StepStatus.SIMULATED):
-        return json.dumps(step.result, default=str)
+        return json.dumps(step.result, default=str, sort_keys=True)
     return json.dumps({"error": step.error or f"the call ended {step.status}"})
 
 
@@ -779,12 +874,11 @@ def plan_record(ctx: Context, call: dict) -> Outcome:
         "tool_call_id": call["id"],
         "arguments": arguments,
     }
-    with transaction.atomic():
+    with ctx.transaction():
         if refusal:
-            lease_fence(ctx, steps_used=F("steps_used") + 1)
-            step_create(
-                run=ctx.run,
-                number=ctx.number,
+            lease_fence(ctx, add={"steps_used": 1})
+            step_add(
+                ctx,
                 event="plan.refused",
                 payload={"error": refusal},
                 status=StepStatus.REFUSED,
@@ -794,10 +888,9 @@ def plan_record(ctx: Context, call: dict) -> Outcome:
             )
             return Outcome.CONTINUE
         plan = arguments["steps"]
-        lease_fence(ctx, steps_used=F("steps_used") + 1, plan=plan)
-        step_create(
-            run=ctx.run,
-            number=ctx.number,
+        lease_fence(ctx, add={"steps_used": 1}, plan=plan)
+        step_add(
+            ctx,
             event="plan.drafted" if version == 1 else "plan.revised",
             payload={"version": version, "steps": plan, "reason": arguments.get("reason", "")},
             status=StepStatus.SUCCEEDED,
@@ -879,12 +972,11 @@ def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
         "tool_call_id": call["id"],
         "arguments": arguments,
     }
-    with transaction.atomic():
-        lease_fence(ctx, steps_used=F("steps_used") + 1)
+    with ctx.transaction():
+        lease_fence(ctx, add={"steps_used": 1})
         if refusal:
-            step_create(
-                run=ctx.run,
-                number=ctx.number,
+            step_add(
+                ctx,
                 event="tool.refused",
                 payload={"tool": ASK_TOOL, "error": refusal},
                 status=StepStatus.REFUSED,
@@ -893,9 +985,8 @@ def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
                 **fields,
             )
             return Outcome.CONTINUE
-        step = step_create(
-            run=ctx.run,
-            number=ctx.number,
+        step = step_add(
+            ctx,
             event="question.asked",
             payload={"question": arguments["question"]},
             status=StepStatus.PROPOSED,
@@ -928,11 +1019,10 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
     tool, arguments, refusal, decision = doors.tool, doors.arguments, doors.refusal, doors.decision
     fields = doors.step_fields(call)
     if refusal:
-        with transaction.atomic():
-            lease_fence(ctx, steps_used=F("steps_used") + 1)
-            step_create(
-                run=run,
-                number=number,
+        with ctx.transaction():
+            lease_fence(ctx, add={"steps_used": 1})
+            step_add(
+                ctx,
                 event="tool.refused",
                 payload={"tool": call["name"], "arguments": arguments, "error": refusal},
                 status=StepStatus.REFUSED,
@@ -944,11 +1034,10 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
 
     if decision.verdict is Verdict.SIMULATE:
         result = {"simulated": True, "note": "Shadow mode: this call was recorded, not made."}
-        with transaction.atomic():
-            lease_fence(ctx, steps_used=F("steps_used") + 1)
-            step_create(
-                run=run,
-                number=number,
+        with ctx.transaction():
+            lease_fence(ctx, add={"steps_used": 1})
+            step_add(
+                ctx,
                 event="tool.simulated",
                 payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
                 status=StepStatus.SIMULATED,
@@ -959,11 +1048,10 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             )
         return Outcome.CONTINUE
     if decision.verdict is Verdict.HOLD:
-        with transaction.atomic():
-            lease_fence(ctx, steps_used=F("steps_used") + 1)
-            step = step_create(
-                run=run,
-                number=number,
+        with ctx.transaction():
+            lease_fence(ctx, add={"steps_used": 1})
+            step = step_add(
+                ctx,
                 event="tool.proposed",
                 payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
                 status=StepStatus.PROPOSED,
@@ -981,25 +1069,41 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
 
-    with transaction.atomic():
-        lease_fence(ctx, steps_used=F("steps_used") + 1)
-        step = call_start(ctx, call, doors, number)
+    with ctx.transaction():
+        lease_fence(ctx, add={"steps_used": 1})
+        step = steps_add(ctx, call_start(ctx, call, doors, number))[0]
     return call_fire(ctx, step, tool)
 
 
-def call_start(ctx: Context, call: dict, doors: Doors, number: int) -> Step:
-    """Inside a transaction: the ledger entry, committed ``started`` with its
-    idempotency key before the call fires."""
+def call_start(ctx: Context, call: dict, doors: Doors, number: int) -> dict[str, Any]:
+    """The ledger entry for ``steps_add``: the step ``number``, to be committed
+    ``started`` with its idempotency key before the call fires."""
     key = idempotency_key(ctx.run, number)
-    return step_create(
-        run=ctx.run,
-        number=number,
+    return step_entry(
         event="tool.started",
         payload={"tool": doors.tool.name, "arguments": doors.arguments, "idempotency_key": key},
         status=StepStatus.STARTED,
         idempotency_key=key,
         **doors.step_fields(call),
     )
+
+
+def step_entry(*, event: str, payload: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """One new step for ``steps_add``: its fields, its event and the event's payload."""
+    return {"event": event, "payload": payload, **fields}
+
+
+def steps_add(ctx: Context, *entries: dict[str, Any]) -> list[Step]:
+    """Inside a fenced transaction: new steps, numbered on from the run's last, with
+    their events. The slice's record gains them when the transaction commits."""
+    numbered = [{**entry, "number": ctx.number + offset} for offset, entry in enumerate(entries)]
+    steps = steps_create(run=ctx.run, entries=numbered)
+    ctx.on_commit(lambda: ctx.steps_committed(steps))
+    return steps
+
+
+def step_add(ctx: Context, **entry: Any) -> Step:
+    return steps_add(ctx, step_entry(**entry))[0]
 
 
 def budget_context(ctx: Context) -> dict[str, Any]:
@@ -1016,7 +1120,7 @@ def budget_context(ctx: Context) -> dict[str, Any]:
 
 def step_move(ctx: Context, step: Step, **transition: Any) -> None:
     """One fenced transaction that moves one step (``step_transition``'s arguments)."""
-    with transaction.atomic():
+    with ctx.transaction():
         lease_fence(ctx)
         step_transition(step=step, **transition)
 
@@ -1031,7 +1135,7 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
     approval = step.approvals.order_by("-created_at").first()
     if approval is None or approval.status == ApprovalStatus.PENDING:
         # Still pending (a stale queue message woke the run): back to waiting.
-        with transaction.atomic():
+        with ctx.transaction():
             lease_fence(ctx)
             run_wait(ctx.run, f"approve {step.tool_name}")
         return Outcome.WAITING
@@ -1078,7 +1182,7 @@ def call_recover(ctx: Context, step: Step) -> Outcome:
     """A call committed ``started`` by a worker that stopped before its outcome was
     recorded. It may or may not have taken effect."""
     if step.tool is not None and step.tool.idempotent:
-        with transaction.atomic():
+        with ctx.transaction():
             lease_fence(ctx)
             event_append(
                 run_uuid=ctx.run.pk,
@@ -1096,7 +1200,7 @@ def call_recover(ctx: Context, step: Step) -> Outcome:
         f"step #{step.number} ({step.tool_name}) was interrupted after it was started; "
         "the tool is not idempotent, so it was not called again: did it take effect?"
     )
-    with transaction.atomic():
+    with ctx.transaction():
         lease_fence(ctx)
         step_transition(
             step=step,
@@ -1150,7 +1254,7 @@ def call_after_unknown(ctx: Context, step: Step) -> Outcome:
     approval = step.approvals.order_by("-created_at").first()
     if approval is None or approval.status != ApprovalStatus.APPROVED:
         # Still pending (a stale queue message woke the run): back to waiting.
-        with transaction.atomic():
+        with ctx.transaction():
             lease_fence(ctx)
             run_wait(ctx.run, f"the outcome of {step.tool_name} is unknown")
         return Outcome.WAITING
@@ -1260,40 +1364,63 @@ def call_outcome_record(
     payload.update({"result": result.value} if result.ok else {"error": result.error})
     fields: dict[str, Any] = {"duration_ms": duration_ms, "finished_at": timezone.now()}
     fields.update({"result": result.value} if result.ok else {"error": result.error})
-    with transaction.atomic():
-        # Renew the lease if this worker still holds it; record the outcome regardless.
-        Run.objects.filter(pk=ctx.run.pk, lease_owner=ctx.owner).update(
-            lease_expires_at=lease_deadline(), **clock_changes()
+    with ctx.transaction():
+        # Renew the lease if this worker still holds the run; record the outcome regardless.
+        added = clock_added()
+        held = Run.objects.filter(
+            pk=ctx.run.pk, status=RunStatus.RUNNING, lease_owner=ctx.owner
+        ).update(lease_expires_at=lease_deadline(), **increments(added))
+        # The common case: the step is still ``started``, as this worker left it.
+        recorded = step_transition_if_unchanged(
+            step=step, to=status, event=event, payload=payload, **fields
         )
-        current = Step.objects.select_for_update().get(pk=step.pk)
-        if current.status == StepStatus.STARTED:
-            step_transition(step=current, to=status, event=event, payload=payload, **fields)
-            return
-        if current.status != StepStatus.UNKNOWN:
-            # Settled by someone else already (a person, or a retry): keep this answer in
-            # the trail beside theirs, change nothing.
-            event_append(
-                run_uuid=ctx.run.pk,
-                kind="tool.late_outcome",
-                actor="engine",
-                payload={"step": step.number, "status_now": current.status, **payload},
-            )
-            return
-        step_transition(
-            step=current, to=status, event=event, payload={**payload, "late": True}, **fields
-        )
-        run = Run.objects.select_for_update().get(pk=ctx.run.pk)
-        approvals_withdraw(
-            run=run,
-            step=current,
-            actor="engine",
-            reason="the interrupted call's outcome arrived: it is recorded on the step",
-        )
-        if run.status == RunStatus.WAITING:
-            run_transition(run=run, to=RunStatus.QUEUED, actor="engine", reason="")
-            from agentops.runtime import dispatch
+        if not recorded:
+            call_outcome_settle(ctx, step, status, event, payload, fields)
+        if held:
+            ctx.on_commit(lambda: ctx.run_changed(added, {}))
+    if not recorded:
+        ctx.stale = True  # someone else wrote the step: read the record again
+    if not held:
+        raise LeaseLost(f"run {ctx.run.pk} is no longer held by {ctx.owner}")
 
-            dispatch.enqueue(run.pk)
+
+def call_outcome_settle(
+    ctx: Context,
+    step: Step,
+    status: str,
+    event: str,
+    payload: dict[str, Any],
+    fields: dict[str, Any],
+) -> None:
+    """Inside ``call_outcome_record``'s transaction, for a step that is no longer
+    ``started``: someone else settled it, or marked it ``unknown`` while this worker
+    looked dead."""
+    current = Step.objects.select_for_update().get(pk=step.pk)
+    if current.status != StepStatus.UNKNOWN:
+        # Settled by someone else already (a person, or a retry): keep this answer in
+        # the trail beside theirs, change nothing.
+        event_append(
+            run_uuid=ctx.run.pk,
+            kind="tool.late_outcome",
+            actor="engine",
+            payload={"step": step.number, "status_now": current.status, **payload},
+        )
+        return
+    step_transition(
+        step=current, to=status, event=event, payload={**payload, "late": True}, **fields
+    )
+    run = Run.objects.select_for_update().get(pk=ctx.run.pk)
+    approvals_withdraw(
+        run=run,
+        step=current,
+        actor="engine",
+        reason="the interrupted call's outcome arrived: it is recorded on the step",
+    )
+    if run.status == RunStatus.WAITING:
+        run_transition(run=run, to=RunStatus.QUEUED, actor="engine", reason="")
+        from agentops.runtime import dispatch
+
+        dispatch.enqueue(run.pk)
 
 
 class LeaseHeartbeat:

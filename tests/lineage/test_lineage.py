@@ -47,6 +47,40 @@ def test_events_chain_from_genesis():
     assert chain_verify(run_uuid).intact
 
 
+def test_a_rolled_back_append_leaves_no_gap_in_the_chain():
+    # The appending thread remembers the head it wrote; after a rollback that head is
+    # gone, and the next append must chain onto the last event that exists.
+    run_uuid = chain(2)
+    with pytest.raises(RuntimeError), transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="test.rolled_back", actor="test")
+        raise RuntimeError("the step failed")
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="test.after", actor="test")
+    kinds = list(
+        LineageEvent.objects.filter(run_uuid=run_uuid).order_by("seq").values_list("seq", "kind")
+    )
+    assert kinds == [(1, "test.event"), (2, "test.event"), (3, "test.after")]
+    assert chain_verify(run_uuid).intact
+
+
+def test_an_append_by_another_writer_is_chained_onto_not_forked():
+    run_uuid = chain(1)
+    # Another writer appends (another process would not share this thread's memory of
+    # the head): written here behind the appender's back, as the next event in the chain.
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="test.other", actor="other")
+    from lineage import services
+
+    services._heads.__dict__[connection.alias][run_uuid] = tuple(
+        LineageEvent.objects.filter(run_uuid=run_uuid, seq=1).values_list("seq", "hash").get()
+    )
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="test.mine", actor="test")
+    events = LineageEvent.objects.filter(run_uuid=run_uuid).order_by("seq")
+    assert list(events.values_list("kind", flat=True)) == ["test.event", "test.other", "test.mine"]
+    assert chain_verify(run_uuid).intact
+
+
 @pytest.mark.django_db(transaction=True)
 def test_append_outside_a_transaction_is_refused():
     with pytest.raises(RuntimeError, match="inside the transaction"):

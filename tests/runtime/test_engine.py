@@ -275,9 +275,9 @@ def test_a_recorded_model_turn_is_reused_not_asked_again(make_task, operator):
     run = run_start(task=task, run_input={}, user=operator)
     # One worker records the model turn and stops (as if it died) before the tool call.
     assert lease_claim(run.pk, "worker-a")
-    from agentops.runtime.engine import step_next
+    from agentops.runtime.engine import context_load, step_next
 
-    assert step_next(run.pk, "worker-a") is Outcome.CONTINUE
+    assert step_next(context_load(run.pk, "worker-a")) is Outcome.CONTINUE
     Run.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     # Another worker recovers the run and goes on from the record.
     assert run_until_rest(run) is Outcome.FINISHED
@@ -293,7 +293,7 @@ def _started_then_crashed(make_task, operator, tool_name):
         autonomy_level=3,
     )
     run = run_start(task=task, run_input={}, user=operator)
-    from agentops.runtime.engine import step_next
+    from agentops.runtime.engine import context_load, step_next
 
     assert lease_claim(run.pk, "worker-a")
     # The model turn commits the tool step 'started' with it, as the engine does for a
@@ -303,7 +303,7 @@ def _started_then_crashed(make_task, operator, tool_name):
     real_fire = engine.call_fire
     engine.call_fire = lambda *args, **kwargs: Outcome.CONTINUE
     try:
-        assert step_next(run.pk, "worker-a") is Outcome.CONTINUE
+        assert step_next(context_load(run.pk, "worker-a")) is Outcome.CONTINUE
     finally:
         engine.call_fire = real_fire
     assert run.steps.get(kind="tool").status == StepStatus.STARTED
@@ -386,12 +386,12 @@ def test_a_worker_that_lost_its_lease_writes_nothing(make_task, operator):
         [{"calls": [("test_echo", {"text": "x"})]}, {"content": "ok"}], tools=["test_echo"]
     )
     run = run_start(task=task, run_input={}, user=operator)
-    from agentops.runtime.engine import LeaseLost, step_next
+    from agentops.runtime.engine import LeaseLost, context_load, step_next
 
     assert lease_claim(run.pk, "worker-a")
     Run.objects.filter(pk=run.pk).update(lease_owner="worker-b")
     with pytest.raises(LeaseLost):
-        step_next(run.pk, "worker-a")
+        step_next(context_load(run.pk, "worker-a"))
     assert run.steps.count() == 0
 
 
