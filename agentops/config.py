@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
@@ -104,6 +105,34 @@ SQLITE_OPTIONS = {
 }
 
 
+# Django's PostgreSQL options agentops sets unless the URL says otherwise: parameters
+# bound by the server, and statements run five times prepared once (psycopg's default
+# threshold), so the engine's few hot statements are not parsed and planned at every
+# step. A connection pooler in transaction mode needs ?prepare_threshold=none.
+POSTGRES_DEFAULTS: dict[str, Any] = {"server_side_binding": True, "prepare_threshold": 5}
+
+
+def postgres_options(name: str, url: str, query: dict[str, str]) -> dict[str, Any]:
+    """The URL's query parameters as driver options, over ``POSTGRES_DEFAULTS``; the two
+    of those are typed: ``server_side_binding`` true/false, ``prepare_threshold`` a
+    number or none."""
+    options: dict[str, Any] = {**POSTGRES_DEFAULTS, **query}
+    binding = str(options["server_side_binding"]).lower()
+    if binding not in {"true", "false"}:
+        raise ImproperlyConfigured(f"{name}={url!r}: server_side_binding must be true or false")
+    options["server_side_binding"] = binding == "true"
+    threshold = str(options["prepare_threshold"]).lower()
+    if threshold == "none":
+        options["prepare_threshold"] = None
+    elif threshold.isdigit():
+        options["prepare_threshold"] = int(threshold)
+    else:
+        raise ImproperlyConfigured(
+            f"{name}={url!r}: prepare_threshold must be a whole number or none"
+        )
+    return options
+
+
 def database_from_url(name: str, url: str, *, base_dir: Path) -> dict:
     """Turn ``sqlite:///path`` or ``postgres://user:pw@host:port/db`` into DATABASES['x']."""
     parts = urlsplit(url)
@@ -125,7 +154,7 @@ def database_from_url(name: str, url: str, *, base_dir: Path) -> dict:
         database = unquote(parts.path.lstrip("/"))
         if not database:
             raise ImproperlyConfigured(f"{name}={url!r} names no database")
-        options = dict(parse_qsl(parts.query))
+        options = postgres_options(name, url, dict(parse_qsl(parts.query)))
         try:
             port = parts.port
         except ValueError:

@@ -183,7 +183,33 @@ def test_a_postgres_url_gives_every_field_and_decodes_the_password(tmp_path):
     assert database["PASSWORD"] == "p@ss/w:rd"
     assert database["HOST"] == "db.internal"
     assert database["PORT"] == "5433"
-    assert database["OPTIONS"] == {"sslmode": "require"}
+    assert database["OPTIONS"] == {
+        "sslmode": "require",
+        "server_side_binding": True,
+        "prepare_threshold": 5,
+    }
+
+
+def test_a_postgres_url_can_turn_server_binding_and_prepared_statements_off(tmp_path):
+    database = database_from_url(
+        "DATABASE_URL",
+        "postgres://u@pooler:6432/agentops?server_side_binding=false&prepare_threshold=none",
+        base_dir=tmp_path,
+    )
+    assert database["OPTIONS"] == {"server_side_binding": False, "prepare_threshold": None}
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("server_side_binding=yes", "server_side_binding must be true or false"),
+        ("prepare_threshold=-1", "prepare_threshold must be a whole number or none"),
+        ("prepare_threshold=often", "prepare_threshold must be a whole number or none"),
+    ],
+)
+def test_a_postgres_url_with_a_bad_driver_option_is_refused(tmp_path, query, problem):
+    with pytest.raises(ImproperlyConfigured, match=rf"DATABASE_URL=.*{problem}"):
+        database_from_url("DATABASE_URL", f"postgres://u@h/agentops?{query}", base_dir=tmp_path)
 
 
 def test_a_postgres_url_without_a_port_leaves_it_blank(tmp_path):

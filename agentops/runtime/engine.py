@@ -153,14 +153,15 @@ def advance(
 ) -> Outcome:
     """Work on the run until it waits, ends, or the slice is spent."""
     owner = owner or worker_name()
-    if not lease_claim(run_id, owner):
+    run = lease_claim_run(run_id, owner)
+    if run is None:
         return Outcome.NOT_CLAIMED
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
     clock = _clock.set(WorkClock())
     cache = _slice_cache.set({})
     heartbeat = LeaseHeartbeat(run_id, owner).start()
     try:
-        ctx = context_load(run_id, owner)
+        ctx = context_for(run, owner)
         while True:
             outcome = step_next(ctx)
             if outcome is not Outcome.CONTINUE:
@@ -187,7 +188,12 @@ def lease_deadline() -> Any:
 
 
 def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
-    """Take the run if it is runnable and nobody holds a live lease on it.
+    """Take the run if it is runnable and nobody holds a live lease on it."""
+    return lease_claim_run(run_id, owner) is not None
+
+
+def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
+    """``lease_claim``, returning the run as claimed (with its pinned version), or None.
 
     The claim is a conditional UPDATE whose row count says who won: two workers racing
     for one run cannot both see 1."""
@@ -198,8 +204,8 @@ def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
             .update(lease_owner=owner, lease_expires_at=lease_deadline())
         )
         if claimed != 1:
-            return False
-        run = Run.objects.get(pk=run_id)
+            return None
+        run = Run.objects.select_related("task_version").get(pk=run_id)
         if run.status == RunStatus.QUEUED:
             run_transition(run=run, to=RunStatus.RUNNING, actor="engine", payload={"worker": owner})
         else:
@@ -209,7 +215,7 @@ def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
                 actor="engine",
                 payload={"worker": owner, "reason": "the previous worker's lease expired"},
             )
-    return True
+    return run
 
 
 def fence(
@@ -382,9 +388,13 @@ DEFINITION_DEFAULTS: dict[str, Any] = {
 
 def context_load(run_id: uuid.UUID, owner: str) -> Context:
     """Read the run's record for a slice; stop if this worker does not hold the run."""
-    run = Run.objects.select_related("task_version").get(pk=run_id)
+    return context_for(Run.objects.select_related("task_version").get(pk=run_id), owner)
+
+
+def context_for(run: Run, owner: str) -> Context:
+    """The slice's record of ``run``, read just now with its pinned version: its steps."""
     if run.status != RunStatus.RUNNING or run.lease_owner != owner:
-        raise LeaseLost(f"run {run_id} is {run.status}, leased to {run.lease_owner or 'nobody'}")
+        raise LeaseLost(f"run {run.pk} is {run.status}, leased to {run.lease_owner or 'nobody'}")
     steps = list(Step.objects.filter(run=run).select_related("tool").order_by("number"))
     return Context(run=run, owner=owner, definition=run.task_version.definition, steps=steps)
 
