@@ -76,6 +76,13 @@ def bench_agent(messages: list[dict]) -> ModelTurn:
 
 TRANSACTION_CONTROL = {"BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE"}
 WRITES = {"INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER", "TRUNCATE"}
+CTE_WRITE = re.compile(r"\b(INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+
+
+def statement_writes(keyword: str, sql: str) -> bool:
+    """Whether a statement writes: by its first word, or, for ``WITH``, by a write in
+    one of its parts (the engine's one-statement commits, agentops.runtime.commits)."""
+    return keyword in WRITES or (keyword == "WITH" and CTE_WRITE.search(sql) is not None)
 
 
 @dataclass
@@ -94,7 +101,8 @@ def database_counted(connection: BaseDatabaseWrapper) -> Iterator[DatabaseCount]
     execute_wrapper alone would see none of them. We wrap ``_commit`` on this connection
     object instead: every commit Django makes goes through it. The one other way a
     transaction commits is a write run in autocommit mode, outside any atomic block: the
-    database commits it by itself, so the execute_wrapper counts such writes as commits.
+    database commits it by itself, so the execute_wrapper counts such writes as commits
+    (the engine's one-statement commits on PostgreSQL among them).
 
     Queries are the statements sent through Django's cursors, less transaction control
     (SQLite's BEGIN IMMEDIATE goes through a cursor, psycopg's BEGIN does not: leaving
@@ -115,7 +123,7 @@ def database_counted(connection: BaseDatabaseWrapper) -> Iterator[DatabaseCount]
         keyword = words[0].upper() if words else ""
         if keyword not in TRANSACTION_CONTROL:
             count.queries += 1
-            if keyword in WRITES and connection.get_autocommit():
+            if statement_writes(keyword, sql) and connection.get_autocommit():
                 count.commits += 1  # outside atomic(): the statement is its own transaction
         return execute(sql, params, many, context)
 

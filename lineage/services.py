@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import transaction
+from django.db import connections, models, transaction
 from django.utils import timezone
 
 from lineage.models import GENESIS_HASH, LineageEvent
@@ -58,6 +60,18 @@ _heads = threading.local()
 HEADS_KEPT = 1024
 
 
+def head_hint(connection: Any, run_uuid: uuid.UUID) -> tuple[int, str] | None:
+    return _heads.__dict__.get(connection.alias, {}).get(run_uuid)
+
+
+def head_remember(connection: Any, run_uuid: uuid.UUID, rows: list[LineageEvent]) -> None:
+    """After ``rows`` were written: their last is the chain's head, as far as we know."""
+    heads = _heads.__dict__.setdefault(connection.alias, {})
+    if len(heads) >= HEADS_KEPT:
+        heads.clear()
+    heads[run_uuid] = (rows[-1].seq, rows[-1].hash)
+
+
 def events_append(
     *, run_uuid: uuid.UUID, events: list[tuple[str, str, dict[str, Any] | None]]
 ) -> list[LineageEvent]:
@@ -71,16 +85,13 @@ def events_append(
     connection = transaction.get_connection()
     if not connection.in_atomic_block:
         raise RuntimeError("event_append must run inside the transaction that changes the run")
-    heads = _heads.__dict__.setdefault(connection.alias, {})
-    head = heads.get(run_uuid)
+    head = head_hint(connection, run_uuid)
     for _ in range(2):
         if head is None:
             head = chain_head(run_uuid)
         rows = events_chained(run_uuid, head, events)
         if rows_insert_after_head(connection, run_uuid, head, rows):
-            if len(heads) >= HEADS_KEPT:
-                heads.clear()
-            heads[run_uuid] = (rows[-1].seq, rows[-1].hash)
+            head_remember(connection, run_uuid, rows)
             return rows
         head = None  # the hint was out of date (a rollback, or another writer): read it
     raise ChainMoved(f"the chain of {run_uuid} moved while events were appended to it")
@@ -100,6 +111,7 @@ def chain_head(run_uuid: uuid.UUID) -> tuple[int, str]:
 def events_chained(
     run_uuid: uuid.UUID, head: tuple[int, str], events: list[tuple[str, str, dict | None]]
 ) -> list[LineageEvent]:
+    """The events as rows that follow ``head``: numbered, chained, hashed."""
     seq, prev_hash = head
     at = timezone.now()
     rows = []
@@ -126,7 +138,70 @@ def events_chained(
     return rows
 
 
+# Raw SQL, because the ORM has no conditional multi-row INSERT: the append checks the
+# head it builds on in the same statement that writes.
+
 COLUMNS = ("run_uuid", "seq", "at", "kind", "actor", "payload", "prev_hash", "hash")
+LENGTH = re.compile(r"\([0-9, ]+\)")
+
+
+def rows_values(connection: Any, objs: list[models.Model], names: tuple[str, ...]) -> SQL:
+    """``(VALUES (...), (...)) AS new_rows`` for model instances, columns in ``names``'
+    order, each value prepared as its field prepares it for saving. On PostgreSQL each
+    slot is cast to its column's type without a length (VALUES has no types to infer
+    from, and a cast to varchar(n) would cut a long value short instead of refusing it)."""
+    meta = objs[0]._meta
+    fields = [meta.get_field(name) for name in names]
+    row = row_slots(connection.alias, type(objs[0]), names)
+    params: list[Any] = []
+    for obj in objs:
+        params.extend(f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields)
+    return SQL(f"(VALUES {', '.join(row for _ in objs)}) AS new_rows", params)
+
+
+@functools.cache
+def row_slots(alias: str, model: type[models.Model], names: tuple[str, ...]) -> str:
+    """``(%s, %s, ...)``, typed as ``typed_slot`` types them; made once per shape."""
+    connection = connections[alias]
+    return "(" + ", ".join(typed_slot(connection, model._meta.get_field(n)) for n in names) + ")"
+
+
+def typed_slot(connection: Any, field: models.Field) -> str:
+    """``%s``, on PostgreSQL cast to the field's column type without its length."""
+    if connection.vendor != "postgresql":
+        return "%s"
+    return f"CAST(%s AS {LENGTH.sub('', field.db_type(connection))})"
+
+
+def head_guard(connection: Any, run_uuid: uuid.UUID, head: tuple[int, str]) -> SQL:
+    """A condition true only while ``head`` is the chain's last event (no event after
+    it, and it exists as remembered, unless it is the genesis)."""
+    quote = connection.ops.quote_name
+    table = quote(LineageEvent._meta.db_table)
+    run_column, seq_column, hash_column = quote("run_uuid"), quote("seq"), quote("hash")
+    run_param = LineageEvent._meta.get_field("run_uuid").get_db_prep_save(run_uuid, connection)
+    seq, last_hash = head
+    sql = f"NOT EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s AND {seq_column} > %s)"
+    params = [run_param, seq]
+    if seq:
+        sql += (
+            f" AND EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s"
+            f" AND {seq_column} = %s AND {hash_column} = %s)"
+        )
+        params += [run_param, seq, last_hash]
+    return SQL(sql, params)
+
+
+def events_insert(connection: Any, rows: list[LineageEvent], condition: SQL) -> SQL:
+    """``INSERT`` of the rows, made only where ``condition`` holds."""
+    quote = connection.ops.quote_name
+    values = rows_values(connection, rows, COLUMNS)
+    return SQL(
+        f"INSERT INTO {quote(LineageEvent._meta.db_table)} "
+        f"({', '.join(quote(c) for c in COLUMNS)}) "
+        f"SELECT * FROM {values.sql} WHERE {condition.sql}",
+        values.params + condition.params,
+    )
 
 
 def rows_insert_after_head(
@@ -134,38 +209,19 @@ def rows_insert_after_head(
 ) -> bool:
     """INSERT the rows only if ``head`` is still the chain's last event, checked in the
     same statement (so a stale hint can neither fork the chain nor leave a gap); False,
-    and nothing written, if it is not. Raw SQL, because the ORM has no conditional
-    multi-row INSERT."""
-    meta = LineageEvent._meta
-    fields = [meta.get_field(name) for name in COLUMNS]
-    quote = connection.ops.quote_name
-    table = quote(meta.db_table)
-    if connection.vendor == "postgresql":
-        # VALUES in a SELECT has no column types to infer from: name them.
-        slot = "(" + ", ".join(f"CAST(%s AS {f.db_type(connection)})" for f in fields) + ")"
-    else:
-        slot = "(" + ", ".join("%s" for _ in fields) + ")"
-    params: list[Any] = []
-    for row in rows:
-        params.extend(f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields)
-    run_column, seq_column, hash_column = quote("run_uuid"), quote("seq"), quote("hash")
-    run_param = fields[0].get_db_prep_save(run_uuid, connection)
-    seq, last_hash = head
-    guard = f"NOT EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s AND {seq_column} > %s)"
-    params.extend([run_param, seq])
-    if seq:
-        guard += (
-            f" AND EXISTS (SELECT 1 FROM {table} WHERE {run_column} = %s"
-            f" AND {seq_column} = %s AND {hash_column} = %s)"
-        )
-        params.extend([run_param, seq, last_hash])
-    sql = (
-        f"INSERT INTO {table} ({', '.join(quote(c) for c in COLUMNS)}) "
-        f"SELECT * FROM (VALUES {', '.join(slot for _ in rows)}) AS new_events WHERE {guard}"
-    )
+    and nothing written, if it is not."""
+    statement = events_insert(connection, rows, head_guard(connection, run_uuid, head))
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(statement.sql, statement.params)
         return cursor.rowcount == len(rows)
+
+
+@dataclass(frozen=True)
+class SQL:
+    """A statement or a fragment of one, with its parameters."""
+
+    sql: str
+    params: list[Any]
 
 
 @dataclass(frozen=True)

@@ -306,15 +306,25 @@ def steps_create(*, run: Run, entries: list[dict[str, Any]], actor: str = "engin
     among them, plus the ``event``'s kind and its ``payload``."""
     from tasks.models import Step
 
+    steps, events = steps_built(run=run, entries=entries, actor=actor)
+    Step.objects.bulk_create(steps)
+    events_append(run_uuid=run.pk, events=events)
+    return steps
+
+
+def steps_built(
+    *, run: Run, entries: list[dict[str, Any]], actor: str = "engine"
+) -> tuple[list, list[tuple[str, str, dict[str, Any]]]]:
+    """``steps_create``'s steps (unsaved) and events, ``(kind, actor, payload)``."""
+    from tasks.models import Step
+
     steps, events = [], []
     for entry in entries:
         fields = dict(entry)
         event, payload = fields.pop("event"), fields.pop("payload")
         steps.append(Step(run=run, **fields))
         events.append((event, actor, {"step": fields["number"], **payload}))
-    Step.objects.bulk_create(steps)
-    events_append(run_uuid=run.pk, events=events)
-    return steps
+    return steps, events
 
 
 def step_transition(*, step, to: str, event: str, payload: dict[str, Any], **fields: Any):

@@ -51,3 +51,22 @@ def test_the_bench_prints_its_figures_and_its_runs_succeed():
     assert runs.count() == 6
     assert set(runs.values_list("status", flat=True)) == {RunStatus.SUCCEEDED}
     assert [run.steps.count() for run in runs] == [2 * 3 + 1] * 6
+
+
+def test_commits_are_counted_in_and_outside_transactions():
+    from django.db import connection, transaction
+
+    from agentops.bench import database_counted
+
+    table = connection.ops.quote_name(Run._meta.db_table)
+    with database_counted(connection) as count:
+        with transaction.atomic():  # two writes, one commit
+            Run.objects.filter(pk=None).update(reason="")
+            Run.objects.filter(pk=None).update(reason="")
+        Run.objects.filter(pk=None).update(reason="")  # autocommit: its own commit
+        with connection.cursor() as cursor:  # a write inside WITH commits by itself too
+            cursor.execute(f"WITH gone AS (SELECT 1) UPDATE {table} SET reason = '' WHERE 1 = 0")
+            cursor.execute("WITH one AS (SELECT 1) SELECT * FROM one")  # reads: no commit
+        list(Run.objects.all()[:1])
+    assert count.commits == 3
+    assert count.queries == 6

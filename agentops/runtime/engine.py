@@ -39,6 +39,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agentops import states
+from agentops.runtime import commits
 from agentops.runtime.budgets import (
     BudgetBreach,
     Limits,
@@ -76,6 +77,7 @@ from tasks.services import (
     run_transition,
     step_transition,
     step_transition_if_unchanged,
+    steps_built,
     steps_create,
 )
 
@@ -133,10 +135,13 @@ def slice_cached(key: tuple, load: Callable[[], Any]) -> Any:
     return cache[key]
 
 
-def clock_added() -> dict[str, float]:
-    """The seconds of work since the last commit, to add to the run's count."""
+def clock_added(add: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``add`` plus the seconds of work since the last commit, for the run's counters."""
+    added = dict(add or {})
     clock = _clock.get()
-    return {"seconds_used": clock.lap()} if clock else {}
+    if clock:
+        added["seconds_used"] = added.get("seconds_used", 0.0) + clock.lap()
+    return added
 
 
 def increments(added: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +229,7 @@ def fence(
     """Inside a step's transaction: renew the lease, add to counters (and the seconds of
     work since the last commit), set ``values``, and prove this worker still owns a
     running run. Anything else rolls the step back. Returns what was added."""
-    added = {**(add or {}), **clock_added()}
+    added = clock_added(add)
     updated = Run.objects.filter(pk=run_id, status=RunStatus.RUNNING, lease_owner=owner).update(
         lease_expires_at=lease_deadline(), **increments(added), **values
     )
@@ -339,6 +344,10 @@ class Context:
             self._committed = None
         for apply in applies:
             apply()
+
+    def outside_transaction(self) -> bool:
+        """Whether a write now would be a commit of its own, not part of a block's."""
+        return self._committed is None
 
     def on_commit(self, apply: Callable[[], None]) -> None:
         self._committed.append(apply)
@@ -587,38 +596,38 @@ def model_turn(ctx: Context) -> Outcome:
             doors = None
     # A final answer that needs no check ends the run in the same commit.
     final = not calls and not ctx.setting("self_check")
-    with ctx.transaction():
-        added = usage_added(turn, turn_cost)
-        if doors is not None:
-            added["steps_used"] = 2
-        lease_fence(ctx, add=added)
-        model_step = step_entry(
-            event="model.responded",
-            payload={
-                "content": turn.content,
-                "tool_calls": calls,
-                "model": turn.model,
-                "tokens_in": turn.tokens_in,
-                "tokens_out": turn.tokens_out,
-                "cost": str(turn_cost),
-            },
-            kind=StepKind.MODEL,
-            status=StepStatus.SUCCEEDED,
-            content=turn.content,
-            tool_calls=calls,
-            tokens_in=turn.tokens_in,
-            tokens_out=turn.tokens_out,
-            duration_ms=duration_ms,
-            finished_at=timezone.now(),
-        )
-        entries = [model_step]
-        if doors is not None:
-            entries.append(call_start(ctx, calls[0], doors, ctx.number + 1))
-        steps = steps_add(ctx, *entries)
-        if final:
-            run_succeed(ctx, turn.content)
+    added = usage_added(turn, turn_cost)
+    if doors is not None:
+        added["steps_used"] = 2
+    model_step = step_entry(
+        event="model.responded",
+        payload={
+            "content": turn.content,
+            "tool_calls": calls,
+            "model": turn.model,
+            "tokens_in": turn.tokens_in,
+            "tokens_out": turn.tokens_out,
+            "cost": str(turn_cost),
+        },
+        kind=StepKind.MODEL,
+        status=StepStatus.SUCCEEDED,
+        content=turn.content,
+        tool_calls=calls,
+        tokens_in=turn.tokens_in,
+        tokens_out=turn.tokens_out,
+        duration_ms=duration_ms,
+        finished_at=timezone.now(),
+    )
+    entries = [model_step]
+    if doors is not None:
+        entries.append(call_start(ctx, calls[0], doors, ctx.number + 1))
     if final:
+        with ctx.transaction():
+            lease_fence(ctx, add=added)
+            steps_add(ctx, *entries)
+            run_succeed(ctx, turn.content)
         return Outcome.FINISHED
+    steps = steps_commit(ctx, added, entries)
     if doors is not None:
         return call_fire(ctx, steps[1], doors.tool)
     return Outcome.CONTINUE
@@ -1079,9 +1088,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
 
-    with ctx.transaction():
-        lease_fence(ctx, add={"steps_used": 1})
-        step = steps_add(ctx, call_start(ctx, call, doors, number))[0]
+    step = steps_commit(ctx, {"steps_used": 1}, [call_start(ctx, call, doors, number)])[0]
     return call_fire(ctx, step, tool)
 
 
@@ -1110,6 +1117,29 @@ def steps_add(ctx: Context, *entries: dict[str, Any]) -> list[Step]:
     steps = steps_create(run=ctx.run, entries=numbered)
     ctx.on_commit(lambda: ctx.steps_committed(steps))
     return steps
+
+
+def steps_commit(ctx: Context, add: dict[str, Any], entries: list[dict[str, Any]]) -> list[Step]:
+    """One commit of its own: the fence, adding ``add`` to the run's counters, and new
+    steps with their events. On PostgreSQL, one statement (agentops.runtime.commits);
+    where that does not apply or its checks fail, having written nothing, a transaction."""
+    added = clock_added(add)
+    numbered = [{**entry, "number": ctx.number + offset} for offset, entry in enumerate(entries)]
+    steps, events = steps_built(run=ctx.run, entries=numbered)
+    if ctx.outside_transaction() and commits.steps_insert_commit(
+        run=ctx.run,
+        owner=ctx.owner,
+        lease_expires_at=lease_deadline(),
+        added=added,
+        steps=steps,
+        events=events,
+    ):
+        ctx.run_changed(added, {})
+        ctx.steps_committed(steps)
+        return steps
+    with ctx.transaction():
+        lease_fence(ctx, add=added)
+        return steps_add(ctx, *entries)
 
 
 def step_add(ctx: Context, **entry: Any) -> Step:
@@ -1374,9 +1404,27 @@ def call_outcome_record(
     payload.update({"result": result.value} if result.ok else {"error": result.error})
     fields: dict[str, Any] = {"duration_ms": duration_ms, "finished_at": timezone.now()}
     fields.update({"result": result.value} if result.ok else {"error": result.error})
+    added = clock_added()
+    if ctx.outside_transaction() and commits.outcome_commit(
+        run=ctx.run,
+        owner=ctx.owner,
+        lease_expires_at=lease_deadline(),
+        added=added,
+        step=step,
+        to=status,
+        fields=fields,
+        event=(event, "engine", {"step": step.number, **payload}),
+    ):
+        # The common case in one statement: this worker holds the run, the step is still
+        # ``started``. Otherwise nothing was written and the transaction below decides.
+        step.status = status
+        for name, value in fields.items():
+            setattr(step, name, value)
+        ctx.run_changed(added, {})
+        return
     with ctx.transaction():
         # Renew the lease if this worker still holds the run; record the outcome regardless.
-        added = clock_added()
+        added = clock_added(added)
         held = Run.objects.filter(
             pk=ctx.run.pk, status=RunStatus.RUNNING, lease_owner=ctx.owner
         ).update(lease_expires_at=lease_deadline(), **increments(added))

@@ -1,0 +1,176 @@
+"""The engine's two most frequent commits, each as one statement, on PostgreSQL.
+
+A model turn whose call runs at once, and a call's outcome, are nearly all that a run
+commits. As a transaction each is a BEGIN, three statements and a COMMIT: five round
+trips to the server. Here each is one statement that commits by itself: its parts are
+data-modifying CTEs, all gated on the first, the fence, so it writes everything or
+nothing, and its commit is flushed to disk like any other.
+
+The fence is the engine's (``engine.fence``: this worker still holds the running run's
+lease) plus the lineage chain's head, which this thread remembers from its last append
+(``lineage.services.head_hint``): the events written here follow that head, so it must
+still be the last. When any part's check fails (the lease is gone, the head moved, the
+step is no longer ``started``) the statement writes nothing, and the engine takes its
+ordinary path, a transaction that tells those cases apart. So do SQLite (its round trips
+are function calls) and a thread with no head in memory.
+
+Raw SQL, because the ORM cannot gate one write on another in one statement. Every value
+is prepared by its model field, as the ORM would prepare it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import Model
+
+from lineage.services import (
+    SQL,
+    events_chained,
+    events_insert,
+    head_guard,
+    head_hint,
+    head_remember,
+    rows_values,
+    typed_slot,
+)
+from tasks.models import Run, RunStatus, Step, StepStatus
+
+STEP_COLUMNS = tuple(f.name for f in Step._meta.concrete_fields if not f.primary_key)
+
+
+def database() -> Any:
+    """The engine's database connection, if this module serves it (PostgreSQL)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    return db if db.vendor == "postgresql" else None
+
+
+def assignments(db: Any, model: type[Model], values: dict[str, Any], added: dict[str, Any]) -> SQL:
+    """``column = %s, ...`` for ``values`` and ``column = column + %s, ...`` for
+    ``added``, each value prepared by its field."""
+    sql = assignments_sql(db.alias, model, tuple(values), tuple(added))
+    params = [
+        model._meta.get_field(name).get_db_prep_save(value, db)
+        for name, value in (*values.items(), *added.items())
+    ]
+    return SQL(sql, params)
+
+
+@functools.cache
+def assignments_sql(
+    alias: str, model: type[Model], set_names: tuple[str, ...], add_names: tuple[str, ...]
+) -> str:
+    db = connections[alias]
+    quote = db.ops.quote_name
+    parts = []
+    for name in set_names:
+        field = model._meta.get_field(name)
+        parts.append(f"{quote(field.column)} = {typed_slot(db, field)}")
+    for name in add_names:
+        field = model._meta.get_field(name)
+        column = quote(field.column)
+        parts.append(f"{column} = {column} + {typed_slot(db, field)}")
+    return ", ".join(parts)
+
+
+def fence_cte(db: Any, run: Run, owner: str, head: tuple[int, str], changes: SQL) -> SQL:
+    """``fence AS (UPDATE run ... RETURNING 1)``: one row if this worker still holds the
+    running run and ``head`` is still its chain's last event, none otherwise."""
+    quote = db.ops.quote_name
+    guard = head_guard(db, run.pk, head)
+    pk = Run._meta.pk.get_db_prep_save(run.pk, db)
+    return SQL(
+        f"fence AS (UPDATE {quote(Run._meta.db_table)} SET {changes.sql}"
+        f" WHERE {quote('id')} = %s AND {quote('status')} = %s"
+        f" AND {quote('lease_owner')} = %s AND {guard.sql} RETURNING 1)",
+        [*changes.params, pk, RunStatus.RUNNING, owner, *guard.params],
+    )
+
+
+def steps_insert_commit(
+    *,
+    run: Run,
+    owner: str,
+    lease_expires_at: Any,
+    added: dict[str, Any],
+    steps: list[Step],
+    events: list[tuple[str, str, dict[str, Any]]],
+) -> bool:
+    """Fence the run (renew the lease, add to its counters), insert the new steps and
+    their events: one statement. True if it was written, and the steps have their ids;
+    False if a check failed and nothing was written."""
+    db = database()
+    head = head_hint(db, run.pk) if db else None
+    if head is None:
+        return False
+    quote = db.ops.quote_name
+    rows = events_chained(run.pk, head, events)
+    changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
+    fence = fence_cte(db, run, owner, head, changes)
+    values = rows_values(db, steps, STEP_COLUMNS)
+    columns = ", ".join(quote(Step._meta.get_field(name).column) for name in STEP_COLUMNS)
+    new_events = events_insert(db, rows, SQL("EXISTS (SELECT 1 FROM fence)", []))
+    statement = (
+        f"WITH {fence.sql}, "
+        f"new_steps AS (INSERT INTO {quote(Step._meta.db_table)} ({columns})"
+        f" SELECT * FROM {values.sql} WHERE EXISTS (SELECT 1 FROM fence)"
+        f" RETURNING {quote('id')}, {quote('number')}), "
+        f"new_events AS ({new_events.sql}) "
+        f"SELECT {quote('id')}, {quote('number')} FROM new_steps"
+    )
+    with db.cursor() as cursor:
+        cursor.execute(statement, [*fence.params, *values.params, *new_events.params])
+        written = {number: pk for pk, number in cursor.fetchall()}
+    if not written:
+        return False
+    for step in steps:
+        step.pk = written[step.number]
+    head_remember(db, run.pk, rows)
+    return True
+
+
+def outcome_commit(
+    *,
+    run: Run,
+    owner: str,
+    lease_expires_at: Any,
+    added: dict[str, Any],
+    step: Step,
+    to: str,
+    fields: dict[str, Any],
+    event: tuple[str, str, dict[str, Any]],
+) -> bool:
+    """Fence the run, move the ``started`` step to ``to`` with ``fields``, append its
+    event: one statement. True if it was written; False if a check failed (the lease,
+    the chain's head, or the step no longer ``started``) and nothing was written."""
+    db = database()
+    head = head_hint(db, run.pk) if db else None
+    if head is None or step.status != StepStatus.STARTED:
+        return False
+    quote = db.ops.quote_name
+    rows = events_chained(run.pk, head, [event])
+    changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
+    fence = fence_cte(db, run, owner, head, changes)
+    moves = assignments(db, Step, {"status": to, **fields}, {})
+    pk = Step._meta.pk.get_db_prep_save(step.pk, db)
+    new_events = events_insert(db, rows, SQL("EXISTS (SELECT 1 FROM moved)", []))
+    statement = (
+        f"WITH {fence.sql}, "
+        f"moved AS (UPDATE {quote(Step._meta.db_table)} SET {moves.sql}"
+        f" WHERE {quote('id')} = %s AND {quote('status')} = %s"
+        f" AND EXISTS (SELECT 1 FROM fence) RETURNING 1), "
+        f"new_events AS ({new_events.sql}) "
+        f"SELECT count(*) FROM moved"
+    )
+    with db.cursor() as cursor:
+        cursor.execute(
+            statement,
+            [*fence.params, *moves.params, pk, StepStatus.STARTED, *new_events.params],
+        )
+        (moved,) = cursor.fetchone()
+    if moved != 1:
+        return False
+    head_remember(db, run.pk, rows)
+    return True
