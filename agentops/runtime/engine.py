@@ -1,8 +1,9 @@
 """The durable step loop.
 
 ``advance(run_id)`` claims the run's lease, works a bounded slice, and leaves the run
-queued, waiting, or finished. It keeps no state of its own between steps: everything it
-needs is re-read from the run's steps, so a run resumes from its record after any stop.
+queued, waiting, or finished. It keeps no state of its own between slices: each slice
+reads the run's record once and keeps it in step with what it commits (``Context``), so
+a run resumes from its record after any stop.
 
 The guarantees (docs/guarantees.md):
 - every change to a run commits in one transaction with its lineage events;
