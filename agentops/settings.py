@@ -138,6 +138,9 @@ if AGENTOPS_APPROVAL_WEBHOOK_URL and not AGENTOPS_APPROVAL_WEBHOOK_SECRET:
     )
 
 # The demo's sample ledger: a SQLite file apart from agentops' own database.
+# SQL tools may not reach agentops' own database (its runs, approvals, the dial) unless
+# this says so: the test suite does, using its own database as a peer.
+AGENTOPS_SQL_OWN_DATABASE = env_bool("AGENTOPS_SQL_OWN_DATABASE", default=False)
 AGENTOPS_DEMO_LEDGER = VAR_DIR / (env_str("AGENTOPS_DEMO_LEDGER") or "demo_ledger.sqlite3")
 
 # Queues. django-q2 on the ORM broker is the embedded default: no service beyond the

@@ -21,6 +21,10 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # noqa: F405
 else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_agentops_{os.getpid()}"}  # noqa: F405
 
+# The SQL tools' tests use the suite's own database, through the "default" alias, as their
+# PostgreSQL and SQLite peer; production refuses that (tests/runtime/tools/test_sql.py).
+AGENTOPS_SQL_OWN_DATABASE = True
+
 # Hashing test passwords at full strength would cost most of the suite's time.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

@@ -53,6 +53,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from agentops.config import database_from_url
 from agentops.runtime.secrets import EMBEDDED, PREFIX, SecretMissing, config_resolve
@@ -186,7 +187,34 @@ def alias_errors(alias: Any) -> list[str]:
         ]
     if vendor_of(entry["ENGINE"]) == "sqlite" and str(entry.get("NAME", "")) in ("", ":memory:"):
         return [f"database: {alias!r} is an in-memory SQLite database, which a tool cannot see"]
+    if own_database(entry):
+        return [f"database: {alias!r} {OWN_DATABASE_REFUSAL}"]
     return []
+
+
+OWN_DATABASE_REFUSAL = (
+    "is agentops' own database, with the runs, the approvals and the autonomy dial: an "
+    "agent must not reach it. Point the tool at the database it needs"
+)
+
+
+def own_database(entry: dict) -> bool:
+    """Whether a settings entry names agentops' own database (the live ``default``
+    connection's), unless AGENTOPS_SQL_OWN_DATABASE allows it. PostgreSQL databases
+    compare by host and port as written, and name; SQLite files by their real path."""
+    if settings.AGENTOPS_SQL_OWN_DATABASE:
+        return False
+    own = connections[DEFAULT_DB_ALIAS].settings_dict
+    vendor = vendor_of(entry.get("ENGINE", ""))
+    if vendor != vendor_of(own.get("ENGINE", "")):
+        return False
+    if vendor == "sqlite":
+        return os.path.realpath(str(entry.get("NAME"))) == os.path.realpath(str(own["NAME"]))
+    return (
+        entry.get("HOST") or "localhost",
+        str(entry.get("PORT") or 5432),
+        entry.get("NAME"),
+    ) == (own.get("HOST") or "localhost", str(own.get("PORT") or 5432), own.get("NAME"))
 
 
 def url_errors(url: Any) -> list[str]:
@@ -197,9 +225,11 @@ def url_errors(url: Any) -> list[str]:
     # Each {secret:NAME} stands for a value that can only be checked at call time.
     placeholder = EMBEDDED.sub("secret", url)
     try:
-        database_from_url("url", placeholder, base_dir=settings.BASE_DIR)
+        entry = database_from_url("url", placeholder, base_dir=settings.BASE_DIR)
     except ImproperlyConfigured as error:
         return [str(error)]
+    if own_database(entry):
+        return [f"url: the database it names {OWN_DATABASE_REFUSAL}"]
     password = urlsplit(url).password
     if password and not EMBEDDED.fullmatch(password):
         return [
@@ -224,6 +254,8 @@ def target_for(config: dict) -> Target:
     if "database" in config:
         alias = config["database"]
         entry = settings.DATABASES[alias]
+        if own_database(entry):
+            raise ToolError(f"the database {alias!r} {OWN_DATABASE_REFUSAL}; the call was not made")
         return Target(vendor_of(entry["ENGINE"]), entry, f"the database {alias!r}")
     try:
         entry = database_from_url("url", url_resolve(config["url"]), base_dir=settings.BASE_DIR)
@@ -232,6 +264,8 @@ def target_for(config: dict) -> Target:
         raise ToolError(
             "the tool's URL, with its secrets filled in, is not a database URL"
         ) from None
+    if own_database(entry):
+        raise ToolError(f"the tool's URL {OWN_DATABASE_REFUSAL}; the call was not made")
     vendor = vendor_of(entry["ENGINE"])
     if vendor == "sqlite":
         label = f"the SQLite file {os.path.basename(entry['NAME'])}"

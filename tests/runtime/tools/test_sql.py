@@ -488,25 +488,56 @@ def peer_connection():
     return sqlite3.connect(entry["NAME"], isolation_level=None, timeout=5)
 
 
+def suite_url(monkeypatch, *, name: str = "{secret:SQLTOOL_DATABASE}") -> str:
+    """A URL of the suite's database, its password (and by default its name) secrets."""
+    entry = connection.settings_dict
+    monkeypatch.setenv("SQLTOOL_DATABASE", str(entry["NAME"]))
+    if connection.vendor != "postgresql":
+        return f"sqlite:///{name}"
+    password = ":{secret:SQLTOOL_PASSWORD}" if entry["PASSWORD"] else ""
+    monkeypatch.setenv("SQLTOOL_PASSWORD", entry["PASSWORD"] or "unused")
+    return (
+        f"postgres://{entry['USER']}{password}@{entry['HOST'] or 'localhost'}:"
+        f"{entry['PORT'] or 5432}/{name}"
+    )
+
+
 @suite_db
 def test_a_url_to_the_suites_database_reads_its_secrets_at_call_time(suite_ledger, monkeypatch):
-    entry = connection.settings_dict
-    if connection.vendor == "postgresql":
-        password = ":{secret:SQLTOOL_PASSWORD}" if entry["PASSWORD"] else ""
-        monkeypatch.setenv("SQLTOOL_PASSWORD", entry["PASSWORD"] or "unused")
-        url = (
-            f"postgres://{entry['USER']}{password}@{entry['HOST'] or 'localhost'}:"
-            f"{entry['PORT'] or 5432}/{{secret:SQLTOOL_DATABASE}}"
-        )
-    else:
-        url = "sqlite:///{secret:SQLTOOL_DATABASE}"
-    monkeypatch.setenv("SQLTOOL_DATABASE", str(entry["NAME"]))
-    tool = sql_tool({"url": url, "mode": "read", "query": BY_CUSTOMER})
+    tool = sql_tool({"url": suite_url(monkeypatch), "mode": "read", "query": BY_CUSTOMER})
 
     result = call(tool, {"customer": "Lindqvist"})
 
     assert result.ok, result.error
     assert result.value["rows"] == [{"number": "INV-4", "amount": 3000}]
+
+
+@suite_db
+def test_agentops_own_database_is_refused_to_a_tool_by_alias_and_by_url(
+    suite_ledger, monkeypatch, settings
+):
+    # Outside the test suite (which allows it, to use its database as a peer), a tool
+    # must not reach the runtime's own records: an agent could approve its own calls.
+    settings.AGENTOPS_SQL_OWN_DATABASE = False
+    executor = executor_for_kind("sql")
+    refusal = "is agentops' own database"
+
+    by_alias = default_tool(f"DELETE FROM {TABLE}", mode="write", side_effect="irreversible")
+    assert any(refusal in error for error in executor.config_errors(by_alias.config))
+    result = executor.execute(by_alias, {"customer": "x"}, CONTEXT)
+    assert not result.ok and refusal in result.error
+
+    # Its name a secret: the tool can be saved, and is refused when the secret is read.
+    by_secret = sql_tool({"url": suite_url(monkeypatch), "mode": "read", "query": BY_CUSTOMER})
+    assert executor.config_errors(by_secret.config) == []
+    result = executor.execute(by_secret, {"customer": "Lindqvist"}, CONTEXT)
+    assert not result.ok and refusal in result.error and "was not made" in result.error
+
+    # Written out: refused when the tool is saved.
+    named = suite_url(monkeypatch, name=str(connection.settings_dict["NAME"]))
+    errors = executor.config_errors({"url": named, "mode": "read", "query": BY_CUSTOMER})
+    assert any(refusal in error for error in errors), errors
+    assert len(suite_rows(f"SELECT * FROM {TABLE}")) == len(INVOICES)
 
 
 # Through the engine -------------------------------------------------------------------
