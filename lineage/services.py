@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -10,10 +9,11 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connections, models, transaction
+from django.db import models, transaction
 from django.utils import timezone
 
 from lineage.models import GENESIS_HASH, LineageEvent
@@ -145,25 +145,47 @@ COLUMNS = ("run_uuid", "seq", "at", "kind", "actor", "payload", "prev_hash", "ha
 LENGTH = re.compile(r"\([0-9, ]+\)")
 
 
-def rows_values(connection: Any, objs: list[models.Model], names: tuple[str, ...]) -> SQL:
-    """``(VALUES (...), (...)) AS new_rows`` for model instances, columns in ``names``'
-    order, each value prepared as its field prepares it for saving. On PostgreSQL each
-    slot is cast to its column's type without a length (VALUES has no types to infer
-    from, and a cast to varchar(n) would cut a long value short instead of refusing it)."""
-    meta = objs[0]._meta
-    fields = [meta.get_field(name) for name in names]
-    row = row_slots(connection.alias, type(objs[0]), names)
-    params: list[Any] = []
-    for obj in objs:
-        params.extend(f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields)
-    return SQL(f"(VALUES {', '.join(row for _ in objs)}) AS new_rows", params)
+def rows_insert(
+    connection: Any, objs: list[models.Model], names: tuple[str, ...], condition: SQL
+) -> SQL:
+    """``INSERT INTO table (names) SELECT ... WHERE condition`` for unsaved model
+    instances, each value as its field makes it for saving (``pre_save``).
+
+    On PostgreSQL the rows travel as one jsonb parameter, read back by the table's own
+    row type (``jsonb_populate_recordset``): the statement's text is the same for any
+    number of rows, so the driver caches it and the server prepares it once, and every
+    value keeps its column's type and limits. SQLite takes a VALUES list."""
+    model = type(objs[0])
+    fields = [model._meta.get_field(name) for name in names]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    table = quote(model._meta.db_table)
+    if connection.vendor == "postgresql":
+        # JSON null is SQL NULL there, as the ORM saves None in a nullable JSON field.
+        rows = [{f.column: f.pre_save(obj, True) for f in fields} for obj in objs]
+        source = f"jsonb_populate_recordset(NULL::{table}, CAST(%s AS jsonb))"
+        params: list[Any] = [json.dumps(rows, default=json_scalar)]
+        select = f"SELECT {columns} FROM {source} AS new_rows"
+    else:
+        row = "(" + ", ".join("%s" for _ in fields) + ")"
+        params = []
+        for obj in objs:
+            params.extend(f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields)
+        select = f"SELECT * FROM (VALUES {', '.join(row for _ in objs)}) AS new_rows"
+    return SQL(
+        f"INSERT INTO {table} ({columns}) {select} WHERE {condition.sql}",
+        params + condition.params,
+    )
 
 
-@functools.cache
-def row_slots(alias: str, model: type[models.Model], names: tuple[str, ...]) -> str:
-    """``(%s, %s, ...)``, typed as ``typed_slot`` types them; made once per shape."""
-    connection = connections[alias]
-    return "(" + ", ".join(typed_slot(connection, model._meta.get_field(n)) for n in names) + ")"
+def json_scalar(value: Any) -> Any:
+    """What json.dumps cannot write itself: times in full (DjangoJSONEncoder would cut
+    them to milliseconds, and an event's hash covers its microseconds), UUIDs, decimals."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, Decimal)):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def typed_slot(connection: Any, field: models.Field) -> str:
@@ -194,14 +216,7 @@ def head_guard(connection: Any, run_uuid: uuid.UUID, head: tuple[int, str]) -> S
 
 def events_insert(connection: Any, rows: list[LineageEvent], condition: SQL) -> SQL:
     """``INSERT`` of the rows, made only where ``condition`` holds."""
-    quote = connection.ops.quote_name
-    values = rows_values(connection, rows, COLUMNS)
-    return SQL(
-        f"INSERT INTO {quote(LineageEvent._meta.db_table)} "
-        f"({', '.join(quote(c) for c in COLUMNS)}) "
-        f"SELECT * FROM {values.sql} WHERE {condition.sql}",
-        values.params + condition.params,
-    )
+    return rows_insert(connection, rows, COLUMNS, condition)
 
 
 def rows_insert_after_head(

@@ -33,7 +33,7 @@ from lineage.services import (
     head_guard,
     head_hint,
     head_remember,
-    rows_values,
+    rows_insert,
     typed_slot,
 )
 from tasks.models import Run, RunStatus, Step, StepStatus
@@ -109,19 +109,17 @@ def steps_insert_commit(
     rows = events_chained(run.pk, head, events)
     changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
     fence = fence_cte(db, run, owner, head, changes)
-    values = rows_values(db, steps, STEP_COLUMNS)
-    columns = ", ".join(quote(Step._meta.get_field(name).column) for name in STEP_COLUMNS)
-    new_events = events_insert(db, rows, SQL("EXISTS (SELECT 1 FROM fence)", []))
+    fenced = SQL("EXISTS (SELECT 1 FROM fence)", [])
+    new_steps = rows_insert(db, steps, STEP_COLUMNS, fenced)
+    new_events = events_insert(db, rows, fenced)
     statement = (
         f"WITH {fence.sql}, "
-        f"new_steps AS (INSERT INTO {quote(Step._meta.db_table)} ({columns})"
-        f" SELECT * FROM {values.sql} WHERE EXISTS (SELECT 1 FROM fence)"
-        f" RETURNING {quote('id')}, {quote('number')}), "
+        f"new_steps AS ({new_steps.sql} RETURNING {quote('id')}, {quote('number')}), "
         f"new_events AS ({new_events.sql}) "
         f"SELECT {quote('id')}, {quote('number')} FROM new_steps"
     )
     with db.cursor() as cursor:
-        cursor.execute(statement, [*fence.params, *values.params, *new_events.params])
+        cursor.execute(statement, [*fence.params, *new_steps.params, *new_events.params])
         written = {number: pk for pk, number in cursor.fetchall()}
     if not written:
         return False
