@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections
 from django.db.models import Model
 
 from lineage.services import (
@@ -89,6 +89,21 @@ def fence_cte(db: Any, run: Run, owner: str, head: tuple[int, str], changes: SQL
     )
 
 
+def statement_run(db: Any, cursor: Any, statement: str, params: list[Any]) -> bool:
+    """Run a one-statement commit; False if it broke a unique constraint, which writes
+    nothing. That happens only if another transaction appended to the chain after this
+    statement's snapshot was taken and before it inserted (it read the head before
+    waiting for the run's row lock): the transaction path reads the head afresh. Inside
+    a transaction (the tests' own) the error stands, as it would have aborted it."""
+    try:
+        cursor.execute(statement, params)
+    except IntegrityError:
+        if db.in_atomic_block:
+            raise
+        return False
+    return True
+
+
 def steps_insert_commit(
     *,
     run: Run,
@@ -119,7 +134,10 @@ def steps_insert_commit(
         f"SELECT {quote('id')}, {quote('number')} FROM new_steps"
     )
     with db.cursor() as cursor:
-        cursor.execute(statement, [*fence.params, *new_steps.params, *new_events.params])
+        if not statement_run(
+            db, cursor, statement, [*fence.params, *new_steps.params, *new_events.params]
+        ):
+            return False
         written = {number: pk for pk, number in cursor.fetchall()}
     if not written:
         return False
@@ -162,11 +180,10 @@ def outcome_commit(
         f"new_events AS ({new_events.sql}) "
         f"SELECT count(*) FROM moved"
     )
+    params = [*fence.params, *moves.params, pk, StepStatus.STARTED, *new_events.params]
     with db.cursor() as cursor:
-        cursor.execute(
-            statement,
-            [*fence.params, *moves.params, pk, StepStatus.STARTED, *new_events.params],
-        )
+        if not statement_run(db, cursor, statement, params):
+            return False
         (moved,) = cursor.fetchone()
     if moved != 1:
         return False

@@ -113,3 +113,28 @@ def test_each_agent_step_commits_twice(make_task, operator):
     assert run.steps.filter(kind="tool", status=StepStatus.SUCCEEDED).count() == calls
     # The rest: the claim, the plan's turn, the plan, the final answer with the run's end.
     assert count.commits == 2 * calls + 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_commit_that_meets_a_concurrent_append_is_made_by_the_transaction_path(
+    make_task, operator, monkeypatch
+):
+    # Another transaction appends after the one-statement commit read the chain (which
+    # its check of the head cannot see): the unique (run, seq) index refuses the commit
+    # whole, and the transaction path makes it, reading the head afresh.
+    from agentops.runtime import commits
+
+    ctx = claimed(make_task, operator)
+    before = lineage.head_hint(connection, ctx.run.pk)
+    with transaction.atomic():
+        event_append(run_uuid=ctx.run.pk, kind="test.concurrent", actor="other")
+    lineage._heads.__dict__[connection.alias][ctx.run.pk] = before
+    monkeypatch.setattr(commits, "head_guard", lambda db, run_uuid, head: lineage.SQL("TRUE", []))
+
+    steps_commit(ctx, {"steps_used": 1}, [model_entry("after the race")])
+
+    run = Run.objects.get(pk=ctx.run.pk)
+    assert list(run.steps.values_list("content", flat=True)) == ["after the race"]
+    assert run.steps_used == 1
+    assert kinds(run) == ["run.queued", "run.running", "test.concurrent", "model.responded"]
+    assert chain_verify(run.pk).intact
