@@ -14,8 +14,8 @@ step is no longer ``started``) the statement writes nothing, and the engine take
 ordinary path, a transaction that tells those cases apart. So do SQLite (its round trips
 are function calls) and a thread with no head in memory.
 
-Raw SQL, because the ORM cannot gate one write on another in one statement. Every value
-is prepared by its model field, as the ORM would prepare it.
+Raw SQL, because the ORM cannot gate one write on another in one statement. The columns
+come from the models, and every value from its field (``lineage.services.rows_insert``).
 """
 
 from __future__ import annotations

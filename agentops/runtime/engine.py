@@ -351,6 +351,8 @@ class Context:
         return self._committed is None
 
     def on_commit(self, apply: Callable[[], None]) -> None:
+        if self._committed is None:
+            raise RuntimeError("a slice's write must be inside ctx.transaction()")
         self._committed.append(apply)
 
     def reload(self) -> None:
