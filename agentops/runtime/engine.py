@@ -72,7 +72,16 @@ from agentops.runtime.tools import ToolContext, ToolResult, arguments_errors, ex
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
 from lineage.services import event_append, json_plain
-from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
+from tasks.models import (
+    AutonomyLevel,
+    Run,
+    RunStatus,
+    Step,
+    StepKind,
+    StepStatus,
+    Task,
+    Tool,
+)
 from tasks.services import (
     price_for,
     run_transition,
@@ -968,14 +977,33 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     verdict = rules_evaluate(rules, arguments)
     if verdict.effect == "deny":
         return Doors(tool, arguments, verdict.reason, None)
+    level, pinned = autonomy_level(ctx), ctx.definition["autonomy_level"]
     decision = gate_decide(
-        autonomy_level=ctx.definition["autonomy_level"],
-        side_effect=tool.side_effect,
-        always_approve=tool.always_approve,
+        autonomy_level=level, side_effect=tool.side_effect, always_approve=tool.always_approve
     )
+    if level < pinned and decision.verdict is not Verdict.RUN:
+        decision = GateDecision(
+            decision.verdict,
+            f"{decision.reason} (the dial was turned down to {AutonomyLevel(level).name.title()} "
+            "after this run started)",
+        )
     if verdict.effect == "approve" and decision.verdict is Verdict.RUN:
         decision = GateDecision(Verdict.HOLD, verdict.reason)
     return Doors(tool, arguments, "", decision)
+
+
+def autonomy_level(ctx: Context) -> int:
+    """The level the gate applies: the one the run started with, or the task's dial now
+    if it was turned down since (a step-down after a rejection or an incident reaches a
+    run already going at its next slice; turning the dial up never does)."""
+    live = slice_cached(
+        ("autonomy", ctx.run.task_id),
+        lambda: (
+            Task.objects.filter(pk=ctx.run.task_id).values_list("autonomy_level", flat=True).first()
+        ),
+    )
+    pinned = ctx.definition["autonomy_level"]
+    return pinned if live is None else min(pinned, live)
 
 
 def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:

@@ -66,6 +66,49 @@ def test_lowering_the_dial_takes_effect_at_once(make_task):
     assert change.status == AutonomyChange.Status.APPLIED and task.autonomy_level == 1
 
 
+def test_turning_the_dial_down_holds_the_next_call_of_a_run_already_going(make_task, operator):
+    from agentops.runtime.engine import Outcome, advance
+    from tasks.models import RunStatus, StepStatus
+    from tests.agent_tools import EFFECTS
+
+    turns = [{"calls": [("test_send", {"text": text})]} for text in ("one", "two")]
+    task = make_task([*turns, {"content": "done"}], tools=["test_send"], autonomy_level=3)
+    run = run_start(task=task, run_input={}, user=operator)
+    # Slice by slice (each ends after one step) until the first send was made.
+    while not run.steps.filter(kind="tool", status=StepStatus.SUCCEEDED).exists():
+        assert advance(run.pk, max_seconds=1e-6) is Outcome.YIELDED
+    assert EFFECTS == {"send:one": 1}
+
+    autonomy_request(task=task, to_level=1, user=editor("alice"), reason="an incident")
+
+    assert run_until_rest(run) is Outcome.WAITING
+    assert run.status == RunStatus.WAITING
+    approval = Approval.objects.get(run=run)
+    assert approval.arguments == {"text": "two"}
+    assert approval.gate == (
+        "Supervised: every irreversible call waits for a person "
+        "(the dial was turned down to Supervised after this run started)"
+    )
+    assert EFFECTS == {"send:one": 1}  # the second send waits for a person
+
+
+def test_turning_the_dial_up_does_not_free_a_run_already_going(make_task, operator):
+    from agentops.runtime.engine import Outcome
+
+    task = make_task(
+        [{"calls": [("test_send", {"text": "one"})]}, {"content": "done"}],
+        tools=["test_send"],
+        autonomy_level=1,
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    Task.objects.filter(pk=task.pk).update(autonomy_level=3)
+
+    assert run_until_rest(run) is Outcome.WAITING
+    assert Approval.objects.get(run=run).gate == (
+        "Supervised: every irreversible call waits for a person"
+    )
+
+
 def test_turning_the_dial_through_the_task_page(make_task, client):
     task = make_task([])
     alice, bob = editor("alice"), editor("bob")
