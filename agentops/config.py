@@ -105,31 +105,26 @@ SQLITE_OPTIONS = {
 }
 
 
-# Django's PostgreSQL options agentops sets unless the URL says otherwise: parameters
-# bound by the server, and statements run five times prepared once (psycopg's default
-# threshold), so the engine's few hot statements are not parsed and planned at every
-# step. A connection pooler in transaction mode needs ?prepare_threshold=none.
-POSTGRES_DEFAULTS: dict[str, Any] = {"server_side_binding": True, "prepare_threshold": 5}
-
-
 def postgres_options(name: str, url: str, query: dict[str, str]) -> dict[str, Any]:
-    """The URL's query parameters as driver options, over ``POSTGRES_DEFAULTS``; the two
-    of those are typed: ``server_side_binding`` true/false, ``prepare_threshold`` a
-    number or none."""
-    options: dict[str, Any] = {**POSTGRES_DEFAULTS, **query}
-    binding = str(options["server_side_binding"]).lower()
-    if binding not in {"true", "false"}:
-        raise ImproperlyConfigured(f"{name}={url!r}: server_side_binding must be true or false")
-    options["server_side_binding"] = binding == "true"
-    threshold = str(options["prepare_threshold"]).lower()
-    if threshold == "none":
-        options["prepare_threshold"] = None
-    elif threshold.isdigit():
-        options["prepare_threshold"] = int(threshold)
-    else:
-        raise ImproperlyConfigured(
-            f"{name}={url!r}: prepare_threshold must be a whole number or none"
-        )
+    """The URL's query parameters as driver options; Django's ``server_side_binding``
+    (true/false) and psycopg's ``prepare_threshold`` (a number, or none) are typed, as
+    the driver needs them."""
+    options: dict[str, Any] = dict(query)
+    if "server_side_binding" in options:
+        binding = options["server_side_binding"].lower()
+        if binding not in {"true", "false"}:
+            raise ImproperlyConfigured(f"{name}={url!r}: server_side_binding must be true or false")
+        options["server_side_binding"] = binding == "true"
+    if "prepare_threshold" in options:
+        threshold = options["prepare_threshold"].lower()
+        if threshold == "none":
+            options["prepare_threshold"] = None
+        elif threshold.isdigit():
+            options["prepare_threshold"] = int(threshold)
+        else:
+            raise ImproperlyConfigured(
+                f"{name}={url!r}: prepare_threshold must be a whole number or none"
+            )
     return options
 
 

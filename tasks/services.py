@@ -307,7 +307,11 @@ def steps_create(*, run: Run, entries: list[dict[str, Any]], actor: str = "engin
     from tasks.models import Step
 
     steps, events = steps_built(run=run, entries=entries, actor=actor)
-    Step.objects.bulk_create(steps)
+    if transaction.get_connection().features.can_return_rows_from_bulk_insert:
+        Step.objects.bulk_create(steps)
+    else:  # SQLite before 3.35 cannot return the new rows' ids from one INSERT
+        for step in steps:
+            step.save(force_insert=True)
     events_append(run_uuid=run.pk, events=events)
     return steps
 

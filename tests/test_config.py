@@ -183,20 +183,21 @@ def test_a_postgres_url_gives_every_field_and_decodes_the_password(tmp_path):
     assert database["PASSWORD"] == "p@ss/w:rd"
     assert database["HOST"] == "db.internal"
     assert database["PORT"] == "5433"
-    assert database["OPTIONS"] == {
-        "sslmode": "require",
-        "server_side_binding": True,
-        "prepare_threshold": 5,
-    }
+    assert database["OPTIONS"] == {"sslmode": "require"}
 
 
-def test_a_postgres_url_can_turn_server_binding_and_prepared_statements_off(tmp_path):
-    database = database_from_url(
-        "DATABASE_URL",
-        "postgres://u@pooler:6432/agentops?server_side_binding=false&prepare_threshold=none",
-        base_dir=tmp_path,
-    )
-    assert database["OPTIONS"] == {"server_side_binding": False, "prepare_threshold": None}
+@pytest.mark.parametrize(
+    ("query", "options"),
+    [
+        ("prepare_threshold=none", {"prepare_threshold": None}),
+        ("prepare_threshold=5", {"prepare_threshold": 5}),
+        ("server_side_binding=true", {"server_side_binding": True}),
+        ("server_side_binding=FALSE", {"server_side_binding": False}),
+    ],
+)
+def test_a_postgres_url_gives_the_driver_options_their_types(tmp_path, query, options):
+    url = f"postgres://u@pooler:6432/agentops?{query}"
+    assert database_from_url("DATABASE_URL", url, base_dir=tmp_path)["OPTIONS"] == options
 
 
 @pytest.mark.parametrize(

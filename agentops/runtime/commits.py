@@ -21,9 +21,12 @@ come from the models, and every value from its field (``lineage.services.rows_in
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections
+from django.db.backends.postgresql.base import ServerBindingCursor
 from django.db.models import Model
 
 from lineage.services import (
@@ -45,6 +48,35 @@ def database() -> Any:
     """The engine's database connection, if this module serves it (PostgreSQL)."""
     db = connections[DEFAULT_DB_ALIAS]
     return db if db.vendor == "postgresql" else None
+
+
+class PreparedCursor(ServerBindingCursor):
+    """Django's server-binding cursor, preparing every statement it runs: the two
+    statements here run at every step, and a plan made once saves the server planning
+    them each time. Django's own cursors stay as Django makes them: parameters merged
+    by the driver, nothing prepared."""
+
+    def execute(self, query: Any, params: Any = None, *, prepare: bool | None = None, **kw: Any):
+        return super().execute(query, params, prepare=True if prepare is None else prepare, **kw)
+
+
+@contextmanager
+def statement_cursor(db: Any) -> Iterator[Any]:
+    """A cursor for the statements here, wrapped as Django wraps its own (errors, query
+    logging, execute wrappers). DATABASE_URL's ``prepare_threshold``, when given, rules
+    instead: ``none`` for a connection pooler that cannot keep prepared statements."""
+    db.ensure_connection()
+    db.validate_thread_sharing()
+    prepares = "prepare_threshold" not in db.settings_dict["OPTIONS"]
+    if prepares and db.connection.prepare_threshold is None:
+        # psycopg prepares nothing while the threshold is None, even when asked: make it
+        # out of reach instead, so that only statements that ask are prepared.
+        db.connection.prepare_threshold = 2**31 - 1
+    with db.wrap_database_errors:
+        raw = (PreparedCursor if prepares else ServerBindingCursor)(db.connection)
+    cursor = db.make_debug_cursor(raw) if db.queries_logged else db.make_cursor(raw)
+    with cursor:
+        yield cursor
 
 
 def assignments(db: Any, model: type[Model], values: dict[str, Any], added: dict[str, Any]) -> SQL:
@@ -75,17 +107,27 @@ def assignments_sql(
     return ", ".join(parts)
 
 
-def fence_cte(db: Any, run: Run, owner: str, head: tuple[int, str], changes: SQL) -> SQL:
+def fence_cte(
+    db: Any,
+    run: Run,
+    owner: str,
+    head: tuple[int, str],
+    changes: SQL,
+    also: SQL | None = None,
+) -> SQL:
     """``fence AS (UPDATE run ... RETURNING 1)``: one row if this worker still holds the
-    running run and ``head`` is still its chain's last event, none otherwise."""
+    running run, ``head`` is still its chain's last event, and ``also`` holds (what the
+    statement's other parts need); none otherwise. Every other part is gated on it, so
+    the statement writes all of its parts or none."""
     quote = db.ops.quote_name
     guard = head_guard(db, run.pk, head)
+    also = also or SQL("TRUE", [])
     pk = Run._meta.pk.get_db_prep_save(run.pk, db)
     return SQL(
         f"fence AS (UPDATE {quote(Run._meta.db_table)} SET {changes.sql}"
         f" WHERE {quote('id')} = %s AND {quote('status')} = %s"
-        f" AND {quote('lease_owner')} = %s AND {guard.sql} RETURNING 1)",
-        [*changes.params, pk, RunStatus.RUNNING, owner, *guard.params],
+        f" AND {quote('lease_owner')} = %s AND {guard.sql} AND {also.sql} RETURNING 1)",
+        [*changes.params, pk, RunStatus.RUNNING, owner, *guard.params, *also.params],
     )
 
 
@@ -133,7 +175,7 @@ def steps_insert_commit(
         f"new_events AS ({new_events.sql}) "
         f"SELECT {quote('id')}, {quote('number')} FROM new_steps"
     )
-    with db.cursor() as cursor:
+    with statement_cursor(db) as cursor:
         if not statement_run(
             db, cursor, statement, [*fence.params, *new_steps.params, *new_events.params]
         ):
@@ -168,20 +210,25 @@ def outcome_commit(
     quote = db.ops.quote_name
     rows = events_chained(run.pk, head, [event])
     changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
-    fence = fence_cte(db, run, owner, head, changes)
-    moves = assignments(db, Step, {"status": to, **fields}, {})
     pk = Step._meta.pk.get_db_prep_save(step.pk, db)
+    table = quote(Step._meta.db_table)
+    started = SQL(
+        f"EXISTS (SELECT 1 FROM {table} WHERE {quote('id')} = %s AND {quote('status')} = %s)",
+        [pk, StepStatus.STARTED],
+    )
+    fence = fence_cte(db, run, owner, head, changes, also=started)
+    moves = assignments(db, Step, {"status": to, **fields}, {})
     new_events = events_insert(db, rows, SQL("EXISTS (SELECT 1 FROM moved)", []))
     statement = (
         f"WITH {fence.sql}, "
-        f"moved AS (UPDATE {quote(Step._meta.db_table)} SET {moves.sql}"
+        f"moved AS (UPDATE {table} SET {moves.sql}"
         f" WHERE {quote('id')} = %s AND {quote('status')} = %s"
         f" AND EXISTS (SELECT 1 FROM fence) RETURNING 1), "
         f"new_events AS ({new_events.sql}) "
         f"SELECT count(*) FROM moved"
     )
     params = [*fence.params, *moves.params, pk, StepStatus.STARTED, *new_events.params]
-    with db.cursor() as cursor:
+    with statement_cursor(db) as cursor:
         if not statement_run(db, cursor, statement, params):
             return False
         (moved,) = cursor.fetchone()

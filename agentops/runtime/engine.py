@@ -984,8 +984,7 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     if level < pinned and decision.verdict is not Verdict.RUN:
         decision = GateDecision(
             decision.verdict,
-            f"{decision.reason} (the dial was turned down to {AutonomyLevel(level).name.title()} "
-            "after this run started)",
+            f"{decision.reason} (the dial was turned down after this run started)",
         )
     if verdict.effect == "approve" and decision.verdict is Verdict.RUN:
         decision = GateDecision(Verdict.HOLD, verdict.reason)
@@ -995,15 +994,18 @@ def call_doors(ctx: Context, call: dict) -> Doors:
 def autonomy_level(ctx: Context) -> int:
     """The level the gate applies: the one the run started with, or the task's dial now
     if it was turned down since (a step-down after a rejection or an incident reaches a
-    run already going at its next slice; turning the dial up never does)."""
-    live = slice_cached(
-        ("autonomy", ctx.run.task_id),
-        lambda: (
-            Task.objects.filter(pk=ctx.run.task_id).values_list("autonomy_level", flat=True).first()
-        ),
-    )
+    run already going at its next slice; turning the dial up never does). A run that
+    started making real calls is not switched to simulated ones: turned down to Shadow,
+    its calls wait for a person, as at Supervised."""
+    live = slice_cached(("autonomy", ctx.run.task_id), lambda: task_autonomy(ctx.run.task_id))
     pinned = ctx.definition["autonomy_level"]
-    return pinned if live is None else min(pinned, live)
+    if live is None:
+        return pinned
+    return min(pinned, max(live, AutonomyLevel.SUPERVISED))
+
+
+def task_autonomy(task_id: int) -> int | None:
+    return Task.objects.filter(pk=task_id).values_list("autonomy_level", flat=True).first()
 
 
 def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:

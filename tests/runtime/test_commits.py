@@ -4,8 +4,11 @@ is; on PostgreSQL the two most frequent ones are one statement each
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.db import connection, transaction
+from django.utils import timezone
 
 from agentops.bench import database_counted
 from agentops.runtime.engine import (
@@ -21,7 +24,7 @@ from agentops.runtime.engine import (
 from lineage import services as lineage
 from lineage.models import LineageEvent
 from lineage.services import chain_verify, event_append
-from tasks.models import Run, StepKind, StepStatus
+from tasks.models import Run, Step, StepKind, StepStatus
 from tasks.services import run_start
 
 pytestmark = pytest.mark.django_db
@@ -138,3 +141,55 @@ def test_a_commit_that_meets_a_concurrent_append_is_made_by_the_transaction_path
     assert run.steps_used == 1
     assert kinds(run) == ["run.queued", "run.running", "test.concurrent", "model.responded"]
     assert chain_verify(run.pk).intact
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the one-statement commits are PostgreSQL's"
+)
+def test_an_outcome_for_a_step_no_longer_started_writes_nothing_in_one_statement(
+    make_task, operator
+):
+    from agentops.runtime import commits
+
+    ctx = claimed(make_task, operator)
+    entry = step_entry(event="tool.started", payload={}, kind=StepKind.TOOL, status="started")
+    (step,) = steps_commit(ctx, {"steps_used": 1}, [entry])
+    # Settled behind this worker's back, without moving the chain's head.
+    Step.objects.filter(pk=step.pk).update(status=StepStatus.UNKNOWN)
+    run_before = Run.objects.values("seconds_used", "lease_expires_at").get(pk=ctx.run.pk)
+    events_before = kinds(ctx.run)
+
+    written = commits.outcome_commit(
+        run=ctx.run,
+        owner=ctx.owner,
+        lease_expires_at=timezone.now() + timedelta(hours=1),
+        added={"seconds_used": 5.0},
+        step=step,
+        to=StepStatus.SUCCEEDED,
+        fields={"result": {"late": True}},
+        event=("tool.succeeded", "engine", {"step": step.number}),
+    )
+
+    assert written is False
+    assert Run.objects.values("seconds_used", "lease_expires_at").get(pk=ctx.run.pk) == run_before
+    assert Step.objects.get(pk=step.pk).status == StepStatus.UNKNOWN
+    assert kinds(ctx.run) == events_before
+
+
+def test_steps_get_their_ids_where_a_bulk_insert_cannot_return_them(
+    make_task, operator, monkeypatch
+):
+    # SQLite before 3.35 (Debian 11, Ubuntu 20.04) returns no ids from a multi-row
+    # INSERT; the record in memory needs them (approvals point at their step).
+    monkeypatch.setattr(type(connection.features), "can_return_rows_from_bulk_insert", False)
+    ctx = claimed(make_task, operator)
+    with ctx.transaction():
+        from agentops.runtime.engine import lease_fence, steps_add
+
+        lease_fence(ctx, add={"steps_used": 2})
+        steps = steps_add(ctx, model_entry("one"), model_entry("two"))
+
+    assert all(step.pk for step in steps)
+    assert [s.pk for s in steps] == list(
+        Run.objects.get(pk=ctx.run.pk).steps.order_by("number").values_list("pk", flat=True)
+    )

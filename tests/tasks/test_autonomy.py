@@ -87,9 +87,29 @@ def test_turning_the_dial_down_holds_the_next_call_of_a_run_already_going(make_t
     assert approval.arguments == {"text": "two"}
     assert approval.gate == (
         "Supervised: every irreversible call waits for a person "
-        "(the dial was turned down to Supervised after this run started)"
+        "(the dial was turned down after this run started)"
     )
     assert EFFECTS == {"send:one": 1}  # the second send waits for a person
+
+
+def test_a_run_already_going_is_held_not_simulated_when_the_dial_goes_to_shadow(
+    make_task, operator
+):
+    from agentops.runtime.engine import Outcome
+    from tests.agent_tools import EFFECTS
+
+    task = make_task(
+        [{"calls": [("test_send", {"text": "one"})]}, {"content": "done"}],
+        tools=["test_send"],
+        autonomy_level=3,
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    Task.objects.filter(pk=task.pk).update(autonomy_level=0)
+
+    assert run_until_rest(run) is Outcome.WAITING
+    assert Approval.objects.get(run=run).gate.startswith("Supervised: every irreversible call")
+    assert not run.steps.filter(status="simulated").exists()
+    assert EFFECTS == {}
 
 
 def test_turning_the_dial_up_does_not_free_a_run_already_going(make_task, operator):

@@ -71,6 +71,20 @@ ROW_LIMIT_MAX = 10_000
 READ_KEYWORDS = ("SELECT", "WITH", "VALUES", "SHOW", "EXPLAIN")
 POSTGRES_ENGINES = ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis")
 SQLITE_ENGINES = ("django.db.backends.sqlite3", "django.contrib.gis.db.backends.spatialite")
+# libpq keywords that say where to connect, and as whom. A tool's URL says that in its
+# own parts; its query may not, or the check that keeps tools off agentops' own database
+# (own_database) would look at one database while the tool connected to another.
+TARGET_KEYWORDS = {
+    "dbname",
+    "host",
+    "hostaddr",
+    "port",
+    "service",
+    "servicefile",
+    "user",
+    "password",
+    "passfile",
+}
 # Keys of a Django DATABASES entry's OPTIONS that are Django's own, not libpq's.
 DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role"}
 
@@ -228,6 +242,12 @@ def url_errors(url: Any) -> list[str]:
         entry = database_from_url("url", placeholder, base_dir=settings.BASE_DIR)
     except ImproperlyConfigured as error:
         return [str(error)]
+    targets = sorted(TARGET_KEYWORDS & set(entry.get("OPTIONS") or {}))
+    if entry["ENGINE"] in POSTGRES_ENGINES and targets:
+        return [
+            f"url: the query may not set {', '.join(targets)}: say where to connect in the "
+            "URL itself (postgres://user:{secret:NAME}@host:port/database)"
+        ]
     if own_database(entry):
         return [f"url: the database it names {OWN_DATABASE_REFUSAL}"]
     password = urlsplit(url).password
@@ -264,6 +284,12 @@ def target_for(config: dict) -> Target:
         raise ToolError(
             "the tool's URL, with its secrets filled in, is not a database URL"
         ) from None
+    targets = sorted(TARGET_KEYWORDS & set(entry.get("OPTIONS") or {}))
+    if entry["ENGINE"] in POSTGRES_ENGINES and targets:
+        raise ToolError(
+            f"the tool's URL sets {', '.join(targets)} in its query, which must be said in "
+            "the URL itself; the call was not made"
+        )
     if own_database(entry):
         raise ToolError(f"the tool's URL {OWN_DATABASE_REFUSAL}; the call was not made")
     vendor = vendor_of(entry["ENGINE"])
@@ -447,12 +473,13 @@ def postgres_connect_arguments(entry: dict, timeout: float) -> dict[str, Any]:
         if key in libpq_keywords and key not in DJANGO_ONLY_OPTIONS
     }
     arguments = {
+        **{key: value for key, value in options.items() if key not in TARGET_KEYWORDS},
+        # Where to connect is the URL's, never an option's (see TARGET_KEYWORDS).
         "dbname": entry.get("NAME"),
         "user": entry.get("USER"),
         "password": entry.get("PASSWORD"),
         "host": entry.get("HOST"),
         "port": str(entry.get("PORT") or ""),
-        **options,
         # libpq counts whole seconds, and takes anything under 2 as 2.
         "connect_timeout": max(2, math.ceil(timeout)),
         "application_name": "agentops sql tool",

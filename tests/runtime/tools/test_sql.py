@@ -540,6 +540,22 @@ def test_agentops_own_database_is_refused_to_a_tool_by_alias_and_by_url(
     assert len(suite_rows(f"SELECT * FROM {TABLE}")) == len(INVOICES)
 
 
+@pytest.mark.parametrize("query", ["dbname=agentops", "host=db.internal&port=5433", "service=x"])
+def test_a_tool_url_may_not_say_where_to_connect_in_its_query(monkeypatch, query):
+    # Else the URL's parts, which the own-database check reads, would not be where the
+    # tool connects: postgres://u@harmless/harmless?dbname=agentops
+    executor = executor_for_kind("sql")
+    config = {"url": f"postgres://u@harmless/harmless?{query}", "mode": "read", "query": "SELECT 1"}
+    errors = executor.config_errors(config)
+    assert any("the query may not set" in error for error in errors), errors
+
+    monkeypatch.setenv("SQLTOOL_URL", config["url"])
+    tool = sql_tool({**config, "url": "secret:SQLTOOL_URL"}, schema=NO_ARGUMENTS)
+    assert executor.config_errors(tool.config) == []  # a secret is read at call time
+    result = executor.execute(tool, {}, CONTEXT)
+    assert not result.ok and "in its query" in result.error and "was not made" in result.error
+
+
 # Through the engine -------------------------------------------------------------------
 
 
