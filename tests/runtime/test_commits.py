@@ -143,12 +143,11 @@ def test_a_commit_that_meets_a_concurrent_append_is_made_by_the_transaction_path
     assert chain_verify(run.pk).intact
 
 
-@pytest.mark.skipif(
-    connection.vendor != "postgresql", reason="the one-statement commits are PostgreSQL's"
-)
 def test_an_outcome_for_a_step_no_longer_started_writes_nothing_in_one_statement(
     make_task, operator
 ):
+    # On PostgreSQL the statement's fence requires the step to be 'started'; on SQLite
+    # the one-statement commits do not apply. Either way: nothing written.
     from agentops.runtime import commits
 
     ctx = claimed(make_task, operator)
