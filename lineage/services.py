@@ -1,4 +1,6 @@
-"""Writing and checking the trail. ``event_append`` is the only way events are made."""
+"""Writing and checking the trail. Events are made only here: ``event_append`` and
+``events_append``, and ``events_insert``, which agentops.runtime.commits puts inside its
+one-statement commits."""
 
 from __future__ import annotations
 
@@ -78,9 +80,11 @@ def events_append(
     """Append ``(kind, actor, payload)`` events to the run's chain, in order, in one
     INSERT. The events returned have no primary key.
 
-    Callers hold the run's row lock (or SQLite's write lock) inside the transaction that
-    changes the run, so the chain's head cannot move under them; the unique (run, seq)
-    constraint turns any slip into an error instead of a fork.
+    The INSERT writes only if the head it builds on is still the chain's last event
+    (``rows_insert_after_head``); if not, the head is read again and the append retried
+    once. Most callers hold the run's row lock (or SQLite's write lock), so the head
+    rarely moves; the unique (run, seq) constraint turns any race into an error, never a
+    fork.
     """
     connection = transaction.get_connection()
     if not connection.in_atomic_block:
@@ -153,8 +157,9 @@ def rows_insert(
 
     On PostgreSQL the rows travel as one jsonb parameter, read back by the table's own
     row type (``jsonb_populate_recordset``): the statement's text is the same for any
-    number of rows, so the driver caches it and the server prepares it once, and every
-    value keeps its column's type and limits. SQLite takes a VALUES list."""
+    number of rows, so the driver caches it, a prepared statement
+    (agentops.runtime.commits) is planned once, and every value keeps its column's type
+    and limits. SQLite takes a VALUES list."""
     model = type(objs[0])
     fields = [model._meta.get_field(name) for name in names]
     quote = connection.ops.quote_name

@@ -1,10 +1,11 @@
-"""The engine's two most frequent commits, each as one statement, on PostgreSQL.
+"""The engine's most frequent commits, each as one statement, on PostgreSQL.
 
-A model turn whose call runs at once, and a call's outcome, are nearly all that a run
-commits. As a transaction each is a BEGIN, three statements and a COMMIT: five round
-trips to the server. Here each is one statement that commits by itself: its parts are
-data-modifying CTEs, all gated on the first, the fence, so it writes everything or
-nothing, and its commit is flushed to disk like any other.
+A model turn (with its started call, when one runs at once), a call started by itself,
+and a call's outcome are nearly all that a run commits. As a transaction each is a
+BEGIN, three statements and a COMMIT: five round trips to the server. Here each is one
+statement that commits by itself: its parts are data-modifying CTEs, all gated on the
+first, the fence, so it writes everything or nothing, and its commit is flushed to disk
+like any other.
 
 The fence is the engine's (``engine.fence``: this worker still holds the running run's
 lease) plus the lineage chain's head, which this thread remembers from its last append

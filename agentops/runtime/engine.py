@@ -2,8 +2,9 @@
 
 ``advance(run_id)`` claims the run's lease, works a bounded slice, and leaves the run
 queued, waiting, or finished. It keeps no state of its own between slices: each slice
-reads the run's record once and keeps it in step with what it commits (``Context``), so
-a run resumes from its record after any stop.
+reads the run's record once (again when a commit may have met another writer's,
+``Context.stale``) and keeps it in step with what it commits (``Context``), so a run
+resumes from its record after any stop.
 
 The guarantees (docs/guarantees.md):
 - every change to a run commits in one transaction with its lineage events;
@@ -11,7 +12,8 @@ The guarantees (docs/guarantees.md):
   on resume an idempotent tool is called again with the same key, any other becomes
   ``unknown`` and the run waits for a person: nothing re-fires blindly;
 - a recorded model turn is reused, never asked again;
-- every commit is fenced by the lease: a worker that lost the run writes nothing;
+- every commit is fenced by the lease: a worker that lost the run writes nothing, except
+  the outcome of a call it already made and the notes of that call's retries;
 - budgets are checked before every model and tool call, with the call's projected cost.
 """
 
@@ -1425,9 +1427,12 @@ def call_attempts(
 def call_outcome_record(
     ctx: Context, step: Step, tool: Tool, result: ToolResult, duration_ms: int
 ) -> None:
-    """Record a call's outcome on its ``started`` step. If another worker meanwhile took
-    the run over and marked the step ``unknown`` (this worker looked dead), the late
-    outcome settles it: the person's pending question is withdrawn and the run goes on."""
+    """Record a call's outcome on its ``started`` step: first as one statement
+    (agentops.runtime.commits), else in a transaction that records it even if this
+    worker lost the run meanwhile (the call happened), and then stops the slice with
+    ``LeaseLost``. If another worker took the run over and marked the step ``unknown``
+    (this worker looked dead), the late outcome settles it: the person's pending
+    question is withdrawn and the run goes on."""
     status, event = (
         (StepStatus.SUCCEEDED, "tool.succeeded")
         if result.ok
