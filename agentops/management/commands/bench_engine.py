@@ -6,6 +6,7 @@ See docs/benchmarks.md for what each figure means and the figures measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -14,8 +15,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -70,7 +72,8 @@ database refuses to delete it.
 
 --compare langgraph runs the same workload on LangGraph, on the same kind of database
 (SqliteSaver on a temporary SQLite file; PostgresSaver in a temporary schema of the same
-PostgreSQL database), and prints the ratio of the overheads. It needs LangGraph:
+PostgreSQL database), each of its runs right after one of agentops' so that both see the
+same load on the machine, and prints the ratio of the overheads. It needs LangGraph:
 pip install -e '.[bench]'.
 """
 
@@ -223,8 +226,17 @@ class Command(BaseCommand):
             with bench.database_counted(connection) as count:
                 bench_advance(counted_run)
 
+            # With --compare, each timed run is followed by a LangGraph run of the same
+            # workload, so both figures are taken under the same load on the machine.
+            langgraph = None
+            if options["compare"] == "langgraph":
+                langgraph = stack.enter_context(self.langgraph_started(steps=steps))
             timed_runs = [bench_run_start(task, steps) for _ in range(runs)]
-            seconds = [bench_advance(run) for run in timed_runs]
+            seconds, their_seconds = [], []
+            for run in timed_runs:
+                seconds.append(bench_advance(run))
+                if langgraph is not None:
+                    their_seconds.append(bench.langgraph_run(langgraph.app, steps=steps))
             overhead = bench.spread([s * 1000 / steps for s in seconds])
 
             parallel_runs = [bench_run_start(task, steps) for _ in range(max(runs, workers))]
@@ -258,8 +270,8 @@ class Command(BaseCommand):
             first = failed.first()
             raise CommandError(f"run {first.pk} ended {first.status}: {first.reason}")
 
-        if options["compare"] == "langgraph":
-            self.langgraph_compare(runs=runs, steps=steps, mine=overhead.median)
+        if langgraph is not None:
+            self.langgraph_compare(langgraph.saver_name, their_seconds, steps, overhead.median)
 
         if options["cleanup"]:
             self.cleanup(task)
@@ -320,7 +332,10 @@ class Command(BaseCommand):
             )
         return seconds
 
-    def langgraph_compare(self, *, runs: int, steps: int, mine: float) -> None:
+    @contextlib.contextmanager
+    def langgraph_started(self, *, steps: int) -> Iterator[LangGraphBench]:
+        """The LangGraph app on a checkpointer on the same kind of database, warmed up
+        by one run as agentops is."""
         connection = connections["default"]
         if connection.vendor == "postgresql":
             saver_name = "PostgresSaver, a temporary schema"
@@ -330,12 +345,18 @@ class Command(BaseCommand):
             saver = bench.langgraph_sqlite_saver(langgraph_directory(connection.settings_dict))
         with saver as checkpointer:
             app = bench.langgraph_app(steps=steps, checkpointer=checkpointer)
-            bench.langgraph_run(app, steps=steps)  # warm-up, as for agentops
-            seconds = [bench.langgraph_run(app, steps=steps) for _ in range(runs)]
+            bench.langgraph_run(app, steps=steps)
+            yield LangGraphBench(app=app, saver_name=saver_name)
+
+    def langgraph_compare(
+        self, saver_name: str, seconds: list[float], steps: int, mine: float
+    ) -> None:
+        connection = connections["default"]
         theirs = bench.spread([s * 1000 / steps for s in seconds])
         self.say(
-            f"langgraph overhead per agent step ({saver_name}, durability=sync): "
-            f"median {theirs.median:.2f} ms, p90 {theirs.p90:.2f} ms"
+            f"langgraph overhead per agent step ({saver_name}, durability=sync, its runs "
+            f"alternating with agentops'): median {theirs.median:.2f} ms, "
+            f"p90 {theirs.p90:.2f} ms"
         )
         ratio = mine / theirs.median
         self.say(f"ratio agentops/langgraph: {ratio:.2f}")
@@ -360,6 +381,12 @@ class Command(BaseCommand):
 
 
 # Helpers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LangGraphBench:
+    app: Any
+    saver_name: str
 
 
 def langgraph_check() -> None:
