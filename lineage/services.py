@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -146,7 +145,6 @@ def events_chained(
 # head it builds on in the same statement that writes.
 
 COLUMNS = ("run_uuid", "seq", "at", "kind", "actor", "payload", "prev_hash", "hash")
-LENGTH = re.compile(r"\([0-9, ]+\)")
 
 
 def rows_insert(
@@ -191,13 +189,6 @@ def json_scalar(value: Any) -> Any:
     if isinstance(value, (uuid.UUID, Decimal)):
         return str(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def typed_slot(connection: Any, field: models.Field) -> str:
-    """``%s``, on PostgreSQL cast to the field's column type without its length."""
-    if connection.vendor != "postgresql":
-        return "%s"
-    return f"CAST(%s AS {LENGTH.sub('', field.db_type(connection))})"
 
 
 def head_guard(connection: Any, run_uuid: uuid.UUID, head: tuple[int, str]) -> SQL:

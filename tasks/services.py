@@ -341,6 +341,13 @@ def step_transition(*, step, to: str, event: str, payload: dict[str, Any], **fie
     return step
 
 
+def step_moved(step, to: str, fields: dict[str, Any]) -> None:
+    """A step's committed move to ``to`` with ``fields``, on the object in memory."""
+    step.status = to
+    for name, value in fields.items():
+        setattr(step, name, value)
+
+
 def step_transition_if_unchanged(
     *, step, to: str, event: str, payload: dict[str, Any], **fields: Any
 ) -> bool:
@@ -352,9 +359,7 @@ def step_transition_if_unchanged(
     updated = Step.objects.filter(pk=step.pk, status=step.status).update(status=to, **fields)
     if updated != 1:
         return False
-    step.status = to
-    for name, value in fields.items():
-        setattr(step, name, value)
+    step_moved(step, to, fields)
     event_append(
         run_uuid=step.run_id, kind=event, actor="engine", payload={"step": step.number, **payload}
     )

@@ -22,13 +22,14 @@ come from the models, and every value from its field (``lineage.services.rows_in
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections
 from django.db.backends.postgresql.base import ServerBindingCursor
-from django.db.models import Model
+from django.db.models import Field, Model
 
 from lineage.services import (
     SQL,
@@ -38,11 +39,11 @@ from lineage.services import (
     head_hint,
     head_remember,
     rows_insert,
-    typed_slot,
 )
 from tasks.models import Run, RunStatus, Step, StepStatus
 
 STEP_COLUMNS = tuple(f.name for f in Step._meta.concrete_fields if not f.primary_key)
+LENGTH = re.compile(r"\([0-9, ]+\)")
 
 
 def database() -> Any:
@@ -91,6 +92,12 @@ def assignments(db: Any, model: type[Model], values: dict[str, Any], added: dict
     return SQL(sql, params)
 
 
+def typed_slot(db: Any, field: Field) -> str:
+    """``%s`` cast to the field's column type without its length: a cast to varchar(n)
+    would cut a long value short instead of refusing it."""
+    return f"CAST(%s AS {LENGTH.sub('', field.db_type(db))})"
+
+
 @functools.cache
 def assignments_sql(
     alias: str, model: type[Model], set_names: tuple[str, ...], add_names: tuple[str, ...]
@@ -108,18 +115,30 @@ def assignments_sql(
     return ", ".join(parts)
 
 
+def fenceable(run: Run) -> tuple[Any, tuple[int, str]] | None:
+    """The connection and the chain's head a one-statement commit needs: None on
+    SQLite, or when this thread has not appended to the run's chain yet."""
+    db = database()
+    head = head_hint(db, run.pk) if db else None
+    return None if head is None else (db, head)
+
+
 def fence_cte(
     db: Any,
     run: Run,
     owner: str,
     head: tuple[int, str],
-    changes: SQL,
+    *,
+    lease_expires_at: Any,
+    added: dict[str, Any],
     also: SQL | None = None,
 ) -> SQL:
-    """``fence AS (UPDATE run ... RETURNING 1)``: one row if this worker still holds the
-    running run, ``head`` is still its chain's last event, and ``also`` holds (what the
-    statement's other parts need); none otherwise. Every other part is gated on it, so
-    the statement writes all of its parts or none."""
+    """``fence AS (UPDATE run ... RETURNING 1)``, renewing the lease and adding
+    ``added`` to the run's counters: one row if this worker still holds the running run,
+    ``head`` is still its chain's last event, and ``also`` holds (what the statement's
+    other parts need); none otherwise. Every other part is gated on it, so the statement
+    writes all of its parts or none."""
+    changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
     quote = db.ops.quote_name
     guard = head_guard(db, run.pk, head)
     also = also or SQL("TRUE", [])
@@ -159,14 +178,13 @@ def steps_insert_commit(
     """Fence the run (renew the lease, add to its counters), insert the new steps and
     their events: one statement. True if it was written, and the steps have their ids;
     False if a check failed and nothing was written."""
-    db = database()
-    head = head_hint(db, run.pk) if db else None
-    if head is None:
+    fenced_by = fenceable(run)
+    if fenced_by is None:
         return False
+    db, head = fenced_by
     quote = db.ops.quote_name
     rows = events_chained(run.pk, head, events)
-    changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
-    fence = fence_cte(db, run, owner, head, changes)
+    fence = fence_cte(db, run, owner, head, lease_expires_at=lease_expires_at, added=added)
     fenced = SQL("EXISTS (SELECT 1 FROM fence)", [])
     new_steps = rows_insert(db, steps, STEP_COLUMNS, fenced)
     new_events = events_insert(db, rows, fenced)
@@ -204,20 +222,21 @@ def outcome_commit(
     """Fence the run, move the ``started`` step to ``to`` with ``fields``, append its
     event: one statement. True if it was written; False if a check failed (the lease,
     the chain's head, or the step no longer ``started``) and nothing was written."""
-    db = database()
-    head = head_hint(db, run.pk) if db else None
-    if head is None or step.status != StepStatus.STARTED:
+    fenced_by = fenceable(run)
+    if fenced_by is None or step.status != StepStatus.STARTED:
         return False
+    db, head = fenced_by
     quote = db.ops.quote_name
     rows = events_chained(run.pk, head, [event])
-    changes = assignments(db, Run, {"lease_expires_at": lease_expires_at}, added)
     pk = Step._meta.pk.get_db_prep_save(step.pk, db)
     table = quote(Step._meta.db_table)
     started = SQL(
         f"EXISTS (SELECT 1 FROM {table} WHERE {quote('id')} = %s AND {quote('status')} = %s)",
         [pk, StepStatus.STARTED],
     )
-    fence = fence_cte(db, run, owner, head, changes, also=started)
+    fence = fence_cte(
+        db, run, owner, head, lease_expires_at=lease_expires_at, added=added, also=started
+    )
     moves = assignments(db, Step, {"status": to, **fields}, {})
     new_events = events_insert(db, rows, SQL("EXISTS (SELECT 1 FROM moved)", []))
     statement = (

@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -87,6 +87,7 @@ from tasks.models import (
 from tasks.services import (
     price_for,
     run_transition,
+    step_moved,
     step_transition,
     step_transition_if_unchanged,
     steps_built,
@@ -1148,10 +1149,14 @@ def step_entry(*, event: str, payload: dict[str, Any], **fields: Any) -> dict[st
 def steps_add(ctx: Context, *entries: dict[str, Any]) -> list[Step]:
     """Inside a fenced transaction: new steps, numbered on from the run's last, with
     their events. The slice's record gains them when the transaction commits."""
-    numbered = [{**entry, "number": ctx.number + offset} for offset, entry in enumerate(entries)]
-    steps = steps_create(run=ctx.run, entries=numbered)
+    steps = steps_create(run=ctx.run, entries=entries_numbered(ctx, entries))
     ctx.on_commit(lambda: ctx.steps_committed(steps))
     return steps
+
+
+def entries_numbered(ctx: Context, entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New steps' entries, numbered on from the run's last step."""
+    return [{**entry, "number": ctx.number + offset} for offset, entry in enumerate(entries)]
 
 
 def steps_commit(ctx: Context, add: dict[str, Any], entries: list[dict[str, Any]]) -> list[Step]:
@@ -1159,8 +1164,7 @@ def steps_commit(ctx: Context, add: dict[str, Any], entries: list[dict[str, Any]
     steps with their events. On PostgreSQL, one statement (agentops.runtime.commits);
     where that does not apply or its checks fail, having written nothing, a transaction."""
     added = clock_added(add)
-    numbered = [{**entry, "number": ctx.number + offset} for offset, entry in enumerate(entries)]
-    steps, events = steps_built(run=ctx.run, entries=numbered)
+    steps, events = steps_built(run=ctx.run, entries=entries_numbered(ctx, entries))
     if ctx.outside_transaction() and commits.steps_insert_commit(
         run=ctx.run,
         owner=ctx.owner,
@@ -1455,9 +1459,7 @@ def call_outcome_record(
     ):
         # The common case in one statement: this worker holds the run, the step is still
         # ``started``. Otherwise nothing was written and the transaction below decides.
-        step.status = status
-        for name, value in fields.items():
-            setattr(step, name, value)
+        step_moved(step, status, fields)
         ctx.run_changed(added, {})
         return
     with ctx.transaction():
