@@ -148,6 +148,15 @@ def slice_cached(key: tuple, load: Callable[[], Any]) -> Any:
     return cache[key]
 
 
+def step_derived(step: Step, name: str, derive: Callable[[], Any]) -> Any:
+    """What ``derive`` makes of ``step``. A step in a final status never changes again,
+    so that is made once per slice and kept; the transcript and the loop check read
+    every earlier step each turn, and would otherwise redo it all, O(steps²) a run."""
+    if not states.STEP.terminal(step.status):
+        return derive()
+    return slice_cached((name, step.pk, step.status), derive)
+
+
 def clock_added(add: dict[str, Any] | None = None) -> dict[str, Any]:
     """``add`` plus the seconds of work since the last commit, for the run's counters."""
     added = dict(add or {})
@@ -550,11 +559,15 @@ OK_STATUSES = (StepStatus.SUCCEEDED, StepStatus.SIMULATED)
 
 def loops_check(ctx: Context) -> LoopFinding | None:
     calls = (
-        ToolCallRecord(
-            number=s.number,
-            tool=s.tool_name,
-            arguments=s.arguments,
-            outcome=s.result if s.status in OK_STATUSES else {"error": s.error},
+        step_derived(
+            s,
+            "loop_record",
+            lambda s=s: ToolCallRecord(
+                number=s.number,
+                tool=s.tool_name,
+                arguments=s.arguments,
+                outcome=s.result if s.status in OK_STATUSES else {"error": s.error},
+            ),
         )
         for s in ctx.steps
         if s.kind == StepKind.TOOL
@@ -873,6 +886,10 @@ def tool_message(step: Step) -> str:
     """The call's outcome as the model reads it. Keys sorted: PostgreSQL's jsonb keeps
     them in an order of its own, and the transcript rebuilt from the record after a
     restart must read exactly as the one the slice kept in memory."""
+    return step_derived(step, "tool_message", lambda: tool_message_made(step))
+
+
+def tool_message_made(step: Step) -> str:
     if step.status in (StepStatus.SUCCEEDED, StepStatus.SIMULATED):
         return json.dumps(step.result, default=str, sort_keys=True)
     return json.dumps({"error": step.error or f"the call ended {step.status}"})

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -29,10 +29,14 @@ class ToolCallRecord:
     tool: str
     arguments: Any
     outcome: Any
+    # What makes two calls the same: tool, arguments and outcome. Made once per record,
+    # so a caller that keeps records of finished calls hashes each call once per run.
+    digest: str = field(init=False, repr=False, compare=False)
 
-
-def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    def __post_init__(self) -> None:
+        parts = (self.tool, self.arguments, self.outcome)
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+        object.__setattr__(self, "digest", digest.hexdigest())
 
 
 def loop_find(
@@ -42,7 +46,7 @@ def loop_find(
     repeats: Counter[str] = Counter()
     stale_in_a_row = 0
     for call in calls:
-        digest = _digest(call.tool, call.arguments, call.outcome)
+        digest = call.digest
         repeats[digest] += 1
         if repeat_limit and repeats[digest] >= repeat_limit:
             arguments = json.dumps(call.arguments, sort_keys=True, default=str)
