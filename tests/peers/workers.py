@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from django.db import connection
+
+from agentops.processes import group_stop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,16 +53,7 @@ def q2_cluster(log: Path) -> Iterator[subprocess.Popen]:
     try:
         yield process
     finally:
-        # The cluster's own stop: SIGTERM to its main process, which stops its children.
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-        with contextlib.suppress(ProcessLookupError):  # anything of the group still left
-            os.killpg(process.pid, signal.SIGKILL)
+        group_stop(process, grace=20)
 
 
 def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0, what: str = "") -> None:

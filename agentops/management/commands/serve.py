@@ -11,6 +11,11 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from agentops.processes import group_stop
+
+# How long the worker may take to finish the job in hand when asked to stop.
+STOP_GRACE_SECONDS = 15
+
 
 class Command(BaseCommand):
     help = "Run the web server and a worker together (django-q2), until interrupted."
@@ -26,7 +31,13 @@ class Command(BaseCommand):
                 "serve starts a django-q2 worker; with AGENTOPS_QUEUE=celery start "
                 "`celery -A agentops worker` and `manage.py runserver` yourself"
             )
-        worker = subprocess.Popen([sys.executable, "manage.py", "qcluster"], cwd=settings.BASE_DIR)
+        worker = subprocess.Popen(
+            [sys.executable, "manage.py", "qcluster"],
+            cwd=settings.BASE_DIR,
+            # A group of its own, ended as one (group_stop). It also keeps a terminal's
+            # Ctrl-C from reaching the cluster straight: it stops when serve stops it.
+            start_new_session=True,
+        )
 
         def stop(signum, frame):
             raise KeyboardInterrupt
@@ -48,8 +59,7 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             pass
         finally:
-            worker.terminate()
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            self.stdout.write(
+                f"Stopping the worker (up to {STOP_GRACE_SECONDS} s; Ctrl-C again stops it now)"
+            )
+            group_stop(worker, grace=STOP_GRACE_SECONDS)
