@@ -469,7 +469,9 @@ class Step(models.Model):
     """One numbered unit of work in a run. A model step records the model's turn (its
     text and the tool calls it asked for); a tool step is the ledger entry of one call."""
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps")
+    # No index of its own: the unique (run, number) index below serves every lookup by
+    # run, and one index fewer is one write fewer for each step a run records.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="steps", db_index=False)
     number = models.PositiveIntegerField()
     kind = models.CharField(max_length=8, choices=StepKind.choices)
     status = models.CharField(max_length=16, choices=StepStatus.choices)
