@@ -157,15 +157,20 @@ if AGENTOPS_QUEUE == "celery" and not REDIS_URL:
 AGENTOPS_SLICE_SECONDS = env_float("AGENTOPS_SLICE_SECONDS", 60.0, minimum=1.0)
 AGENTOPS_LEASE_SECONDS = env_float("AGENTOPS_LEASE_SECONDS", 120.0, minimum=5.0)
 
+# A job still going at three slices is stuck (a Python tool has no timeout of its own):
+# either queue then ends the worker process running it, which the engine treats as any
+# crash: the run's lease lapses and the reaper hands the run to the next worker.
+AGENTOPS_JOB_TIME_LIMIT = int(AGENTOPS_SLICE_SECONDS * 3)
+
 Q_CLUSTER = {
     "name": "agentops",
     "orm": "default",
     "workers": env_int("AGENTOPS_Q2_WORKERS", 2, minimum=1),
     "poll": 0.2,
-    # A job's timeout comfortably above one slice; retry above the timeout (django-q2
-    # requires it), and the lease stops a retried job from advancing a run twice.
-    "timeout": int(AGENTOPS_SLICE_SECONDS * 3),
-    "retry": int(AGENTOPS_SLICE_SECONDS * 3) + 60,
+    # Retry above the timeout (django-q2 requires it); the lease stops a retried job from
+    # advancing a run twice.
+    "timeout": AGENTOPS_JOB_TIME_LIMIT,
+    "retry": AGENTOPS_JOB_TIME_LIMIT + 60,
     "max_attempts": 1,
     "catch_up": False,
     "save_limit": 1000,
@@ -174,6 +179,7 @@ Q_CLUSTER = {
 
 CELERY_BROKER_URL = REDIS_URL or "redis://127.0.0.1:6379/0"
 CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_TIME_LIMIT = AGENTOPS_JOB_TIME_LIMIT  # ends the pool's child process (prefork)
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"

@@ -19,7 +19,9 @@ def send(run_id: uuid.UUID) -> None:
     if settings.AGENTOPS_QUEUE == "celery":
         from agentops.celery import run_advance_task
 
-        run_advance_task.delay(str(run_id))
+        # No time limit in the message: the worker's own (CELERY_TASK_TIME_LIMIT, three of
+        # its slices) rules, not the one of the process that happened to send it.
+        run_advance_task.apply_async((str(run_id),), time_limit=None)
     else:
         from django_q.tasks import async_task
 

@@ -39,13 +39,14 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def q2_cluster(log: Path) -> Iterator[subprocess.Popen]:
-    """Run ``manage.py qcluster`` against the test database until the block ends."""
+def q2_cluster(log: Path, **env: str) -> Iterator[subprocess.Popen]:
+    """Run ``manage.py qcluster`` against the test database until the block ends, with
+    ``env`` added to its environment."""
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"],
             cwd=ROOT,
-            env=worker_env(),
+            env=worker_env(**env),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: the cluster's children end with it

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import kombu.pools
 import pytest
 import redis
 from django.utils import timezone
@@ -60,13 +61,13 @@ def celery_producers_forget() -> None:
 
     The app reads its settings (broker URL, default queue) when it first sends, and keeps
     what it built; forgetting it makes the next message follow the settings as they are
-    then. Celery does the same after a fork (``Celery._after_fork``)."""
-    amqp = app.__dict__.pop("amqp", None)
-    if amqp is not None and amqp._producer_pool is not None:
-        amqp._producer_pool.force_close_all()
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    then. Celery and kombu do much the same after a fork (``Celery._after_fork``,
+    ``kombu.pools.reset``)."""
+    app.__dict__.pop("amqp", None)
+    app._pool = None
+    # Closes every pool and empties kombu's registry of them, which is keyed by broker
+    # URL: a pool closed but left there would be handed out again, closed.
+    kombu.pools.reset()
 
 
 @contextlib.contextmanager
@@ -87,17 +88,19 @@ def celery_dispatch(settings) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def celery_worker(log: Path, queue: str) -> Iterator[subprocess.Popen]:
+def celery_worker(
+    log: Path, queue: str, *, pool: str = "solo", **env: str
+) -> Iterator[subprocess.Popen]:
     """Run ``celery -A agentops worker`` on the test database until the block ends."""
     command = [sys.executable, "-m", "celery", "-A", "agentops", "worker"]
-    command += ["--pool=solo", "--concurrency=1", "--loglevel=INFO", "-Q", queue]
+    command += [f"--pool={pool}", "--concurrency=1", "--loglevel=INFO", "-Q", queue]
     command += ["--hostname", f"{queue}@%h"]
     command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
     with log.open("w") as output:
         process = subprocess.Popen(
             command,
             cwd=ROOT,
-            env=worker_env(AGENTOPS_QUEUE="celery", REDIS_URL=BROKER_URL),
+            env=worker_env(AGENTOPS_QUEUE="celery", REDIS_URL=BROKER_URL, **env),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group, so that all of it can be ended
