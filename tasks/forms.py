@@ -4,6 +4,8 @@ import json
 
 from django import forms
 
+from agentops.strict_json import json_loads_strict
+
 
 class RunStartForm(forms.Form):
     input = forms.CharField(
@@ -15,7 +17,7 @@ class RunStartForm(forms.Form):
     def clean_input(self) -> dict:
         raw = self.cleaned_data["input"].strip() or "{}"
         try:
-            value = json.loads(raw)
+            value = json_loads_strict(raw)
         except json.JSONDecodeError as error:
             raise forms.ValidationError(
                 f"This is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -137,6 +138,7 @@ class Task(models.Model):
         decimal_places=4,
         null=True,
         blank=True,
+        validators=[MinValueValidator(Decimal(0))],
         help_text="Model spend, from the model price table. Blank: no limit.",
     )
     on_budget_breach = models.CharField(
@@ -220,6 +222,12 @@ class Task(models.Model):
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(max_spend__isnull=True) | models.Q(max_spend__gte=0),
+                name="task_max_spend_not_negative",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -406,6 +414,7 @@ class Run(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        permissions = [("start_run", "Can start runs"), ("cancel_run", "Can cancel runs")]
         indexes = [
             models.Index(fields=["status", "created_at"], name="run_status_created"),
             models.Index(fields=["task", "-created_at"], name="run_task_created"),
@@ -436,12 +445,23 @@ class ModelPrice(models.Model):
     """What a model costs, per million tokens; the spend budget is counted with it."""
 
     model = models.CharField(max_length=200, unique=True, help_text="As the task names it.")
-    input_per_million = models.DecimalField(max_digits=12, decimal_places=4)
-    output_per_million = models.DecimalField(max_digits=12, decimal_places=4)
+    # A negative price would shrink the spend counted, and no spend budget would bind.
+    input_per_million = models.DecimalField(
+        max_digits=12, decimal_places=4, validators=[MinValueValidator(Decimal(0))]
+    )
+    output_per_million = models.DecimalField(
+        max_digits=12, decimal_places=4, validators=[MinValueValidator(Decimal(0))]
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["model"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(input_per_million__gte=0, output_per_million__gte=0),
+                name="model_price_not_negative",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.model}: {self.input_per_million} in, {self.output_per_million} out per 1M"

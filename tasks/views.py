@@ -68,6 +68,7 @@ def _task_page(
 
 @require_POST
 @login_required
+@permission_required("tasks.start_run", raise_exception=True)
 def task_run(request: HttpRequest, slug: str) -> HttpResponse:
     task = _task_or_404(slug)
     form = RunStartForm(request.POST)
@@ -117,6 +118,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
 
 @require_POST
 @login_required
+@permission_required("tasks.cancel_run", raise_exception=True)
 def run_cancel_view(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
     try:

@@ -54,9 +54,11 @@ def lineage_append_only(request):
 
 @pytest.fixture
 def operator(db) -> User:
-    """A person who may decide approvals."""
+    """A person who may start and cancel runs and decide approvals."""
     user = User.objects.create_user("olivia", "olivia@example.com", "pw-olivia-123")
-    user.user_permissions.add(Permission.objects.get(codename="decide_approval"))
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["decide_approval", "start_run", "cancel_run"])
+    )
     return User.objects.get(pk=user.pk)
 
 

@@ -71,6 +71,7 @@ from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.rules import RuleSpec, rules_evaluate
 from agentops.runtime.secrets import config_secrets, redact
 from agentops.runtime.tools import ToolContext, ToolResult, arguments_errors, executor_for
+from agentops.strict_json import json_loads_strict
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
 from lineage.services import event_append, json_plain
@@ -900,7 +901,7 @@ def tool_message_made(step: Step) -> str:
 
 def call_arguments(raw: str) -> tuple[Any, str]:
     try:
-        arguments = json.loads(raw or "{}")
+        arguments = json_loads_strict(raw or "{}")
     except json.JSONDecodeError as error:
         return raw, f"the arguments are not valid JSON ({error.msg} at position {error.pos})"
     if not isinstance(arguments, dict):

@@ -89,13 +89,17 @@ def test_invalid_arguments_are_recorded_and_returned_never_fired(make_task, oper
     assert "tool.refused" in events(run) and "tool.started" not in events(run)
 
 
-def test_arguments_that_are_not_json_are_refused(make_task, operator):
-    task = make_task(
-        [{"calls": [("test_echo", "{not json")]}, {"content": "done"}], tools=["test_echo"]
-    )
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [("{not json", "Expecting property name"), ('{"text": NaN}', "NaN is not a JSON number")],
+)
+def test_arguments_that_are_not_json_are_refused(make_task, operator, raw, why):
+    task = make_task([{"calls": [("test_echo", raw)]}, {"content": "done"}], tools=["test_echo"])
     run = run_start(task=task, run_input={}, user=operator)
-    run_until_rest(run)
-    assert "not valid JSON" in run.steps.get(kind="tool").error
+    assert run_until_rest(run) is Outcome.FINISHED
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.REFUSED
+    assert "not valid JSON" in step.error and why in step.error
     assert EFFECTS == {}
 
 

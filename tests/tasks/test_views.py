@@ -48,6 +48,8 @@ def test_starting_a_run_pins_the_task_version(demo_task, operator_client):
             "does not match the task&#x27;s schema: batch: &#x27;November&#x27; does not match",
         ),
         ("{}", "the input: &#x27;batch&#x27; is a required property"),
+        ('{"batch": NaN}', "NaN is not a JSON number"),
+        ('{"batch": "2026-11", "n": -Infinity}', "-Infinity is not a JSON number"),
     ],
 )
 def test_bad_input_is_refused_with_the_reason_and_starts_nothing(
@@ -134,6 +136,29 @@ def test_cancel_a_run_from_its_page(make_task, operator_client):
     assert run.status == RunStatus.CANCELLED
     response = operator_client.post(reverse("runs:cancel", args=[run.pk]), follow=True)
     assert "already ended (cancelled)" in response.content.decode()
+
+
+def test_a_person_without_the_permissions_may_watch_but_not_start_or_cancel_a_run(
+    demo_task, operator, client, outsider
+):
+    client.force_login(outsider)
+    page = client.get(reverse("tasks:detail", args=[demo_task.slug])).content.decode()
+    assert "Can start runs" in page and 'action="/tasks/' not in page.split('id="start"')[1][:400]
+    response = client.post(
+        reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-11"}'}
+    )
+    assert response.status_code == 403
+    assert not Run.objects.exists()
+
+    client.force_login(operator)
+    client.post(reverse("tasks:run", args=[demo_task.slug]), {"input": '{"batch": "2026-11"}'})
+    run = Run.objects.get()
+    client.force_login(outsider)
+    page = client.get(reverse("runs:detail", args=[run.pk])).content.decode()
+    assert "Cancel run" not in page
+    assert client.post(reverse("runs:cancel", args=[run.pk])).status_code == 403
+    run.refresh_from_db()
+    assert run.status == RunStatus.QUEUED
 
 
 def test_the_lineage_page_shows_the_chain_verified(demo_task, operator_client):

@@ -18,6 +18,7 @@ from django.urls import reverse
 
 from agentops import states
 from agentops.runtime.engine import Outcome, advance
+from agentops.strict_json import json_loads_strict
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Task, Trigger
 from tasks.services import RunStartError, run_start
 
@@ -32,7 +33,7 @@ WAITING_PREFIX = "waiting for a person: "
 def input_parse(raw: str) -> dict[str, Any]:
     """The --input text as a JSON object, or a CommandError saying what is wrong with it."""
     try:
-        value = json.loads(raw)
+        value = json_loads_strict(raw)
     except json.JSONDecodeError as error:
         raise CommandError(
             f"--input is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
