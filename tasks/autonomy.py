@@ -120,14 +120,31 @@ def dial_record(task: Task, *, actor: str, kind: str, payload: dict) -> None:
     event_append(run_uuid=task_trail_uuid(task), kind=kind, actor=actor, payload=payload)
 
 
+def requests_withdraw(task: Task, *, keep: AutonomyChange | None = None) -> list[int]:
+    """Inside a transaction: close the task's pending requests (but ``keep``) as
+    withdrawn. A request asks to move the dial from where it was; once the dial has
+    moved, or a newer request replaced it, confirming it would move the dial from
+    somewhere else. Returns their ids, for the trail."""
+    pending = AutonomyChange.objects.filter(task=task, status=AutonomyChange.Status.PENDING)
+    if keep is not None:
+        pending = pending.exclude(pk=keep.pk)
+    ids = list(pending.values_list("pk", flat=True))
+    pending.filter(pk__in=ids).update(
+        status=AutonomyChange.Status.WITHDRAWN, decided_at=timezone.now()
+    )
+    return ids
+
+
 def autonomy_apply(
     *, task: Task, to_level: int, actor: str, reason: str, change: AutonomyChange | None
 ) -> Task:
-    """Inside a transaction: move the dial, version the task, record it."""
+    """Inside a transaction: move the dial, version the task, withdraw the requests it
+    makes stale, record it."""
     from_level = task.autonomy_level
     Task.objects.filter(pk=task.pk).update(autonomy_level=to_level)
     task.autonomy_level = to_level
     version = task_version_current(task=task)
+    withdrawn = requests_withdraw(task)
     dial_record(
         task,
         actor=actor,
@@ -139,6 +156,7 @@ def autonomy_apply(
             "reason": reason,
             "change": change.pk if change else None,
             "task_version": version.number,
+            "withdrawn": withdrawn,
         },
     )
     return task
@@ -164,11 +182,17 @@ def autonomy_request(
             requested_by=user,
         )
         if to_level > AutonomyLevel.SUPERVISED and to_level > task.autonomy_level:
+            withdrawn = requests_withdraw(task, keep=change)
             dial_record(
                 task,
                 actor=actor_for(user),
                 kind="autonomy.requested",
-                payload={"from": task.autonomy_level, "to": to_level, "change": change.pk},
+                payload={
+                    "from": task.autonomy_level,
+                    "to": to_level,
+                    "change": change.pk,
+                    "withdrawn": withdrawn,
+                },
             )
             return change
         change.status = AutonomyChange.Status.APPLIED
@@ -191,7 +215,9 @@ def autonomy_decide(
         if confirm and change.requested_by_id == user.pk:
             raise DialError("a second person must confirm: you asked for this change")
         task = Task.objects.select_for_update().get(pk=change.task_id)
-        if task.autonomy_level != change.from_level:
+        if confirm and task.autonomy_level != change.from_level:
+            # Requests are withdrawn when the dial moves; this guards one left pending
+            # from before that rule. Declining it is always allowed.
             now = task.get_autonomy_level_display()
             raise DialError(f"the dial moved since this was asked (it is at {now})")
         change.status = AutonomyChange.Status.APPLIED if confirm else AutonomyChange.Status.DECLINED

@@ -242,6 +242,8 @@ class AutonomyChange(models.Model):
         PENDING = "pending"
         APPLIED = "applied"
         DECLINED = "declined"
+        # The dial moved, or a newer request was made, before anyone decided.
+        WITHDRAWN = "withdrawn"
 
     task = models.ForeignKey("Task", on_delete=models.CASCADE, related_name="autonomy_changes")
     from_level = models.PositiveSmallIntegerField(choices=AutonomyLevel.choices)

@@ -157,11 +157,16 @@ def tool_detail(request: HttpRequest, name: str) -> HttpResponse:
 def task_autonomy(request: HttpRequest, slug: str) -> HttpResponse:
     task = _task_or_404(slug)
     try:
-        level = int(request.POST.get("level", ""))
+        level = AutonomyLevel(int(request.POST.get("level", "")))
+    except ValueError:
+        levels = ", ".join(label for _, label in AutonomyLevel.choices)
+        messages.error(request, f"The dial did not move: choose one of its levels: {levels}.")
+        return see_other("tasks:detail", slug=task.slug)
+    try:
         change = autonomy_request(
             task=task, to_level=level, user=request.user, reason=request.POST.get("reason", "")
         )
-    except (ValueError, DialError) as error:
+    except DialError as error:
         messages.error(request, f"The dial did not move: {error}.")
     else:
         if change.status == AutonomyChange.Status.PENDING:

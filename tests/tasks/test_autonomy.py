@@ -129,6 +129,62 @@ def test_turning_the_dial_up_does_not_free_a_run_already_going(make_task, operat
     )
 
 
+def test_moving_the_dial_withdraws_the_requests_it_made_stale(make_task):
+    task = make_task([])
+    alice, bob = editor("alice"), editor("bob")
+    raise_to_3 = autonomy_request(task=task, to_level=3, user=alice, reason="trusted")
+    autonomy_request(task=task, to_level=0, user=bob, reason="incident")
+    raise_to_3.refresh_from_db()
+    assert raise_to_3.status == AutonomyChange.Status.WITHDRAWN
+    # Back where it was asked from, the old request stays closed.
+    autonomy_request(task=task, to_level=1, user=bob, reason="reviewed")
+    with pytest.raises(DialError, match="already withdrawn"):
+        autonomy_decide(change=raise_to_3, user=bob, confirm=True)
+    assert Task.objects.get(pk=task.pk).autonomy_level == 1
+    changed = LineageEvent.objects.filter(
+        run_uuid=task_trail_uuid(task), kind="autonomy.changed"
+    ).first()
+    assert changed.payload["withdrawn"] == [raise_to_3.pk]
+
+
+def test_a_newer_request_replaces_a_pending_one(make_task):
+    task = make_task([])
+    alice, bob = editor("alice"), editor("bob")
+    first = autonomy_request(task=task, to_level=2, user=alice, reason="clean record")
+    second = autonomy_request(task=task, to_level=3, user=alice, reason="cleaner still")
+    first.refresh_from_db()
+    assert first.status == AutonomyChange.Status.WITHDRAWN
+    autonomy_decide(change=second, user=bob, confirm=True)
+    assert Task.objects.get(pk=task.pk).autonomy_level == 3
+
+
+def test_a_request_left_pending_after_the_dial_moved_can_be_declined_not_confirmed(make_task):
+    task = make_task([])
+    bob = editor("bob")
+    # As a request made before requests were withdrawn when the dial moves.
+    stale = AutonomyChange.objects.create(
+        task=task, from_level=0, to_level=3, reason="old", requested_by=editor("alice")
+    )
+    with pytest.raises(DialError, match="the dial moved since this was asked"):
+        autonomy_decide(change=stale, user=bob, confirm=True)
+    autonomy_decide(change=stale, user=bob, confirm=False)
+    stale.refresh_from_db()
+    assert stale.status == AutonomyChange.Status.DECLINED
+
+
+@pytest.mark.parametrize("level", ["abc", "7", ""])
+def test_a_level_the_dial_does_not_have_is_refused_with_its_levels(make_task, client, level):
+    task = make_task([])
+    client.force_login(editor("alice"))
+    response = client.post(
+        reverse("tasks:autonomy", args=[task.slug]), {"level": level, "reason": "x"}, follow=True
+    )
+    page = response.content.decode()
+    assert "The dial did not move: choose one of its levels: 0 · Shadow" in page
+    assert "invalid literal" not in page and "AutonomyLevel" not in page
+    assert not AutonomyChange.objects.exists()
+
+
 def test_turning_the_dial_through_the_task_page(make_task, client):
     task = make_task([])
     alice, bob = editor("alice"), editor("bob")

@@ -23,9 +23,7 @@ def test_a_negative_model_price_is_refused_in_the_admin_and_nothing_saved(admin_
     assert ModelPrice.objects.get().input_per_million == 0.5
 
 
-def test_a_negative_spend_budget_is_refused_in_the_admin_and_nothing_saved(
-    demo_task, admin_client
-):
+def test_a_negative_spend_budget_is_refused_in_the_admin_and_nothing_saved(demo_task, admin_client):
     page = admin_client.get(f"/admin/tasks/task/{demo_task.pk}/change/")
     # The form as the admin filled it in, with one field changed.
     shown = page.context["adminform"].form

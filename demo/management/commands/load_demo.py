@@ -22,7 +22,9 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         ledger = ledger_create()
         tools_sync()
-        task, _ = Task.objects.update_or_create(
+        # Created once; after that the task is the operator's: an edit, or a turn of its
+        # dial (recorded in the task's trail), is never undone behind their back.
+        task, created = Task.objects.get_or_create(
             slug=DEMO_SLUG,
             defaults={
                 "name": "Reconcile invoices",
@@ -50,8 +52,9 @@ class Command(BaseCommand):
                 "autonomy_level": 1,
             },
         )
-        for name in ("ledger_invoices", "ledger_payments", "email_send"):
-            ToolGrant.objects.get_or_create(task=task, tool=Tool.objects.get(name=name))
+        if created:
+            for name in ("ledger_invoices", "ledger_payments", "email_send"):
+                ToolGrant.objects.create(task=task, tool=Tool.objects.get(name=name))
         version = task_version_current(task=task)
 
         User = get_user_model()
@@ -62,5 +65,8 @@ class Command(BaseCommand):
         user.save()
 
         self.stdout.write(f"Sample ledger: {ledger}")
-        self.stdout.write(f"Task: {task.name} ({task.slug}) v{version.number}")
+        self.stdout.write(
+            f"Task: {task.name} ({task.slug}) v{version.number}"
+            + ("" if created else ", as it was: an existing task is left as it is")
+        )
         self.stdout.write(f"Login: {user.username} / {options['password']}")
