@@ -436,3 +436,11 @@ def test_always_approve_holds_a_read_only_tool_too(make_task, operator):
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
     assert EFFECTS == {}
+
+
+def test_the_trail_names_the_script_that_answered(make_task, operator):
+    task = make_task([{"content": "done"}])
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.FINISHED
+    responded = LineageEvent.objects.get(run_uuid=run.pk, kind="model.responded")
+    assert responded.payload["model"] == task.model and task.model.startswith("scripted:")

@@ -6,6 +6,7 @@ reads only the transcript, replaying a run's record gives the same answers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -103,6 +104,10 @@ class ScriptedClient:
 
         if tool_choice == CHECK_TOOL:
             if self._check is not None:
-                return self._check(messages)
-            return check_turn(1.0, "scripted model: it follows its script and checks nothing")
-        return self._play(messages)
+                turn = self._check(messages)
+            else:
+                turn = check_turn(1.0, "scripted model: it follows its script and checks nothing")
+        else:
+            turn = self._play(messages)
+        # The trail names the script that answered, as it would name a served model.
+        return dataclasses.replace(turn, model=self.label)
