@@ -253,17 +253,17 @@ def run_transition(
     return run
 
 
-def run_cancel(*, run: Run, user: AbstractBaseUser) -> Run:
-    """Cancel a live run: a worker stops at its next commit, pending approvals close."""
+def run_cancel(*, run: Run, user: AbstractBaseUser, why: str = "") -> Run:
+    """Cancel a live run: a worker stops at its next commit, pending approvals close. The
+    run's reason says who cancelled it, and why when they said."""
     from approvals.services import approvals_cancel_for_run
 
+    reason = f"cancelled by {user.get_username()}" + (f": {why.strip()}" if why.strip() else "")
     with transaction.atomic():
         run = Run.objects.select_for_update().get(pk=run.pk)
         if not run.is_live:
             raise states.InvalidTransition(f"the run has already ended ({run.status})")
-        run_transition(
-            run=run, to=RunStatus.CANCELLED, actor=actor_for(user), reason="cancelled by a person"
-        )
+        run_transition(run=run, to=RunStatus.CANCELLED, actor=actor_for(user), reason=reason)
         approvals_cancel_for_run(run=run, actor=actor_for(user))
     return run
 

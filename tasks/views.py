@@ -122,7 +122,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
 def run_cancel_view(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
     try:
-        run_cancel(run=run, user=request.user)
+        run_cancel(run=run, user=request.user, why=request.POST.get("why", "")[:300])
     except InvalidTransition as error:
         messages.error(request, f"The run was not cancelled: {error}.")
     else:

@@ -130,10 +130,14 @@ def test_cancel_a_run_from_its_page(make_task, operator_client):
     task = make_task([{"content": "ok"}])
     operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
     run = Run.objects.get()
-    response = operator_client.post(reverse("runs:cancel", args=[run.pk]), follow=True)
+    response = operator_client.post(
+        reverse("runs:cancel", args=[run.pk]), {"why": "wrong batch"}, follow=True
+    )
     assert "Run cancelled." in response.content.decode()
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
+    assert run.reason == "cancelled by olivia: wrong batch"
+    assert "cancelled by olivia: wrong batch" in response.content.decode()
     response = operator_client.post(reverse("runs:cancel", args=[run.pk]), follow=True)
     assert "already ended (cancelled)" in response.content.decode()
 
