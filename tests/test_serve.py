@@ -86,6 +86,7 @@ def test_serve_stops_its_busy_worker_at_a_second_signal_and_leaves_no_process(tm
         )
         text = log.read_text()
         assert "Stopping the worker" in text
+        assert f"SIGTERM to this process (pid {serve.pid})" in text
         assert "Traceback" not in text
     finally:
         for group in (serve.pid, cluster):

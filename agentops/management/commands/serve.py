@@ -3,6 +3,7 @@ one command, no service beyond the database."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -47,7 +48,8 @@ class Command(BaseCommand):
         banner = [f"agentops: web at {url} and a django-q2 worker (pid {worker.pid})"]
         if options["login"]:
             banner.append(f"Log in as {options['login']}")
-        banner.append("Stop both with Ctrl-C.")
+        # Not `make demo`'s pid: make does not pass a SIGTERM on to what it started.
+        banner.append(f"Stop both with Ctrl-C, or SIGTERM to this process (pid {os.getpid()}).")
         self.stdout.write(self.style.SUCCESS("\n  " + "\n  ".join(banner) + "\n"))
         try:
             call_command(
