@@ -138,7 +138,7 @@ def test_verify_lineage_command_reports_every_chain_intact():
     chain(3)
     out = StringIO()
     call_command("verify_lineage", stdout=out)
-    assert "checked 5 events in 2 runs" in out.getvalue()
+    assert "checked 5 events in 2 chains" in out.getvalue()
 
 
 def test_verify_lineage_command_names_the_first_broken_event():
@@ -157,7 +157,7 @@ def test_verify_lineage_for_one_run_and_a_bad_run_argument():
     run_uuid = chain(2)
     out = StringIO()
     call_command("verify_lineage", "--run", str(run_uuid), stdout=out)
-    assert "checked 2 events in 1 runs" in out.getvalue()
+    assert "checked 2 events in 1 chain;" in out.getvalue()
     with pytest.raises(CommandError, match="is not a UUID"):
         call_command("verify_lineage", "--run", "nope")
     with pytest.raises(CommandError, match="no lineage events"):

@@ -36,10 +36,16 @@ class Command(BaseCommand):
                 raise CommandError(
                     f"BROKEN: run {run_uuid}, event #{report.broken_seq} "
                     f"(id {report.broken_event_id}): {report.problem}. "
-                    f"Checked {events} events in {run_uuids.index(run_uuid) + 1} runs."
+                    f"Checked {counted(events, 'event')} in "
+                    f"{counted(run_uuids.index(run_uuid) + 1, 'chain')}."
                 )
         self.stdout.write(
             self.style.SUCCESS(
-                f"OK: checked {events} events in {len(run_uuids)} runs; every chain intact."
+                f"OK: checked {counted(events, 'event')} in {counted(len(run_uuids), 'chain')}; "
+                "every chain intact."
             )
         )
+
+
+def counted(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
