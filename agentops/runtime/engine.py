@@ -261,11 +261,15 @@ def fence(
     return added
 
 
-def lease_fence(ctx: Context, *, add: dict[str, Any] | None = None, **values: Any) -> None:
+def lease_fence(
+    ctx: Context, *, add: dict[str, Any] | None = None, **values: Any
+) -> dict[str, Any]:
     """``fence`` for the slice's run; its record in memory follows once the transaction
-    commits (a rollback ends the slice, and the next one reads the record afresh)."""
+    commits (a rollback ends the slice, and the next one reads the record afresh).
+    Returns what it adds to the run's counters, the seconds of work included."""
     added = fence(ctx.run.pk, ctx.owner, add=add, **values)
     ctx.on_commit(lambda: ctx.run_changed(added, values))
+    return added
 
 
 def run_yield(ctx: Context) -> Outcome:
@@ -1046,7 +1050,7 @@ def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
         "arguments": arguments,
     }
     with ctx.transaction():
-        lease_fence(ctx, add={"steps_used": 1})
+        added = lease_fence(ctx, add={"steps_used": 1})
         if refusal:
             step_add(
                 ctx,
@@ -1072,7 +1076,7 @@ def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
             step=step,
             gate=f"the agent asks: {arguments['question']}",
             reasoning=model_step.content,
-            context=budget_context(ctx),
+            context=budget_context(ctx, added),
         )
         run_wait(ctx.run, "answer the agent's question")
     return Outcome.WAITING
@@ -1122,7 +1126,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
         return Outcome.CONTINUE
     if decision.verdict is Verdict.HOLD:
         with ctx.transaction():
-            lease_fence(ctx, add={"steps_used": 1})
+            added = lease_fence(ctx, add={"steps_used": 1})
             step = step_add(
                 ctx,
                 event="tool.proposed",
@@ -1137,7 +1141,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
                 step=step,
                 gate=decision.reason,
                 reasoning=model_step.content,
-                context=budget_context(ctx),
+                context=budget_context(ctx, added),
             )
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
@@ -1203,13 +1207,21 @@ def step_add(ctx: Context, **entry: Any) -> Step:
     return steps_add(ctx, step_entry(**entry))[0]
 
 
-def budget_context(ctx: Context) -> dict[str, Any]:
-    """Budget used and left, for a person deciding on the run."""
+def budget_context(ctx: Context, added: dict[str, Any]) -> dict[str, Any]:
+    """Budget used and limits, for a person deciding on the run: as this transaction
+    leaves them, with ``added`` (what its fence adds, which reaches ``ctx.run`` only once
+    it commits)."""
     limits, usage = ctx.limits, ctx.usage()
+    used = {
+        "steps": usage.steps + added.get("steps_used", 0),
+        "tokens": usage.tokens + added.get("tokens_in", 0) + added.get("tokens_out", 0),
+        "seconds": usage.seconds + added.get("seconds_used", 0.0),
+        "spend": usage.spend + added.get("spend", 0),
+    }
     return {
         "budgets": {
-            budget: {"limit": str(limits.get(budget)), "used": str(usage.get(budget))}
-            for budget in ("steps", "tokens", "seconds", "spend")
+            budget: {"limit": str(limits.get(budget)), "used": str(used[budget])}
+            for budget in used
             if limits.get(budget) is not None
         }
     }
@@ -1298,7 +1310,7 @@ def call_recover(ctx: Context, step: Step) -> Outcome:
         "the tool is not idempotent, so it was not called again: did it take effect?"
     )
     with ctx.transaction():
-        lease_fence(ctx)
+        added = lease_fence(ctx)
         step_transition(
             step=step,
             to=StepStatus.UNKNOWN,
@@ -1311,7 +1323,7 @@ def call_recover(ctx: Context, step: Step) -> Outcome:
             kind=ApprovalKind.UNKNOWN_OUTCOME,
             step=step,
             gate=reason,
-            context=budget_context(ctx),
+            context=budget_context(ctx, added),
         )
         run_wait(ctx.run, f"the outcome of {step.tool_name} is unknown")
     return Outcome.WAITING

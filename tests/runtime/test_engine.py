@@ -444,3 +444,13 @@ def test_the_trail_names_the_script_that_answered(make_task, operator):
     assert run_until_rest(run) is Outcome.FINISHED
     responded = LineageEvent.objects.get(run_uuid=run.pk, kind="model.responded")
     assert responded.payload["model"] == task.model and task.model.startswith("scripted:")
+
+
+def test_a_held_calls_approval_shows_the_budget_as_the_run_has_it(make_task, operator):
+    task = make_task([{"calls": [("test_note", {"text": "x"})]}], tools=["test_note"])
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.WAITING
+    approval = Approval.objects.get(run=run)
+    # The held call's own step is counted, as on the run's page.
+    assert approval.context["budgets"]["steps"]["used"] == str(run.steps_used)
+    assert run.steps_used == run.steps.count()
