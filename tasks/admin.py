@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import math
+
 from django import forms
 from django.contrib import admin
+from django.forms.models import BaseInlineFormSet
 
 from agentops.runtime.tools import executor_for_kind
+from agentops.runtime.tools.base import schema_errors
+from tasks import validation
 from tasks.models import (
     GrantRule,
     ModelPrice,
@@ -24,8 +29,39 @@ class ToolGrantInline(admin.TabularInline):
     show_change_link = True  # the grant's page holds its rules
 
 
+class GrantRuleFormSet(BaseInlineFormSet):
+    """A grant's rules. Each expression is checked by the rule's own clean (it must
+    parse, and call only functions CEL has here); this names the rule an error is about,
+    numbered as a run numbers them: from 1, by position, then in the order they were
+    made, leaving out the rows being deleted and the empty ones."""
+
+    def clean(self) -> None:
+        super().clean()
+        rules = [
+            (index, form)
+            for index, form in enumerate(self.forms)
+            if (form.instance.pk is not None or form.has_changed())
+            and not form.cleaned_data.get("DELETE")
+        ]
+
+        def order(item: tuple[int, forms.ModelForm]) -> tuple[int, float, int]:
+            index, form = item
+            position = form.cleaned_data.get("position", form.instance.position) or 0
+            return (position, form.instance.pk or math.inf, index)
+
+        for number, (_, form) in enumerate(sorted(rules, key=order), 1):
+            if "expression" in form.errors:
+                form.errors["expression"] = form.error_class(
+                    [
+                        f"Expression of rule {number}: {message}"
+                        for message in form.errors["expression"]
+                    ]
+                )
+
+
 class GrantRuleInline(admin.TabularInline):
     model = GrantRule
+    formset = GrantRuleFormSet
     extra = 1
     fields = ["position", "effect", "expression", "description"]
 
@@ -45,8 +81,50 @@ class ToolGrantAdmin(admin.ModelAdmin):
         self.message_user(request, f"{form.instance.task.name} is now at version {version.number}.")
 
 
+class TaskForm(forms.ModelForm):
+    """Refuses, with the reason under the field, a definition that could only fail when
+    a run starts: an invalid input schema, an example input a run would refuse, a model
+    that cannot run, an objective template with a stray brace or a placeholder the input
+    cannot have; and a new task above Supervised, which takes a second person."""
+
+    class Meta:
+        model = Task
+        fields = "__all__"  # noqa: DJ007 (the admin chooses the fields it shows)
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        schema = cleaned.get("input_schema")
+        checks = {
+            "input_schema": lambda: validation.input_schema_errors(schema),
+            "objective_template": lambda: validation.objective_template_errors(
+                cleaned["objective_template"], schema
+            ),
+            "model": lambda: validation.model_errors(cleaned["model"]),
+            # Only on the add form: once a task exists the field is read-only here.
+            "autonomy_level": lambda: validation.new_task_autonomy_errors(
+                cleaned["autonomy_level"]
+            ),
+        }
+        for field, check in checks.items():
+            if field in self.fields and field in cleaned:
+                for message in check():
+                    self.add_error(field, message)
+        # The example is checked against the schema and template only when those stand.
+        if "example_input" in cleaned and not any(
+            self.has_error(field) for field in ("input_schema", "objective_template")
+        ):
+            for message in validation.example_input_errors(
+                cleaned["example_input"],
+                input_schema=schema,
+                template=cleaned.get("objective_template") or "",
+            ):
+                self.add_error("example_input", message)
+        return cleaned
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
+    form = TaskForm
     list_display = ["name", "slug", "autonomy_level", "model", "max_steps", "updated_at"]
     list_filter = ["autonomy_level"]
     search_fields = ["name", "slug", "description"]
@@ -116,6 +194,10 @@ class ToolForm(forms.ModelForm):
     def clean(self) -> dict:
         cleaned = super().clean()
         kind = cleaned.get("kind")
+        # A Python tool's schema comes from its code, and is read-only here.
+        if "input_schema" in self.fields and "input_schema" in cleaned:
+            for message in schema_errors(cleaned["input_schema"], name="The input schema"):
+                self.add_error("input_schema", message)
         if kind and kind != Tool.Kind.PYTHON:
             try:
                 errors = executor_for_kind(kind).config_errors(cleaned.get("config") or {})
@@ -137,8 +219,9 @@ class ToolForm(forms.ModelForm):
         from agentops.runtime.tools.sql import query_schema_errors
 
         config = cleaned.get("config") or {}
-        for message in query_schema_errors(config, cleaned.get("input_schema") or {}):
-            self.add_error("input_schema", message)
+        if not self.has_error("input_schema"):
+            for message in query_schema_errors(config, cleaned.get("input_schema") or {}):
+                self.add_error("input_schema", message)
         if config.get("mode") == "write":
             if cleaned.get("side_effect") == "read":
                 self.add_error("side_effect", "A write tool cannot be read-only.")

@@ -7,6 +7,7 @@ from django.core.exceptions import ValidationError
 from django.urls import reverse
 
 from agentops.runtime.engine import Outcome
+from agentops.runtime.rules import RuleError, RuleSpec, RuleVerdict, rule_check, rules_evaluate
 from approvals.models import ApprovalKind
 from lineage.models import LineageEvent
 from tasks.models import GrantRule, RunStatus, StepStatus, Tool, ToolGrant
@@ -83,12 +84,85 @@ def test_a_rule_that_cannot_be_evaluated_denies_rather_than_allows(make_task, op
     assert EFFECTS == {}
 
 
-def test_a_rule_that_does_not_compile_is_refused_at_save(make_task):
+def test_a_denial_by_a_rule_that_cannot_be_evaluated_says_why(make_task, operator):
+    task = paying_task(
+        make_task, [("deny", "args.currency != 'EUR'")], calls=[{"amount": 1, "to": "a@b.c"}]
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    assert run.steps.get(kind="tool").error == (
+        "denied by rule 1 `args.currency != 'EUR'`, which could not be evaluated: "
+        "no field 'currency'"
+    )
+
+
+def test_a_rule_calling_an_unknown_function_is_not_mistaken_for_an_ordinary_deny(
+    make_task, operator
+):
+    # Saved without the check (from a shell, or before the check existed).
+    task = paying_task(make_task, [("deny", "foo(args)")], calls=[{"amount": 1, "to": "a@b.c"}])
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    step = run.steps.get(kind="tool")
+    assert step.status == StepStatus.REFUSED
+    assert step.error == (
+        "denied by rule 1 `foo(args)`, which could not be evaluated: no function named foo"
+    )
+    assert EFFECTS == {}
+
+
+def test_approve_and_allow_rules_that_cannot_be_evaluated_say_why():
+    arguments = {"amount": 5, "to": "a@b.c"}
+    approve = rules_evaluate([RuleSpec(1, "args.limit < args.amount", "approve")], arguments)
+    assert approve == RuleVerdict(
+        "approve",
+        "rule 1 `args.limit < args.amount` requires a person's approval, because it could "
+        "not be evaluated: no field 'limit'",
+    )
+    allows = [RuleSpec(1, "args.amount", "allow", "small"), RuleSpec(2, "args.amount < 3", "allow")]
+    assert rules_evaluate(allows, arguments) == RuleVerdict(
+        "deny",
+        "no allow rule matched the arguments (rule 1 `args.amount` (small), which could not "
+        "be evaluated: it gave int 5, not true or false; rule 2 `args.amount < 3`)",
+    )
+
+
+def test_a_rule_that_does_not_compile_is_refused_at_save_with_where(make_task):
     task = make_task([], tools=["test_pay"])
     rule = GrantRule(grant=ToolGrant.objects.get(task=task), effect="deny", expression="args.x >")
     with pytest.raises(ValidationError) as error:
         rule.full_clean()
-    assert "does not compile" in str(error.value)
+    assert error.value.message_dict["expression"] == [
+        "syntax error at line 1, column 9: the expression ends before it is complete, "
+        "after `args.x >`"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        (
+            "args.to.endswith('@example.com')",
+            "endswith() at line 1, column 9 is not a function CEL has here "
+            "(did you mean endsWith()?)",
+        ),
+        ("args.x >> 3", "syntax error at line 1, column 9: unexpected `>` after `args.x >`"),
+        (
+            "args.x = 3",
+            "syntax error at line 1, column 8: `=` cannot stand here, after `args.x` "
+            "(compare with ==)",
+        ),
+        (
+            "args.to == 'a",
+            "syntax error at line 1, column 12: a string opens after `args.to ==` and is "
+            "never closed",
+        ),
+    ],
+)
+def test_a_rule_that_cannot_be_checked_is_refused_at_save_with_the_reason(expression, message):
+    with pytest.raises(RuleError) as error:
+        rule_check(expression)
+    assert str(error.value) == message
 
 
 def test_the_admin_shows_a_rule_compile_error_and_saves_nothing(make_task, admin_client):
@@ -109,7 +183,10 @@ def test_the_admin_shows_a_rule_compile_error_and_saves_nothing(make_task, admin
         },
     )
     assert response.status_code == 200
-    assert "does not compile" in response.content.decode()
+    assert (
+        "Expression of rule 1: syntax error at line 1, column 14: the expression ends before "
+        "it is complete, after `args.amount &gt;`"
+    ) in response.content.decode()
     assert GrantRule.objects.count() == 0
 
 

@@ -63,16 +63,52 @@ EXECUTORS = {
 }
 
 
+JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
+
+
 @functools.lru_cache(maxsize=512)
 def validator_for(schema_json: str) -> Draft202012Validator | str:
     """A checked validator per distinct schema (building one costs far more than using
-    it), or the reason the schema itself is invalid."""
+    it), or the reason the schema itself is invalid, naming where in it."""
     schema = json.loads(schema_json)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
-        return f"the tool's own input schema is invalid: {error.message}"
+        return _schema_error_text(error)
     return Draft202012Validator(schema)
+
+
+def _schema_error_text(error: SchemaError) -> str:
+    where = ("at " + "/".join(str(part) for part in error.path)) if error.path else "at the top"
+    if error.path and error.path[-1] == "type" and not isinstance(error.instance, dict):
+        # The meta-schema's own wording ("not valid under any of the given schemas")
+        # does not say what a type may be.
+        return (
+            f"{where}: {json.dumps(error.instance)} is not a JSON Schema type "
+            f"(use {', '.join(JSON_TYPES)})"
+        )
+    return f"{where}: {error.message}"
+
+
+def schema_errors(schema: Any, *, name: str = "The schema") -> list[str]:
+    """Why ``schema`` cannot check a JSON object (a call's arguments, a run's input): it
+    is not a JSON object, not a valid JSON Schema (draft 2020-12), or its type is not
+    object. Sentences that begin with ``name``; empty when it can. For the forms that
+    save a schema."""
+    if not isinstance(schema, dict):
+        return [
+            f'{name} must be a JSON object, like {{"type": "object"}}, not {json.dumps(schema)}'
+        ]
+    reason = validator_for(json.dumps(schema, sort_keys=True))
+    if isinstance(reason, str):
+        return [f"{name} is not a valid JSON Schema (draft 2020-12): {reason}"]
+    declared = schema.get("type", "object")
+    if "object" not in (declared if isinstance(declared, list) else [declared]):
+        return [
+            f'{name} must have type "object", not {json.dumps(declared)}: what it checks is '
+            "always a JSON object"
+        ]
+    return []
 
 
 def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the arguments") -> list[str]:
@@ -80,7 +116,8 @@ def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the argument
     ``whole`` when the fault is in the object itself, such as a missing property)."""
     validator = validator_for(json.dumps(schema or {"type": "object"}, sort_keys=True))
     if isinstance(validator, str):
-        return [validator]
+        # Said of whichever schema was given (a tool's, a task's), so it names neither.
+        return [f"the schema {whole} must match is itself invalid ({validator})"]
     messages = []
     for error in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
         where = "/".join(str(part) for part in error.path) or whole
