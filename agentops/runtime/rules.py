@@ -208,28 +208,23 @@ def _cel_text(value: Any) -> str:
     return f"{kind} {value!s}" if kind else str(value)
 
 
+# Deny wins over approve: each effect that stops a call, in order, with what it says.
+STOPPING = (("deny", "denied by {rule}"), ("approve", "{rule} requires a person's approval"))
+
+
 def rules_evaluate(rules: Iterable[RuleSpec], arguments: dict) -> RuleVerdict:
     rules = list(rules)
-    for rule in rules:
-        if rule.effect == "deny":
+    for effect, says in STOPPING:
+        for rule in rules:
+            if rule.effect != effect:
+                continue
             matched = _matches(rule, arguments)
-            if matched is True:
-                return RuleVerdict("deny", f"denied by {rule.label()}")
-            if isinstance(matched, str):
-                return RuleVerdict(
-                    "deny", f"denied by {rule.label()}, which could not be evaluated: {matched}"
-                )
-    for rule in rules:
-        if rule.effect == "approve":
-            matched = _matches(rule, arguments)
-            if matched is True:
-                return RuleVerdict("approve", f"{rule.label()} requires a person's approval")
-            if isinstance(matched, str):
-                return RuleVerdict(
-                    "approve",
-                    f"{rule.label()} requires a person's approval, because it could not be "
-                    f"evaluated: {matched}",
-                )
+            if matched is False:
+                continue
+            reason = says.format(rule=rule.label())
+            if isinstance(matched, str):  # it could not be evaluated: the safer side
+                reason += f", as it could not be evaluated: {matched}"
+            return RuleVerdict(effect, reason)
     allows = [rule for rule in rules if rule.effect == "allow"]
     if not allows:
         return RuleVerdict("allow", "")
@@ -238,6 +233,6 @@ def rules_evaluate(rules: Iterable[RuleSpec], arguments: dict) -> RuleVerdict:
         matched = _matches(rule, arguments)
         if matched is True:
             return RuleVerdict("allow", "")
-        problem = f", which could not be evaluated: {matched}" if isinstance(matched, str) else ""
+        problem = f", as it could not be evaluated: {matched}" if isinstance(matched, str) else ""
         labels.append(f"{rule.label()}{problem}")
     return RuleVerdict("deny", f"no allow rule matched the arguments ({'; '.join(labels)})")

@@ -91,7 +91,7 @@ def test_a_denial_by_a_rule_that_cannot_be_evaluated_says_why(make_task, operato
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     assert run.steps.get(kind="tool").error == (
-        "denied by rule 1 `args.currency != 'EUR'`, which could not be evaluated: "
+        "denied by rule 1 `args.currency != 'EUR'`, as it could not be evaluated: "
         "no field 'currency'"
     )
 
@@ -106,7 +106,7 @@ def test_a_rule_calling_an_unknown_function_is_not_mistaken_for_an_ordinary_deny
     step = run.steps.get(kind="tool")
     assert step.status == StepStatus.REFUSED
     assert step.error == (
-        "denied by rule 1 `foo(args)`, which could not be evaluated: no function named foo"
+        "denied by rule 1 `foo(args)`, as it could not be evaluated: no function named foo"
     )
     assert EFFECTS == {}
 
@@ -116,13 +116,13 @@ def test_approve_and_allow_rules_that_cannot_be_evaluated_say_why():
     approve = rules_evaluate([RuleSpec(1, "args.limit < args.amount", "approve")], arguments)
     assert approve == RuleVerdict(
         "approve",
-        "rule 1 `args.limit < args.amount` requires a person's approval, because it could "
-        "not be evaluated: no field 'limit'",
+        "rule 1 `args.limit < args.amount` requires a person's approval, as it could not "
+        "be evaluated: no field 'limit'",
     )
     allows = [RuleSpec(1, "args.amount", "allow", "small"), RuleSpec(2, "args.amount < 3", "allow")]
     assert rules_evaluate(allows, arguments) == RuleVerdict(
         "deny",
-        "no allow rule matched the arguments (rule 1 `args.amount` (small), which could not "
+        "no allow rule matched the arguments (rule 1 `args.amount` (small), as it could not "
         "be evaluated: it gave int 5, not true or false; rule 2 `args.amount < 3`)",
     )
 
