@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import F, Q, QuerySet
+from django.db.models import BooleanField, ExpressionWrapper, F, Q, QuerySet
 
 from approvals.models import Approval, ApprovalStatus
 
 DECIDED_LIMIT = 50
+
+
+def four_eyes_barred(user: AbstractBaseUser) -> Q:
+    """The four-eyes rule, the only copy of it: nobody, superusers included, decides an
+    approval on a run they started when its task asks for four eyes. A condition on
+    approvals, so the decision (``decider_refusal``), the inbox and its count all read
+    the same rule, the lists in SQL."""
+    return Q(run__task__four_eyes=True) & Q(run__started_by_id=user.pk)
 
 
 def approvals_visible_to(user: AbstractBaseUser) -> QuerySet[Approval]:
@@ -20,9 +28,17 @@ def approvals_visible_to(user: AbstractBaseUser) -> QuerySet[Approval]:
     return Approval.objects.filter(Q(group__isnull=True) | Q(group__in=user.groups.values("pk")))
 
 
+def with_four_eyes(approvals: QuerySet[Approval], user: AbstractBaseUser) -> QuerySet[Approval]:
+    """Each approval with ``barred``: true where four eyes keep this person from deciding
+    it, so the inbox shows it as waiting for someone else."""
+    return approvals.annotate(
+        barred=ExpressionWrapper(four_eyes_barred(user), output_field=BooleanField())
+    )
+
+
 def approvals_pending_for(user: AbstractBaseUser) -> QuerySet[Approval]:
     return (
-        approvals_visible_to(user)
+        with_four_eyes(approvals_visible_to(user), user)
         .filter(status=ApprovalStatus.PENDING)
         .select_related("run__task", "run__started_by", "step__tool", "group")
         # Most urgent first: the nearest deadline.
@@ -45,8 +61,15 @@ def approvals_decided_for(user: AbstractBaseUser, *, search: str = "") -> QueryS
 
 
 def approval_for_user(user: AbstractBaseUser, approval_id: int) -> Approval:
-    return approvals_visible_to(user).select_related("run__task", "step__tool").get(pk=approval_id)
+    return (
+        with_four_eyes(approvals_visible_to(user), user)
+        .select_related("run__task", "step__tool")
+        .get(pk=approval_id)
+    )
 
 
 def inbox_count_for(user: AbstractBaseUser) -> int:
-    return approvals_visible_to(user).filter(status=ApprovalStatus.PENDING).count()
+    """Pending approvals this person may decide: those waiting for someone else under
+    four eyes do not count."""
+    pending = approvals_visible_to(user).filter(status=ApprovalStatus.PENDING)
+    return pending.exclude(four_eyes_barred(user)).count()

@@ -24,6 +24,7 @@ from agentops.runtime import dispatch
 from agentops.runtime.budgets import extra_add
 from agentops.runtime.gates import call_digest
 from approvals.models import Approval, ApprovalKind, ApprovalStatus, Resolution
+from approvals.selectors import four_eyes_barred
 from lineage.services import event_append
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Task
 from tasks.services import actor_for, run_transition, step_create
@@ -144,7 +145,7 @@ def approval_decide(
     with transaction.atomic():
         run = Run.objects.select_for_update().select_related("task").get(pk=approval.run_id)
         approval = Approval.objects.select_for_update().get(pk=approval.pk)
-        refusal = decider_refusal(user, approval, run)
+        refusal = decider_refusal(user, approval)
         if refusal:
             raise DecisionError(refusal)
         if approval.status != ApprovalStatus.PENDING:
@@ -290,7 +291,7 @@ def approvals_bulk_approve(
     return approved, refused
 
 
-def decider_refusal(user: AbstractBaseUser, approval: Approval, run: Run) -> str:
+def decider_refusal(user: AbstractBaseUser, approval: Approval) -> str:
     """Why this person may not decide this approval, or "" if they may."""
     if not user.has_perm("approvals.decide_approval"):
         return "you do not hold the permission to decide approvals"
@@ -300,7 +301,8 @@ def decider_refusal(user: AbstractBaseUser, approval: Approval, run: Run) -> str
         and not user.groups.filter(pk=approval.group_id).exists()
     ):
         return f"this approval is routed to the group {approval.group}, and you are not in it"
-    if run.task.four_eyes and run.started_by_id == user.pk:
+    # The one four-eyes rule, as the inbox reads it; the run is locked, so it holds.
+    if Approval.objects.filter(pk=approval.pk).filter(four_eyes_barred(user)).exists():
         return "four eyes: you started this run, so someone else must decide its approvals"
     return ""
 
@@ -409,7 +411,7 @@ def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
         return
     approval.status = ApprovalStatus.EXPIRED
     approval.decided_at = now
-    approval.decision_reason = f"no decision within {minutes} minutes"
+    approval.decision_reason = f"no decision within {approval_window(approval)}"
     approval.save(update_fields=["status", "decided_at", "decision_reason"])
     event_append(
         run_uuid=run.pk,
@@ -429,6 +431,14 @@ def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
         actor="system",
         reason=f"the approval expired: {approval.decision_reason}",
     )
+
+
+def approval_window(approval: Approval) -> str:
+    """How long the approval waited, as its own deadline set it (the task's timeout may
+    have changed since it opened): "1 minute", "90 minutes"."""
+    # created_at is stamped a moment after expires_at was computed: round, not floor.
+    minutes = round((approval.expires_at - approval.created_at) / timedelta(minutes=1))
+    return f"{minutes} minute{'' if minutes == 1 else 's'}"
 
 
 def decision_apply(*, run: Run, approval: Approval, actor: str, user: AbstractBaseUser) -> None:

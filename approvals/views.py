@@ -22,20 +22,25 @@ from approvals.services import (
 @require_GET
 @login_required
 def inbox(request: HttpRequest) -> HttpResponse:
+    return render(request, "approvals/inbox.html", _inbox_context(request))
+
+
+def _inbox_context(request: HttpRequest) -> dict:
     search = request.GET.get("q", "").strip()
     pending = list(selectors.approvals_pending_for(request.user))
-    context = {
+    return {
         "pending": pending,
         # Offer bulk approval only where there is something it may take.
         "bulk_possible": any(
-            approval.kind == ApprovalKind.ACTION and approval.side_effect in BULK_EFFECTS
+            approval.kind == ApprovalKind.ACTION
+            and approval.side_effect in BULK_EFFECTS
+            and not approval.barred
             for approval in pending
         ),
         "decided": selectors.approvals_decided_for(request.user, search=search),
         "search": search,
         "can_decide": request.user.has_perm("approvals.decide_approval"),
     }
-    return render(request, "approvals/inbox.html", context)
 
 
 @require_GET
@@ -66,18 +71,33 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
             error = str(refusal)
     else:
         error = " ".join(message for errors in form.errors.values() for message in errors)
+    # A refusal keeps what the person typed, so they can correct it rather than retype it.
+    refused = None
+    if error:
+        refused = {
+            "approval_id": approval.pk,
+            "error": error,
+            "arguments": form.data.get("arguments", ""),
+            "result": form.data.get("result", ""),
+        }
     if request.htmx:
         # The item swaps in place either way; a refusal is shown inside it.
         approval.refresh_from_db()
         response = render(
-            request, "approvals/inbox.html#approval", {"approval": approval, "error": error}
+            request, "approvals/inbox.html#approval", {"approval": approval, "refused": refused}
         )
         return trigger_client_event(response, "approvals-changed")
-    if error:
+    if not error:
+        edits = " with edits" if approval.edited_arguments is not None else ""
+        messages.success(request, f"{approval.get_status_display()}{edits}: {approval.tool_name}.")
+        return see_other("approvals:inbox")
+    approval.refresh_from_db()
+    if not approval.is_pending:
+        # Decided or withdrawn meanwhile: the item has left the inbox, so say it on top.
         messages.error(request, f"Not decided: {error}")
-    else:
-        messages.success(request, f"{approval.get_status_display()}: {approval.tool_name}.")
-    return see_other("approvals:inbox")
+        return see_other("approvals:inbox")
+    # Not a redirect: the item is shown again with the refusal and the person's text.
+    return render(request, "approvals/inbox.html", {**_inbox_context(request), "refused": refused})
 
 
 @require_POST

@@ -14,7 +14,7 @@ from django.utils import timezone
 from approvals.models import Approval, ApprovalStatus
 from approvals.services import DecisionError, approval_decide, approvals_expire
 from lineage.models import LineageEvent
-from tasks.models import Run, RunStatus, StepStatus
+from tasks.models import Run, RunStatus, StepStatus, Task
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS
 from tests.conftest import run_until_rest
@@ -310,3 +310,52 @@ def test_the_escalation_group_is_told(held, finance, django_capture_on_commit_ca
     with django_capture_on_commit_callbacks(execute=True):
         approvals_expire(now=timezone.now() + timedelta(days=2))
     assert [message.to for message in mail.outbox] == [["max@example.com"]]
+
+
+def test_an_expiry_gives_the_approvals_own_window_not_the_tasks_current_timeout(held):
+    run, _approval = held(person("sam"), on_approval_expiry="halt", approval_timeout_minutes=1)
+    Task.objects.filter(pk=run.task_id).update(approval_timeout_minutes=1440)
+    approvals_expire(now=timezone.now() + timedelta(minutes=2))
+    run.refresh_from_db()
+    assert run.status == RunStatus.HALTED
+    assert run.reason == "the approval expired: no decision within 1 minute"
+
+
+def test_four_eyes_show_the_starter_the_item_as_waiting_for_someone_else(held, finance):
+    starter = person("sam", groups=[finance])
+    member = person("mia", groups=[finance])
+    _run, approval = held(starter, four_eyes=True)
+
+    def inbox_as(user: User) -> tuple[str, str]:
+        client = Client()
+        client.force_login(user)
+        page = client.get(reverse("approvals:inbox")).content.decode()
+        start = page.index(f'id="approval-{approval.pk}"')
+        count = client.get(reverse("approvals:count")).content.decode()
+        return page[start : page.index("</article>", start)], count
+
+    item, count = inbox_as(starter)
+    assert "Waiting for someone else: four eyes, you started this run" in item
+    assert 'name="decision"' not in item and 'name="ids"' not in item
+    assert 'class="count zero"' in count and ">0</span>" in count
+
+    item, count = inbox_as(member)
+    assert "Waiting for someone else" not in item and 'value="approve"' in item
+    assert ">1</span>" in count
+
+
+def test_four_eyes_refuse_the_starter_through_the_inbox_and_keep_the_item_waiting(held, finance):
+    starter = person("sam", groups=[finance])
+    _run, approval = held(starter, four_eyes=True)
+    client = Client()
+    client.force_login(starter)
+    response = client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve"},
+        headers={"HX-Request": "true"},
+    )
+    body = response.content.decode()
+    assert "four eyes: you started this run" in body and "Waiting for someone else" in body
+    assert 'name="decision"' not in body
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING

@@ -263,3 +263,102 @@ def test_the_other_kinds_are_decided_through_http(make_task, operator_client):
     run = Run.objects.get(task=question)
     assert run.status == "succeeded"
     assert run.steps.get(tool_name="ask_person").result["answer"] == "2026-11"
+
+
+def item(page: str, approval: Approval) -> str:
+    """One approval's item, cut out of a page."""
+    start = page.index(f'id="approval-{approval.pk}"')
+    return page[start : page.index("</article>", start)]
+
+
+PROPOSED = '<dt>Proposed</dt><dd><dl class="args"><dt>text</dt><dd><pre class="text">hello</pre>'
+APPROVED = '<dt>Approved</dt><dd><dl class="args"><dt>text</dt><dd><pre class="text">hi all</pre>'
+
+
+def test_an_approval_with_edits_swaps_in_as_approved_with_edits_beside_the_proposed_call(
+    waiting_run, operator_client
+):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": "hi all"}'},
+        headers={"HX-Request": "true"},
+    )
+    body = item(response.content.decode(), approval)
+    assert "Approved with edits by olivia" in body
+    assert PROPOSED in body and APPROVED in body
+
+
+def test_an_approval_with_edits_is_listed_as_such_among_the_decided(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": "hi all"}'},
+        follow=True,
+    )
+    page = response.content.decode()
+    assert "Approved with edits: test_send." in page
+    decided = page[page.index("<h2>Decided</h2>") :]
+    assert 'approved</span>\n <span class="muted">with edits</span>' in decided
+    assert PROPOSED in decided and APPROVED in decided
+
+
+def test_an_approval_as_proposed_shows_no_edits(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": "hello"}'},
+        headers={"HX-Request": "true"},
+    )
+    body = response.content.decode()
+    assert "Approved by olivia" in body and "with edits" not in body and PROPOSED not in body
+
+
+def test_the_run_page_shows_an_approval_with_edits_as_such(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": "hi all"}'},
+    )
+    page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
+    assert "Approve an action: approved with edits by olivia" in page
+    assert PROPOSED in page and APPROVED in page
+
+
+def test_a_refused_edit_keeps_what_the_approver_typed(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    url = reverse("approvals:decide", args=[approval.pk])
+    typed = {"decision": "approve", "arguments": '{"text": 12}'}
+    kept = '<textarea name="arguments" rows="6" class="mono" aria-label="Arguments (JSON)">'
+    kept += "{&quot;text&quot;: 12}</textarea>"
+
+    swapped = operator_client.post(url, typed, headers={"HX-Request": "true"})
+    body = swapped.content.decode()
+    assert "the edited arguments do not match test_send&#x27;s schema" in body
+    assert kept in body and '<details class="edit" open>' in body
+
+    page = operator_client.post(url, typed)
+    assert page.status_code == 200  # shown again, not redirected away from the text
+    body = item(page.content.decode(), approval)
+    assert "the edited arguments do not match test_send&#x27;s schema" in body
+    assert kept in body
+
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING and approval.edited_arguments is None
+    waiting_run.refresh_from_db()
+    assert waiting_run.status == RunStatus.WAITING
+    assert waiting_run.steps.get(kind="tool").arguments == {"text": "hello"}
+
+
+def test_a_refusal_keeps_the_other_items_as_proposed(make_task, operator_client):
+    for text in ("one", "two"):
+        task = make_task([{"calls": [("test_send", {"text": text})]}], tools=["test_send"])
+        operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+        run_until_rest(Run.objects.get(task=task))
+    first, second = Approval.objects.order_by("pk")
+    response = operator_client.post(
+        reverse("approvals:decide", args=[first.pk]),
+        {"decision": "approve", "arguments": '{"text": 12}'},
+    )
+    other = item(response.content.decode(), second)
+    assert "do not match" not in other and "&quot;two&quot;\n}</textarea>" in other
