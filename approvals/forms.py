@@ -4,6 +4,7 @@ import json
 
 from django import forms
 
+from agentops.strict_json import json_loads_strict
 from approvals.models import Approval, ApprovalKind, Resolution
 
 DECISIONS = {
@@ -43,7 +44,7 @@ class DecisionForm(forms.Form):
         if not raw:
             return None
         try:
-            return json.loads(raw)
+            return json_loads_strict(raw)
         except json.JSONDecodeError as error:
             raise forms.ValidationError(f"The result is not valid JSON: {error.msg}.") from None
 
@@ -52,7 +53,7 @@ class DecisionForm(forms.Form):
         if not raw:
             return None
         try:
-            value = json.loads(raw)
+            value = json_loads_strict(raw)
         except json.JSONDecodeError as error:
             raise forms.ValidationError(
                 f"The edited arguments are not valid JSON: {error.msg}."

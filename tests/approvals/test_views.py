@@ -362,3 +362,17 @@ def test_a_refusal_keeps_the_other_items_as_proposed(make_task, operator_client)
     )
     other = item(response.content.decode(), second)
     assert "do not match" not in other and "&quot;two&quot;\n}</textarea>" in other
+
+
+def test_edited_arguments_holding_nan_are_refused_as_not_json(waiting_run, operator_client):
+    approval = Approval.objects.get(run=waiting_run)
+    response = operator_client.post(
+        reverse("approvals:decide", args=[approval.pk]),
+        {"decision": "approve", "arguments": '{"text": NaN}'},
+        headers={"HX-Request": "true"},
+    )
+    assert "The edited arguments are not valid JSON: NaN is not a JSON number." in (
+        response.content.decode()
+    )
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.PENDING
