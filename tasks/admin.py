@@ -4,10 +4,12 @@ import math
 
 from django import forms
 from django.contrib import admin
+from django.db import models
 from django.forms.models import BaseInlineFormSet
 
 from agentops.runtime.tools import executor_for_kind
 from agentops.runtime.tools.base import schema_errors
+from agentops.strict_json import StrictJSONFormField
 from tasks import validation
 from tasks.models import (
     GrantRule,
@@ -122,9 +124,14 @@ class TaskForm(forms.ModelForm):
         return cleaned
 
 
+# The admin's JSON boxes read strict JSON, as every other input does (agentops.strict_json).
+STRICT_JSON = {models.JSONField: {"form_class": StrictJSONFormField}}
+
+
 @admin.register(Task)
 class TaskAdmin(admin.ModelAdmin):
     form = TaskForm
+    formfield_overrides = STRICT_JSON
     list_display = ["name", "slug", "autonomy_level", "model", "max_steps", "updated_at"]
     list_filter = ["autonomy_level"]
     search_fields = ["name", "slug", "description"]
@@ -236,6 +243,7 @@ class ToolForm(forms.ModelForm):
 @admin.register(Tool)
 class ToolAdmin(admin.ModelAdmin):
     form = ToolForm
+    formfield_overrides = STRICT_JSON
     list_display = ["name", "kind", "side_effect", "idempotency", "always_approve", "available"]
     list_filter = ["kind", "side_effect", "always_approve", "available"]
     search_fields = ["name", "description"]

@@ -110,6 +110,24 @@ def test_an_example_input_that_breaks_the_input_schema_is_refused_and_nothing_sa
     assert demo_task.example_input == {"batch": "2026-12"}
 
 
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        ('{"batch": "2026-11", "n": NaN}', "NaN is not a JSON number"),
+        ('{"batch": "2026-11", "n": 1e999}', "1e999 is too large for a JSON number"),
+        ('{"batch": "2026-11", "batch": "2026-12"}', 'the key "batch" appears twice'),
+    ],
+)
+def test_an_example_input_that_is_not_strict_json_is_refused_not_a_500(
+    demo_task, admin_client, raw, why
+):
+    response = task_post(admin_client, demo_task, example_input=raw)
+    assert response.status_code == 200
+    assert why in response.content.decode().replace("&quot;", '"')
+    demo_task.refresh_from_db()
+    assert demo_task.example_input == {"batch": "2026-11"}
+
+
 def test_an_example_input_without_a_field_the_objective_uses_is_refused(make_task, admin_client):
     task = make_task([], objective_template="Add up {numbers}.")
     response = task_post(admin_client, task, example_input=as_json({"figures": [1, 2]}))

@@ -50,6 +50,7 @@ def test_starting_a_run_pins_the_task_version(demo_task, operator_client):
         ("{}", "the input: &#x27;batch&#x27; is a required property"),
         ('{"batch": NaN}', "NaN is not a JSON number"),
         ('{"batch": "2026-11", "n": -Infinity}', "-Infinity is not a JSON number"),
+        ('{"batch": "2026-11", "n": 1e999}', "1e999 is too large for a JSON number"),
         ('{"batch": "2026-11", "batch": "2026-12"}', "the key &quot;batch&quot; appears twice"),
     ],
 )
