@@ -209,12 +209,14 @@ def autonomy_decide(
 ) -> AutonomyChange:
     """A second person confirms (or declines) raising the dial above Supervised."""
     with transaction.atomic():
+        # The task's row first, then the request's: the order every turn of the dial
+        # takes (a turn locks the task, then withdraws its requests), so none deadlock.
+        task = Task.objects.select_for_update().get(pk=change.task_id)
         change = AutonomyChange.objects.select_for_update().select_related("task").get(pk=change.pk)
         if change.status != AutonomyChange.Status.PENDING:
             raise DialError(f"this change was already {change.status}")
         if confirm and change.requested_by_id == user.pk:
             raise DialError("a second person must confirm: you asked for this change")
-        task = Task.objects.select_for_update().get(pk=change.task_id)
         if confirm and task.autonomy_level != change.from_level:
             # Requests are withdrawn when the dial moves; this guards one left pending
             # from before that rule. Declining it is always allowed.
