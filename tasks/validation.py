@@ -22,23 +22,29 @@ def input_schema_errors(schema: Any) -> list[str]:
     return schema_errors(schema, name="The input schema")
 
 
-def schema_properties(schema: Any) -> list[str] | None:
-    """The properties a schema lists, or None when it lists none (any field may come)."""
-    properties = schema.get("properties") if isinstance(schema, dict) else None
-    return list(properties) if isinstance(properties, dict) else None
+def schema_closed_properties(schema: Any) -> list[str] | None:
+    """The only fields an input can have: the properties a schema lists when it allows no
+    other (``additionalProperties`` or ``unevaluatedProperties`` false); None when other
+    fields may come."""
+    if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+        return None
+    if schema.get("additionalProperties") is False or schema.get("unevaluatedProperties") is False:
+        return list(schema["properties"])
+    return None
 
 
 def objective_template_errors(template: str, input_schema: Any) -> list[str]:
     """The template renders as ``objective_render`` does: ``{name}`` (PLACEHOLDER) takes
     the input field ``name``, and every other character is kept as it is. So a brace
     that opens or closes nothing is a placeholder gone wrong, and a placeholder is
-    refused when the schema lists its properties and ``name`` is not one of them."""
+    refused when no input could have the field: the schema allows only the properties
+    it lists, and ``name`` is not one of them."""
     errors = [
         f"The objective template has {problem}: a placeholder is a field name in braces, "
         "like {batch}"
         for problem in _unbalanced_braces(template)
     ]
-    properties = schema_properties(input_schema)
+    properties = schema_closed_properties(input_schema)
     if properties is not None:
         listed = ", ".join(properties) or "none"
         errors += [

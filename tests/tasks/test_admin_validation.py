@@ -204,6 +204,15 @@ def test_a_placeholder_that_is_no_property_of_the_input_schema_is_refused(demo_t
     assert "{batch}" in demo_task.objective_template
 
 
+def test_a_placeholder_is_allowed_where_the_schema_lets_other_fields_come(make_task, admin_client):
+    schema = {"type": "object", "properties": {"batch": {"type": "string"}}}
+    task = make_task([], input_schema=schema, example_input={"batch": "b", "customer": "c"})
+    response = task_post(admin_client, task, objective_template="Do {batch} for {customer}.")
+    assert response.status_code == 302, errors_on(response, "objective_template")
+    task.refresh_from_db()
+    assert task.objective_template == "Do {batch} for {customer}."
+
+
 # The autonomy level of a new task ---------------------------------------------------
 
 
