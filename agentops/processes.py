@@ -24,22 +24,32 @@ def group_stop(process: subprocess.Popen, *, grace: float) -> None:
     workers from living on as orphans. For a worker, being killed mid-step is a crash,
     which the engine recovers from: its lease expires and the next worker resumes."""
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+
+    def signals_ignore() -> None:
+        if main:
+            for number in STOP_SIGNALS:
+                signal.signal(number, signal.SIG_IGN)
+
+    if main:
 
         def now(signum: int, frame: object) -> None:
+            signals_ignore()  # one StopNow only: what follows must run to the end
             raise StopNow
 
         handlers = {number: signal.signal(number, now) for number in STOP_SIGNALS}
     try:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired, StopNow):
+        try:
+            process.terminate()
             process.wait(timeout=grace)
+        except (subprocess.TimeoutExpired, StopNow):
+            pass
+        signals_ignore()
         # The group outlives its first process while any member does: this ends them,
         # whether the first process stopped by itself or not.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        with contextlib.suppress(StopNow):
-            process.wait()
+        process.wait()
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)
