@@ -187,6 +187,7 @@ def test_the_command_follows_a_run_a_q2_worker_does_to_the_end(tmp_path, demo_ta
         assert worker.poll() is None, log.read_text()
 
     assert result.returncode == 0, result.stdout + result.stderr + log.read_text()
+    assert "Enqueued" not in result.stderr  # the command says it, once, on stdout
     run = Run.objects.get()
     assert run.status == RunStatus.SUCCEEDED
     assert result.stdout.startswith(f"Run {run.pk} of reconcile-invoices queued: /runs/{run.pk}/\n")

@@ -8,6 +8,7 @@ Exit codes with ``--wait``: 0 succeeded, 1 failed / halted / cancelled, 2 gave u
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,12 +177,19 @@ class Command(BaseCommand):
             raise CommandError(f"--timeout must be a positive number of seconds, not {timeout:g}")
         task = task_for_slug(options["slug"])
         run_input = input_parse(options["input"])
+        # The command says itself that the run is queued; django-q2's own INFO line
+        # ("Enqueued …") would only repeat it on standard error.
+        queue_log = logging.getLogger("django-q")
+        level = queue_log.level
+        queue_log.setLevel(max(level, logging.WARNING))
         try:
             run = run_start(
                 task=task, run_input=run_input, user=None, trigger_kind=Trigger.Kind.MANUAL
             )
         except RunStartError as error:
             raise CommandError(f"the run of {task.slug} did not start: {error}") from None
+        finally:
+            queue_log.setLevel(level)
         self.say(f"Run {run.pk} of {task.slug} queued: {run_path(run)}")
         if not (options["wait"] or options["inline"]):
             return
