@@ -88,6 +88,11 @@ def task_run(request: HttpRequest, slug: str) -> HttpResponse:
 def run_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "")
     if status and status not in RunStatus.values:
+        if not request.htmx:
+            statuses = ", ".join(RunStatus.values)
+            messages.warning(
+                request, f"No run status is called {status!r} ({statuses}): all runs are shown."
+            )
         status = ""
     runs = selectors.runs_for_list(status=status)
     template = "runs/list.html#run-rows" if request.htmx else "runs/list.html"

@@ -175,3 +175,9 @@ def test_the_lineage_page_shows_the_chain_verified(demo_task, operator_client):
     run_until_rest(run)
     page = operator_client.get(reverse("runs:lineage:run", args=[run.pk])).content.decode()
     assert "Verified." in page and "run.queued" in page and "approval.requested" in page
+
+
+def test_an_unknown_status_filter_says_so_and_shows_every_run(operator_client):
+    page = operator_client.get(reverse("runs:list"), {"status": "bogus"}).content.decode()
+    assert "No run status is called &#x27;bogus&#x27;" in page
+    assert "all runs are shown" in page
