@@ -376,8 +376,9 @@ def approvals_remind(*, now: datetime) -> list[int]:
         status=ApprovalStatus.PENDING, reminded_at__isnull=True, expires_at__gt=now
     ).select_related("run__task")
     for approval in pending:
-        window = timedelta(minutes=approval.run.task.approval_timeout_minutes) / 4
-        if approval.expires_at - now > window:
+        # A quarter of its own window, as its deadline set it: the task's timeout may
+        # have changed since it opened.
+        if approval.expires_at - now > (approval.expires_at - approval.created_at) / 4:
             continue
         claimed = Approval.objects.filter(pk=approval.pk, reminded_at__isnull=True).update(
             reminded_at=now

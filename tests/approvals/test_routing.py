@@ -244,6 +244,17 @@ def test_the_group_is_reminded_once_before_the_deadline(held, finance):
     assert len(mail.outbox) == 1 and mail.outbox[0].subject.startswith("[agentops] Reminder")
 
 
+def test_the_reminder_keeps_to_the_approvals_own_window(held, finance):
+    person("mia", groups=[finance])
+    run, _approval = held(person("sam"), approval_timeout_minutes=60)
+    Task.objects.filter(pk=run.task_id).update(approval_timeout_minutes=1440)
+    mail.outbox.clear()
+    approvals_expire(now=timezone.now() + timedelta(minutes=30))
+    assert mail.outbox == []  # half its own hour is left, though a day is the task's now
+    approvals_expire(now=timezone.now() + timedelta(minutes=50))
+    assert len(mail.outbox) == 1 and mail.outbox[0].subject.startswith("[agentops] Reminder")
+
+
 def test_an_opened_approval_is_posted_to_the_webhook_signed(
     held, settings, django_capture_on_commit_callbacks
 ):
