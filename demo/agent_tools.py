@@ -143,11 +143,16 @@ def demo_check(messages: list[dict]) -> ModelTurn:
     missing = [f for f in findings if f.split(" ", 1)[0] not in final]
     if missing or (not findings and "0 mismatches" not in final):
         return check_turn(0.3, "the answer leaves out: " + "; ".join(missing), objective_met=False)
-    sent = "email_send" in done and "error" not in done["email_send"]
+    email = done.get("email_send", {"error": "not asked for"})
+    sent = "error" not in email
+    if email.get("simulated"):
+        said = "the summary email was simulated (Shadow mode), not sent"
+    else:
+        said = "the summary email was sent" if sent else "the email was not sent"
     return check_turn(
         0.95 if sent else 0.6,
         f"recomputed {len(findings)} mismatches from the two tool results and found each in "
-        "the answer; " + ("the summary email was sent" if sent else "the email was not sent"),
+        f"the answer; {said}",
         objective_met=sent,
     )
 
@@ -192,12 +197,14 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
     )
     email = done.get("email_send")
     if email is None:
-        body = (
-            summary
-            + "\n\n"
-            + "\n".join(f"- {line}" for line in findings)
-            + "\n\nPlease follow up with the customers above.\n-- agentops (scripted demo agent)"
-        )
+        if findings:
+            listed = "\n".join(f"- {line}" for line in findings)
+            body = f"{summary}\n\n{listed}\n\nPlease follow up with the customers above."
+        elif invoices:
+            body = f"{summary}\n\nEvery invoice is paid in full, once: nothing to follow up."
+        else:
+            body = f"{summary}\n\nThe ledger has no invoices for this batch."
+        body += "\n-- agentops (scripted demo agent)"
         return scripted_turn(
             {
                 "content": f"{summary} Emailing finance the list; this is irreversible, so it "
@@ -242,10 +249,15 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
             },
             turn,
         )
+    # In Shadow mode the call was recorded, not made: say so rather than claim it.
+    emailed = (
+        "The email to finance was simulated (Shadow mode), not sent."
+        if email.get("simulated")
+        else "Finance has the list by email."
+    )
     return scripted_turn(
         {
-            "content": f"{summary} Finance has the list by email.\n"
-            + "\n".join(f"- {line}" for line in findings),
+            "content": f"{summary} {emailed}\n" + "\n".join(f"- {line}" for line in findings),
             **usage,
         },
         turn,
