@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -18,6 +21,7 @@ from tasks.models import Run, RunStatus, Step, StepStatus
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS
 from tests.conftest import run_until_rest
+from tests.peers.workers import ROOT
 
 pytestmark = pytest.mark.django_db
 
@@ -454,3 +458,22 @@ def test_a_held_calls_approval_shows_the_budget_as_the_run_has_it(make_task, ope
     # The held call's own step is counted, as on the run's page.
     assert approval.context["budgets"]["steps"]["used"] == str(run.steps_used)
     assert run.steps_used == run.steps.count()
+
+
+def test_the_model_library_is_imported_with_the_engine_not_in_a_runs_time():
+    """A worker's first job imports the engine before it claims a run; the openai
+    package, most of a second to import, must come with it, not at the run's first model
+    call, where the run's clock would count it as the run's seconds of work."""
+    code = (
+        "import os, sys, django; django.setup(); import agentops.runtime.engine; "
+        "print('openai' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "agentops.test_settings"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stdout.strip() == "True", result.stderr

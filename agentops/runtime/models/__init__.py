@@ -17,6 +17,10 @@ from agentops.runtime.models.base import (
     client_for,
     model_label_for,
 )
+
+# Imported here, with the engine, not at a run's first model call: the openai package
+# takes most of a second to import, and that would count as the run's seconds of work.
+from agentops.runtime.models.openai_compatible import OpenAICompatibleClient
 from agentops.runtime.models.scripted import SCRIPTS, ScriptedClient, script
 
 __all__ = [
@@ -25,6 +29,7 @@ __all__ = [
     "ModelError",
     "ModelNotConfigured",
     "ModelTurn",
+    "OpenAICompatibleClient",
     "ScriptedClient",
     "ToolCallRequest",
     "client_for",
