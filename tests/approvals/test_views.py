@@ -275,15 +275,20 @@ PROPOSED = '<dt>Proposed</dt><dd><dl class="args"><dt>text</dt><dd><pre class="t
 APPROVED = '<dt>Approved</dt><dd><dl class="args"><dt>text</dt><dd><pre class="text">hi all</pre>'
 
 
+def approve_with(client, approval: Approval, arguments: str, **options):
+    """Approve through the inbox with ``arguments`` typed in the edit box."""
+    url = reverse("approvals:decide", args=[approval.pk])
+    return client.post(url, {"decision": "approve", "arguments": arguments}, **options)
+
+
+HTMX = {"headers": {"HX-Request": "true"}}
+
+
 def test_an_approval_with_edits_swaps_in_as_approved_with_edits_beside_the_proposed_call(
     waiting_run, operator_client
 ):
     approval = Approval.objects.get(run=waiting_run)
-    response = operator_client.post(
-        reverse("approvals:decide", args=[approval.pk]),
-        {"decision": "approve", "arguments": '{"text": "hi all"}'},
-        headers={"HX-Request": "true"},
-    )
+    response = approve_with(operator_client, approval, '{"text": "hi all"}', **HTMX)
     body = item(response.content.decode(), approval)
     assert "Approved with edits by olivia" in body
     assert PROPOSED in body and APPROVED in body
@@ -291,11 +296,7 @@ def test_an_approval_with_edits_swaps_in_as_approved_with_edits_beside_the_propo
 
 def test_an_approval_with_edits_is_listed_as_such_among_the_decided(waiting_run, operator_client):
     approval = Approval.objects.get(run=waiting_run)
-    response = operator_client.post(
-        reverse("approvals:decide", args=[approval.pk]),
-        {"decision": "approve", "arguments": '{"text": "hi all"}'},
-        follow=True,
-    )
+    response = approve_with(operator_client, approval, '{"text": "hi all"}', follow=True)
     page = response.content.decode()
     assert "Approved with edits: test_send." in page
     decided = page[page.index("<h2>Decided</h2>") :]
@@ -305,21 +306,14 @@ def test_an_approval_with_edits_is_listed_as_such_among_the_decided(waiting_run,
 
 def test_an_approval_as_proposed_shows_no_edits(waiting_run, operator_client):
     approval = Approval.objects.get(run=waiting_run)
-    response = operator_client.post(
-        reverse("approvals:decide", args=[approval.pk]),
-        {"decision": "approve", "arguments": '{"text": "hello"}'},
-        headers={"HX-Request": "true"},
-    )
+    response = approve_with(operator_client, approval, '{"text": "hello"}', **HTMX)
     body = response.content.decode()
     assert "Approved by olivia" in body and "with edits" not in body and PROPOSED not in body
 
 
 def test_the_run_page_shows_an_approval_with_edits_as_such(waiting_run, operator_client):
     approval = Approval.objects.get(run=waiting_run)
-    operator_client.post(
-        reverse("approvals:decide", args=[approval.pk]),
-        {"decision": "approve", "arguments": '{"text": "hi all"}'},
-    )
+    approve_with(operator_client, approval, '{"text": "hi all"}')
     page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
     assert "Approve an action: approved with edits by olivia" in page
     assert PROPOSED in page and APPROVED in page
@@ -327,17 +321,15 @@ def test_the_run_page_shows_an_approval_with_edits_as_such(waiting_run, operator
 
 def test_a_refused_edit_keeps_what_the_approver_typed(waiting_run, operator_client):
     approval = Approval.objects.get(run=waiting_run)
-    url = reverse("approvals:decide", args=[approval.pk])
-    typed = {"decision": "approve", "arguments": '{"text": 12}'}
     kept = '<textarea name="arguments" rows="6" class="mono" aria-label="Arguments (JSON)">'
     kept += "{&quot;text&quot;: 12}</textarea>"
 
-    swapped = operator_client.post(url, typed, headers={"HX-Request": "true"})
+    swapped = approve_with(operator_client, approval, '{"text": 12}', **HTMX)
     body = swapped.content.decode()
     assert "the edited arguments do not match test_send&#x27;s schema" in body
     assert kept in body and '<details class="edit" open>' in body
 
-    page = operator_client.post(url, typed)
+    page = approve_with(operator_client, approval, '{"text": 12}')
     assert page.status_code == 200  # shown again, not redirected away from the text
     body = item(page.content.decode(), approval)
     assert "the edited arguments do not match test_send&#x27;s schema" in body
@@ -356,21 +348,14 @@ def test_a_refusal_keeps_the_other_items_as_proposed(make_task, operator_client)
         operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
         run_until_rest(Run.objects.get(task=task))
     first, second = Approval.objects.order_by("pk")
-    response = operator_client.post(
-        reverse("approvals:decide", args=[first.pk]),
-        {"decision": "approve", "arguments": '{"text": 12}'},
-    )
+    response = approve_with(operator_client, first, '{"text": 12}')
     other = item(response.content.decode(), second)
     assert "do not match" not in other and "&quot;two&quot;\n}</textarea>" in other
 
 
 def test_edited_arguments_holding_nan_are_refused_as_not_json(waiting_run, operator_client):
     approval = Approval.objects.get(run=waiting_run)
-    response = operator_client.post(
-        reverse("approvals:decide", args=[approval.pk]),
-        {"decision": "approve", "arguments": '{"text": NaN}'},
-        headers={"HX-Request": "true"},
-    )
+    response = approve_with(operator_client, approval, '{"text": NaN}', **HTMX)
     assert "The edited arguments are not valid JSON: NaN is not a JSON number." in (
         response.content.decode()
     )
