@@ -172,7 +172,7 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
                 "against them, compare the two, and email finance a summary of the mismatches.",
                 "calls": [
                     plan_update(0, "drafted from the objective"),
-                    ("ledger_invoices", {"batch": batch}),
+                    ("ledger_invoices", {"batch": batch, "_confidence": 0.95}),
                 ],
                 **usage,
             },
@@ -183,7 +183,7 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
         return scripted_turn(
             {
                 "content": f"Found {count} invoices. Next, the payments received against them.",
-                "calls": [("ledger_payments", {"batch": batch})],
+                "calls": [("ledger_payments", {"batch": batch, "_confidence": 0.95})],
                 **usage,
             },
             turn,
@@ -218,6 +218,7 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
                             "subject": f"Reconciliation of batch {batch}: "
                             f"{len(findings)} mismatches",
                             "body": body,
+                            "_confidence": 0.9,
                         },
                     ),
                 ],

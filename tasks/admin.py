@@ -8,7 +8,7 @@ from django.db import models
 from django.forms.models import BaseInlineFormSet
 
 from agentops.runtime.tools import executor_for_kind
-from agentops.runtime.tools.base import schema_errors
+from agentops.runtime.tools.base import reserved_schema_errors, schema_errors
 from agentops.strict_json import StrictJSONFormField
 from tasks import validation
 from tasks.models import (
@@ -203,7 +203,11 @@ class ToolForm(forms.ModelForm):
         kind = cleaned.get("kind")
         # A Python tool's schema comes from its code, and is read-only here.
         if "input_schema" in self.fields and "input_schema" in cleaned:
-            for message in schema_errors(cleaned["input_schema"], name="The input schema"):
+            schema = cleaned["input_schema"]
+            for message in [
+                *schema_errors(schema, name="The input schema"),
+                *reserved_schema_errors(schema),
+            ]:
                 self.add_error("input_schema", message)
         if kind and kind != Tool.Kind.PYTHON:
             try:

@@ -167,7 +167,10 @@ class Task(models.Model):
     confidence_threshold = models.FloatField(
         default=0.7,
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-        help_text="Below this self-reported confidence, a person reviews the outcome.",
+        help_text=(
+            "Below this self-reported confidence, a person reviews the outcome; at Guarded, a "
+            "reversible call below it waits for a person."
+        ),
     )
     model_max_attempts = models.PositiveSmallIntegerField(
         default=3,
@@ -507,6 +510,9 @@ class Step(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)
     gate = models.CharField(max_length=300, blank=True, help_text="Why the call was held.")
+    confidence = models.FloatField(
+        null=True, blank=True, help_text="The agent's confidence in this call, from 0 to 1."
+    )
     tokens_in = models.PositiveIntegerField(default=0)
     tokens_out = models.PositiveIntegerField(default=0)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)

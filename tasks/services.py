@@ -87,6 +87,9 @@ def task_definition(task: Task) -> dict[str, Any]:
         "on_loop": task.on_loop,
         "self_check": task.self_check,
         "confidence_threshold": task.confidence_threshold,
+        # The gate weighs the agent's confidence in each call (a version made before it
+        # did not, and runs as it did then).
+        "confidence_gate": True,
         "model_max_attempts": task.model_max_attempts,
         "autonomy_level": task.autonomy_level,
         "tools": sorted(task.grants.values_list("tool__name", flat=True)),

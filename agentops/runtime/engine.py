@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal
 from enum import Enum
@@ -65,7 +65,14 @@ from agentops.runtime.builtins import (
     check_read,
     plan_errors,
 )
-from agentops.runtime.gates import GateDecision, Verdict, call_digest, gate_decide
+from agentops.runtime.gates import (
+    GateDecision,
+    Verdict,
+    call_digest,
+    confidence_split,
+    gate_decide,
+    schema_with_confidence,
+)
 from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
 from agentops.runtime.rules import RuleSpec, rules_evaluate
@@ -100,8 +107,9 @@ logger = logging.getLogger("agentops.engine")
 SYSTEM_PREAMBLE = (
     "You are an agent run by agentops. Work towards the objective with the tools you are "
     "given. Call tools when you need information or to act; a person may have to approve "
-    "some calls, and may reject one with a reason: then re-plan. When the work is done, "
-    "reply with your final answer and no tool calls."
+    "some calls, and may reject one with a reason: then re-plan. With every call, give "
+    "_confidence: how sure you are, from 0 to 1, that it is the right next step with the "
+    "right arguments. When the work is done, reply with your final answer and no tool calls."
 )
 
 
@@ -420,6 +428,7 @@ DEFINITION_DEFAULTS: dict[str, Any] = {
     "on_loop": "halt",
     "self_check": False,
     "confidence_threshold": 0.0,
+    "confidence_gate": False,
     "model_max_attempts": 3,
 }
 
@@ -834,7 +843,7 @@ def granted_tools(definition: dict) -> dict[str, Tool]:
 
 
 def tool_spec(tool: Tool) -> dict:
-    schema = tool.input_schema or {"type": "object", "properties": {}}
+    schema = schema_with_confidence(tool.input_schema or {"type": "object", "properties": {}})
     return {
         "type": "function",
         "function": {"name": tool.name, "description": tool.description, "parameters": schema},
@@ -966,6 +975,8 @@ class Doors:
     arguments: Any
     refusal: str
     decision: GateDecision | None
+    # The agent's confidence in the call, taken out of its arguments (None: none given).
+    confidence: float | None = None
 
     def step_fields(self, call: dict) -> dict[str, Any]:
         return {
@@ -974,6 +985,7 @@ class Doors:
             "tool_name": call["name"],
             "tool_call_id": call["id"],
             "arguments": self.arguments,
+            "confidence": self.confidence,
         }
 
     @property
@@ -986,34 +998,48 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     tools = granted_tools(ctx.definition)
     tool = tools.get(call["name"])
     arguments, refusal = call_arguments(call["arguments"])
+    confidence, confidence_problem = None, ""
     if tool is None:
         granted = ", ".join(sorted(tools)) or "none"
         refusal = f"the tool {call['name']!r} is not granted to this task (granted: {granted})"
     elif not refusal:
+        arguments, confidence, confidence_problem = confidence_split(
+            tool.input_schema or {}, arguments
+        )
         errors = executor_for(tool).validate(tool, arguments)
         if errors:
             refusal = f"{tool.name} refused the arguments: " + "; ".join(errors)
     if refusal or tool is None:
-        return Doors(tool, arguments, refusal, None)
+        return Doors(tool, arguments, refusal, None, confidence)
     rules = [
         RuleSpec(number, rule["expression"], rule["effect"], rule.get("description", ""))
         for number, rule in enumerate(ctx.definition.get("rules", {}).get(tool.name, []), 1)
     ]
     verdict = rules_evaluate(rules, arguments)
     if verdict.effect == "deny":
-        return Doors(tool, arguments, verdict.reason, None)
+        return Doors(tool, arguments, verdict.reason, None, confidence)
     level, pinned = autonomy_level(ctx), ctx.definition["autonomy_level"]
     decision = gate_decide(
-        autonomy_level=level, side_effect=tool.side_effect, always_approve=tool.always_approve
+        autonomy_level=level,
+        side_effect=tool.side_effect,
+        always_approve=tool.always_approve,
+        confidence=confidence,
+        threshold=confidence_threshold(ctx),
+        confidence_problem=confidence_problem,
     )
     if level < pinned and decision.verdict is not Verdict.RUN:
-        decision = GateDecision(
-            decision.verdict,
-            f"{decision.reason} (the dial was turned down after this run started)",
+        decision = replace(
+            decision, reason=f"{decision.reason} (the dial was turned down after this run started)"
         )
     if verdict.effect == "approve" and decision.verdict is Verdict.RUN:
         decision = GateDecision(Verdict.HOLD, verdict.reason)
-    return Doors(tool, arguments, "", decision)
+    return Doors(tool, arguments, "", decision, confidence)
+
+
+def confidence_threshold(ctx: Context) -> float:
+    """The confidence a call needs to run by itself at Guarded: the task's threshold, for
+    a version made since the gate weighs confidence (an older one runs as it did)."""
+    return float(ctx.setting("confidence_threshold")) if ctx.setting("confidence_gate") else 0.0
 
 
 def autonomy_level(ctx: Context) -> int:
@@ -1130,18 +1156,27 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
             step = step_add(
                 ctx,
                 event="tool.proposed",
-                payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
+                payload={
+                    "tool": tool.name,
+                    "arguments": arguments,
+                    "confidence": doors.confidence,
+                    "gate": decision.reason,
+                },
                 status=StepStatus.PROPOSED,
                 gate=decision.reason,
                 **fields,
             )
+            context = budget_context(ctx, added)
+            if decision.by_confidence:
+                context["threshold"] = confidence_threshold(ctx)
             approval_request(
                 run=run,
                 kind=ApprovalKind.ACTION,
                 step=step,
                 gate=decision.reason,
                 reasoning=model_step.content,
-                context=budget_context(ctx, added),
+                confidence=doors.confidence,
+                context=context,
             )
             run_wait(run, f"approve {tool.name}")
         return Outcome.WAITING
@@ -1156,7 +1191,12 @@ def call_start(ctx: Context, call: dict, doors: Doors, number: int) -> dict[str,
     key = idempotency_key(ctx.run, number)
     return step_entry(
         event="tool.started",
-        payload={"tool": doors.tool.name, "arguments": doors.arguments, "idempotency_key": key},
+        payload={
+            "tool": doors.tool.name,
+            "arguments": doors.arguments,
+            "confidence": doors.confidence,
+            "idempotency_key": key,
+        },
         status=StepStatus.STARTED,
         idempotency_key=key,
         **doors.step_fields(call),

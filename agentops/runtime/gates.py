@@ -1,9 +1,16 @@
-"""The gate: given the task's autonomy level and the tool's side-effect class, does a
-call run, wait for a person, or (Shadow) get recorded without being made?
+"""The gate: given the task's autonomy level, the tool's side-effect class and the
+agent's confidence in the call, does a call run, wait for a person, or (Shadow) get
+recorded without being made?
 
 The table is ARCHITECTURE.md's autonomy dial; a tool marked ``always_approve`` is a hard
 gate at every level. Rules that require approval are applied on top of it by the engine
-(``call_doors``), and low confidence by the self-check before a run ends.
+(``call_doors``), and low confidence in the outcome by the self-check before a run ends.
+
+The agent states its confidence in each call it asks for: every granted tool's schema,
+as the model sees it, gains one more argument, ``_confidence`` (0 to 1), which the engine
+takes out before the call goes through the other doors. At Guarded a reversible call runs
+only at or above the task's confidence threshold; below it, or with no usable confidence,
+it waits for a person. Read-only calls run at every level, as at Supervised.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from agentops.runtime.tools.base import CONFIDENCE_ARGUMENT
 from tasks.models import AutonomyLevel, SideEffect
 
 
@@ -24,9 +32,58 @@ class Verdict(Enum):
 class GateDecision:
     verdict: Verdict
     reason: str
+    # Held because of the agent's confidence in the call, not its class or a hard gate.
+    by_confidence: bool = False
 
 
-def gate_decide(*, autonomy_level: int, side_effect: str, always_approve: bool) -> GateDecision:
+CONFIDENCE_SCHEMA = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": 1,
+    "description": (
+        "How sure you are, from 0 to 1, that this call is the right next step with the "
+        "right arguments. Below the task's threshold, a person may have to approve it."
+    ),
+}
+
+
+def schema_with_confidence(schema: dict) -> dict:
+    """A tool's input schema as the model sees it: with ``_confidence`` required. A
+    schema that declares ``_confidence`` itself (refused when a tool is saved, but an
+    imported one may) is left as it is, and its calls carry no confidence."""
+    properties = schema.get("properties") or {}
+    if CONFIDENCE_ARGUMENT in properties:
+        return schema
+    return {
+        **schema,
+        "properties": {**properties, CONFIDENCE_ARGUMENT: CONFIDENCE_SCHEMA},
+        "required": [*schema.get("required", []), CONFIDENCE_ARGUMENT],
+    }
+
+
+def confidence_split(schema: dict, arguments: dict) -> tuple[dict, float | None, str]:
+    """The call's own arguments, the confidence the agent gave (None if it gave none or
+    an unusable one), and what was wrong with it ("" if nothing)."""
+    if CONFIDENCE_ARGUMENT in (schema.get("properties") or {}):
+        return arguments, None, ""
+    if CONFIDENCE_ARGUMENT not in arguments:
+        return arguments, None, ""
+    own = {name: value for name, value in arguments.items() if name != CONFIDENCE_ARGUMENT}
+    value = arguments[CONFIDENCE_ARGUMENT]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        return own, None, f"{CONFIDENCE_ARGUMENT} was {value!r}, not a number from 0 to 1"
+    return own, float(value), ""
+
+
+def gate_decide(
+    *,
+    autonomy_level: int,
+    side_effect: str,
+    always_approve: bool,
+    confidence: float | None = None,
+    threshold: float = 0.0,
+    confidence_problem: str = "",
+) -> GateDecision:
     level = AutonomyLevel(autonomy_level)
     effect = SideEffect(side_effect)
     if level == AutonomyLevel.SHADOW and effect != SideEffect.READ:
@@ -43,6 +100,21 @@ def gate_decide(*, autonomy_level: int, side_effect: str, always_approve: bool) 
         )
     if level == AutonomyLevel.GUARDED and effect == SideEffect.IRREVERSIBLE:
         return GateDecision(Verdict.HOLD, "Guarded: irreversible calls wait for a person")
+    if level == AutonomyLevel.GUARDED and threshold > 0:
+        if confidence is None:
+            why = confidence_problem or "the agent gave no confidence for this call"
+            return GateDecision(
+                Verdict.HOLD,
+                f"Guarded: {why}, and the task's threshold is {threshold:.2f}",
+                by_confidence=True,
+            )
+        if confidence < threshold:
+            return GateDecision(
+                Verdict.HOLD,
+                f"Guarded: the agent's confidence {confidence:.2f} is below the task's "
+                f"threshold {threshold:.2f}",
+                by_confidence=True,
+            )
     return GateDecision(Verdict.RUN, f"{level.label}: {effect.label.lower()} calls run")
 
 

@@ -217,7 +217,12 @@ def test_shadow_records_side_effects_as_simulated_and_fires_none(make_task, oper
 def test_guarded_runs_reversible_calls_and_holds_irreversible_ones(make_task, operator):
     task = make_task(
         [
-            {"calls": [("test_note", {"text": "n"}), ("test_send", {"text": "s"})]},
+            {
+                "calls": [
+                    ("test_note", {"text": "n", "_confidence": 0.9}),
+                    ("test_send", {"text": "s", "_confidence": 0.9}),
+                ]
+            },
             {"content": "ok"},
         ],
         tools=["test_note", "test_send"],

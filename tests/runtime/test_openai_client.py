@@ -19,7 +19,7 @@ from agentops.runtime.models.base import (
 )
 from agentops.runtime.models.openai_compatible import OpenAICompatibleClient
 from agentops.runtime.models.scripted import SCRIPTS, ScriptedClient
-from tasks.models import RunStatus
+from tasks.models import RunStatus, Step
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS
 from tests.conftest import run_until_rest
@@ -301,7 +301,10 @@ def test_a_run_on_a_served_model_plans_calls_a_tool_checks_and_finishes(
         server.reply(
             completion(
                 None,
-                [("call_p", "plan_update", plan), ("call_1", "test_echo", {"text": "hi"})],
+                [
+                    ("call_p", "plan_update", plan),
+                    ("call_1", "test_echo", {"text": "hi", "_confidence": 0.8}),
+                ],
                 prompt_tokens=30,
                 completion_tokens=5,
             )
@@ -337,7 +340,11 @@ def test_a_run_on_a_served_model_plans_calls_a_tool_checks_and_finishes(
         "ask_person",
         "test_echo",
     ]
-    assert first["tools"][2]["function"]["parameters"]["required"] == ["text"]
+    # The tool asks the model for its confidence in the call, which the tool never sees.
+    assert first["tools"][2]["function"]["parameters"]["required"] == ["text", "_confidence"]
+    assert "_confidence" in first["messages"][0]["content"]
+    echo = Step.objects.get(run=run, tool_name="test_echo")
+    assert echo.arguments == {"text": "hi"} and echo.confidence == 0.8
     # The first turn must draft the plan; every answer is capped.
     assert first["tool_choice"] == {"type": "function", "function": {"name": "plan_update"}}
     assert first["max_tokens"] == 4096

@@ -296,6 +296,16 @@ def test_a_tool_input_schema_that_is_not_an_object_is_refused(admin_client):
     assert not Tool.objects.filter(name="items_create").exists()
 
 
+def test_a_tool_input_schema_that_declares_the_confidence_argument_is_refused(admin_client):
+    schema = as_json({"type": "object", "properties": {"_confidence": {"type": "number"}}})
+    response = admin_client.post("/admin/tasks/tool/add/", http_tool_data(input_schema=schema))
+    assert errors_on(response, "input_schema") == [
+        "The input schema may not have a property named '_confidence': the engine adds it "
+        "to every tool for the agent's confidence in the call."
+    ]
+    assert not Tool.objects.filter(name="items_create").exists()
+
+
 # A grant's rules --------------------------------------------------------------------
 
 

@@ -90,6 +90,21 @@ def _schema_error_text(error: SchemaError) -> str:
     return f"{where}: {error.message}"
 
 
+# The argument the engine adds to every tool, as the model sees it, for the agent's
+# confidence in the call (agentops.runtime.gates); no tool may declare it itself.
+CONFIDENCE_ARGUMENT = "_confidence"
+
+
+def reserved_schema_errors(schema: Any) -> list[str]:
+    """A tool's own schema may not declare the argument the engine adds to every tool."""
+    if isinstance(schema, dict) and CONFIDENCE_ARGUMENT in (schema.get("properties") or {}):
+        return [
+            f"The input schema may not have a property named {CONFIDENCE_ARGUMENT!r}: the "
+            "engine adds it to every tool for the agent's confidence in the call."
+        ]
+    return []
+
+
 def schema_errors(schema: Any, *, name: str = "The schema") -> list[str]:
     """Why ``schema`` cannot check a JSON object (a call's arguments, a run's input): it
     is not a JSON object, not a valid JSON Schema (draft 2020-12), or its type is not

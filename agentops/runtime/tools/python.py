@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
+from agentops.runtime.tools.base import (
+    ToolContext,
+    ToolError,
+    ToolResult,
+    arguments_errors,
+    reserved_schema_errors,
+)
 
 if TYPE_CHECKING:
     from tasks.models import Tool
@@ -55,6 +61,9 @@ def tool(
                 f"tool name {tool_name!r}: use 1 to 64 letters, digits, underscores or "
                 "hyphens (the model sees this name)"
             )
+        reserved = reserved_schema_errors(schema)
+        if reserved:
+            raise ValueError(f"tool {tool_name!r}: {reserved[0]}")
         existing = REGISTRY.get(tool_name)
         if existing and existing.function.__qualname__ != function.__qualname__:
             raise ValueError(f"two functions register the tool name {tool_name!r}")
