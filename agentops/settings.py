@@ -161,6 +161,11 @@ AGENTOPS_LEASE_SECONDS = env_float("AGENTOPS_LEASE_SECONDS", 120.0, minimum=5.0)
 # either queue then ends the worker process running it, which the engine treats as any
 # crash: the run's lease lapses and the reaper hands the run to the next worker.
 AGENTOPS_JOB_TIME_LIMIT = int(AGENTOPS_SLICE_SECONDS * 3)
+# A run whose worker stops this many times in a row (a crash, a job ended at its time
+# limit) with no step recorded in between is halted, not recovered again: a call or a
+# model answer that kills every worker that tries it would otherwise loop, unbilled
+# and unbounded, since the work a crash loses is never counted against the budgets.
+AGENTOPS_RECOVERY_LIMIT = env_int("AGENTOPS_RECOVERY_LIMIT", 3, minimum=1)
 
 Q_CLUSTER = {
     "name": "agentops",

@@ -413,6 +413,14 @@ class Run(models.Model):
     )
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    recoveries = models.PositiveSmallIntegerField(
+        default=0,
+        help_text="Times in a row a worker stopped while working on the run, with no step "
+        "recorded in between.",
+    )
+    recovered_at_step = models.PositiveIntegerField(
+        default=0, help_text="The run's last step when it was last recovered (0: none)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Max, Q
 from django.utils import timezone
 
 from agentops import states
@@ -192,6 +192,8 @@ def advance(
     run = lease_claim_run(run_id, owner)
     if run is None:
         return Outcome.NOT_CLAIMED
+    if run.status != RunStatus.RUNNING:  # halted as it was claimed: its worker kept stopping
+        return Outcome.FINISHED
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
     clock = _clock.set(WorkClock())
     cache = _slice_cache.set({})
@@ -232,7 +234,9 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
     """``lease_claim``, returning the run as claimed (with its pinned version), or None.
 
     The claim is a conditional UPDATE whose row count says who won: two workers racing
-    for one run cannot both see 1."""
+    for one run cannot both see 1. A run claimed after its worker stopped (its lease
+    expired) is recovered, or halted once that happened ``AGENTOPS_RECOVERY_LIMIT``
+    times in a row with no step recorded in between (``run_recover``)."""
     with transaction.atomic():
         claimed = (
             Run.objects.filter(pk=run_id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
@@ -245,13 +249,45 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
         if run.status == RunStatus.QUEUED:
             run_transition(run=run, to=RunStatus.RUNNING, actor="engine", payload={"worker": owner})
         else:
-            event_append(
-                run_uuid=run_id,
-                kind="run.recovered",
-                actor="engine",
-                payload={"worker": owner, "reason": "the previous worker's lease expired"},
-            )
+            run_recover(run, owner)
     return run
+
+
+def run_recover(run: Run, owner: str) -> None:
+    """Inside the claim's transaction: count the recovery, and halt the run if its
+    workers stopped ``AGENTOPS_RECOVERY_LIMIT`` times in a row without getting a step
+    further. The work a crash loses (a model answer not yet recorded, the seconds since
+    the last commit) is counted against no budget, so without this a run whose call or
+    answer kills every worker would be retried, and paid for, without end."""
+    last = Step.objects.filter(run=run).aggregate(last=Max("number"))["last"] or 0
+    in_a_row = run.recoveries + 1 if last == run.recovered_at_step else 1
+    Run.objects.filter(pk=run.pk).update(recoveries=in_a_row, recovered_at_step=last)
+    run.recoveries, run.recovered_at_step = in_a_row, last
+    limit = settings.AGENTOPS_RECOVERY_LIMIT
+    event_append(
+        run_uuid=run.pk,
+        kind="run.recovered",
+        actor="engine",
+        payload={
+            "worker": owner,
+            "reason": "the previous worker's lease expired",
+            "in_a_row": in_a_row,
+            "last_step": last,
+        },
+    )
+    if in_a_row >= limit:
+        where = f"after step {last}" if last else "before its first step"
+        run_transition(
+            run=run,
+            to=RunStatus.HALTED,
+            actor="engine",
+            reason=(
+                f"its worker stopped {in_a_row} times in a row {where}, with nothing "
+                f"recorded in between: halted rather than tried again "
+                f"(AGENTOPS_RECOVERY_LIMIT is {limit})"
+            ),
+            payload={"recoveries": in_a_row, "last_step": last},
+        )
 
 
 def fence(
@@ -1388,6 +1424,7 @@ def call_fire_approved(
     payload = {
         "tool": step.tool_name,
         "arguments": step.arguments,
+        "confidence": step.confidence,
         "idempotency_key": key,
         "approval": approval.pk,
         **({"why": why} if why else {}),

@@ -524,3 +524,41 @@ def test_a_slow_worker_whose_lease_lapsed_mid_call_still_records_that_the_call_h
 
     # The call happened: whoever decides the unknown outcome must be able to see it.
     assert answer in results_in_trail(run), log.read_text()
+
+
+# 4. Killed at the same call again and again ------------------------------------------
+
+
+def test_a_run_whose_call_kills_every_worker_that_tries_it_is_halted_not_retried_forever(
+    crash_task, operator, sink, tmp_path, settings
+):
+    # Two workers die at the same idempotent call; the third claim halts the run.
+    settings.AGENTOPS_RECOVERY_LIMIT = 2
+    task = crash_task("crash_charge")
+    run = crash_run(task, operator, "crash_charge", call_arguments(sink, tmp_path, BEFORE_EFFECT))
+    workers = []
+    for attempt in (1, 2):
+        log = tmp_path / f"worker-{attempt}.log"
+        with engine_worker(run, log, AGENTOPS_RECOVERY_LIMIT="2") as worker:
+            reach(worker, log, tmp_path, BEFORE_EFFECT)
+            kill(worker)
+        workers.append(worker)
+        reached_marker(tmp_path, BEFORE_EFFECT).unlink()
+        lease_expire(run)
+        assert status_of(run) == RunStatus.RUNNING, log.read_text()
+
+    assert run_until_rest(run) is Outcome.FINISHED
+    assert run.status == RunStatus.HALTED
+    step = tool_step(run)
+    assert run.reason == (
+        f"its worker stopped 2 times in a row after step {step.number}, with nothing "
+        "recorded in between: halted rather than tried again (AGENTOPS_RECOVERY_LIMIT is 2)"
+    )
+    # The second worker retried the idempotent call with its key; nobody tried a third
+    # time, and the far side never saw it.
+    assert attempts(tmp_path) == [(w.pid, step.idempotency_key) for w in workers]
+    assert step.status == StepStatus.STARTED
+    assert sink.requests() == 0
+    assert events(run).count("run.recovered") == 2
+    assert events(run)[-1] == "run.halted"
+    assert chain_verify(run.pk).intact
