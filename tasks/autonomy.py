@@ -39,6 +39,26 @@ class DialError(Exception):
     """The dial cannot be turned so; the message says why. Nothing was written."""
 
 
+def level_meaning(level: int, threshold: float) -> str:
+    """What runs without a person at ``level``: the gate's table (agentops.runtime.gates)
+    in words, for the person turning the dial."""
+    if level == AutonomyLevel.SHADOW:
+        return "Read-only calls run; every other call is recorded as simulated, not made."
+    if level == AutonomyLevel.SUPERVISED:
+        return "Read-only calls run; every other call waits for a person."
+    if level == AutonomyLevel.GUARDED:
+        reversible = (
+            f"reversible calls the agent is at least {threshold:.2f} confident in"
+            if threshold > 0
+            else "reversible calls"
+        )
+        return f"Read-only calls run, and {reversible}; irreversible calls wait for a person."
+    return (
+        "Every call runs, except calls of tools marked 'always approve' and calls a rule "
+        "holds for approval."
+    )
+
+
 def task_trail_uuid(task: Task) -> uuid.UUID:
     return uuid.uuid5(TRAIL_NAMESPACE, f"task:{task.pk}")
 

@@ -206,6 +206,29 @@ def test_turning_the_dial_through_the_task_page(make_task, client):
     assert "already at 3 · Autonomous" in response.content.decode()
 
 
+@pytest.mark.parametrize(
+    ("level", "threshold", "says"),
+    [
+        (1, 0.7, "1 · Supervised</strong>: Read-only calls run; every other call waits"),
+        (
+            2,
+            0.7,
+            "2 · Guarded</strong>: Read-only calls run, and reversible calls the agent is at "
+            "least 0.70 confident in; irreversible calls wait for a person.",
+        ),
+        (2, 0.0, "2 · Guarded</strong>: Read-only calls run, and reversible calls; irreversible"),
+        (3, 0.7, "3 · Autonomous</strong>: Every call runs, except calls of tools marked"),
+    ],
+)
+def test_the_dial_says_what_runs_without_a_person_at_its_level(
+    make_task, client, level, threshold, says
+):
+    task = make_task([], autonomy_level=level, confidence_threshold=threshold)
+    client.force_login(editor("alice"))
+    page = client.get(reverse("tasks:detail", args=[task.slug])).content.decode()
+    assert says.replace("'", "&#x27;") in page
+
+
 def test_someone_without_the_permission_cannot_turn_the_dial(make_task, client, outsider):
     task = make_task([])
     client.force_login(outsider)
