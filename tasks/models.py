@@ -418,8 +418,10 @@ class Run(models.Model):
         help_text="Times in a row a worker stopped while working on the run, with no step "
         "recorded in between.",
     )
-    recovered_at_step = models.PositiveIntegerField(
-        default=0, help_text="The run's last step when it was last recovered (0: none)."
+    recovery_progress = models.PositiveIntegerField(
+        default=0,
+        help_text="How far the run had got when it was last recovered: its last step's "
+        "number plus its settled steps.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

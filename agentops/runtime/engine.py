@@ -38,7 +38,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import F, Max, Q
+from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
 from agentops import states
@@ -236,7 +236,7 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
     The claim is a conditional UPDATE whose row count says who won: two workers racing
     for one run cannot both see 1. A run claimed after its worker stopped (its lease
     expired) is recovered, or halted once that happened ``AGENTOPS_RECOVERY_LIMIT``
-    times in a row with no step recorded in between (``run_recover``)."""
+    times in a row without the run getting further (``run_recover``)."""
     with transaction.atomic():
         claimed = (
             Run.objects.filter(pk=run_id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
@@ -247,7 +247,13 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
             return None
         run = Run.objects.select_related("task_version").get(pk=run_id)
         if run.status == RunStatus.QUEUED:
-            run_transition(run=run, to=RunStatus.RUNNING, actor="engine", payload={"worker": owner})
+            run_transition(
+                run=run,
+                to=RunStatus.RUNNING,
+                actor="engine",
+                payload={"worker": owner},
+                recoveries=0,
+            )
         else:
             run_recover(run, owner)
     return run
@@ -255,14 +261,19 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
 
 def run_recover(run: Run, owner: str) -> None:
     """Inside the claim's transaction: count the recovery, and halt the run if its
-    workers stopped ``AGENTOPS_RECOVERY_LIMIT`` times in a row without getting a step
-    further. The work a crash loses (a model answer not yet recorded, the seconds since
-    the last commit) is counted against no budget, so without this a run whose call or
-    answer kills every worker would be retried, and paid for, without end."""
-    last = Step.objects.filter(run=run).aggregate(last=Max("number"))["last"] or 0
-    in_a_row = run.recoveries + 1 if last == run.recovered_at_step else 1
-    Run.objects.filter(pk=run.pk).update(recoveries=in_a_row, recovered_at_step=last)
-    run.recoveries, run.recovered_at_step = in_a_row, last
+    workers stopped ``AGENTOPS_RECOVERY_LIMIT`` times in a row without getting further.
+    The work a crash loses (a model answer not yet recorded, the seconds since the last
+    commit) is counted against no budget, so without this a run whose call or answer
+    kills every worker would be retried, and paid for, without end.
+
+    Getting further is a step recorded or settled (an outcome written: a retried call
+    that returned counts, retrying it does not). A claim from the queue, after a slice
+    that ended in good order or a person's decision, starts the count again."""
+    last, settled = run_progress(run)
+    progress = last + settled
+    in_a_row = run.recoveries + 1 if progress == run.recovery_progress else 1
+    Run.objects.filter(pk=run.pk).update(recoveries=in_a_row, recovery_progress=progress)
+    run.recoveries, run.recovery_progress = in_a_row, progress
     limit = settings.AGENTOPS_RECOVERY_LIMIT
     event_append(
         run_uuid=run.pk,
@@ -276,7 +287,20 @@ def run_recover(run: Run, owner: str) -> None:
         },
     )
     if in_a_row >= limit:
-        where = f"after step {last}" if last else "before its first step"
+        where = f"at step {last}" if last else "before its first step"
+        # A call in flight when the last worker stopped may or may not have taken effect,
+        # and no worker will find out now: it is marked so, not left `started`.
+        for step in Step.objects.filter(run=run, status=StepStatus.STARTED):
+            step_transition(
+                step=step,
+                to=StepStatus.UNKNOWN,
+                event="tool.unknown",
+                payload={"tool": step.tool_name, "idempotency_key": step.idempotency_key},
+                error=(
+                    f"step #{step.number} ({step.tool_name}) was in flight when the run was "
+                    "halted for stopping its workers: whether it took effect is not known"
+                ),
+            )
         run_transition(
             run=run,
             to=RunStatus.HALTED,
@@ -288,6 +312,18 @@ def run_recover(run: Run, owner: str) -> None:
             ),
             payload={"recoveries": in_a_row, "last_step": last},
         )
+
+
+STEP_SETTLED = [status for status in StepStatus.values if states.STEP.terminal(status)]
+
+
+def run_progress(run: Run) -> tuple[int, int]:
+    """How far the run has got: its last step's number, and how many steps are settled.
+    Neither ever goes down."""
+    progress = Step.objects.filter(run=run).aggregate(
+        last=Max("number"), settled=Count("pk", filter=Q(status__in=STEP_SETTLED))
+    )
+    return progress["last"] or 0, progress["settled"]
 
 
 def fence(
@@ -948,14 +984,37 @@ def tool_message_made(step: Step) -> str:
 # Tool calls: the four doors, the ledger ----------------------------------------------
 
 
-def call_arguments(raw: str) -> tuple[Any, str]:
+@dataclass(frozen=True)
+class ParsedCall:
+    """A call's arguments as the model sent them, parsed: its own arguments (without
+    ``_confidence``), why they cannot be used ("" if they can), and the agent's
+    confidence in the call (None if it gave no usable one, and what was wrong)."""
+
+    arguments: Any
+    refusal: str = ""
+    confidence: float | None = None
+    confidence_problem: str = ""
+
+
+def call_parsed(raw: str) -> ParsedCall:
     try:
         arguments = json_loads_strict(raw or "{}")
     except json.JSONDecodeError as error:
-        return raw, f"the arguments are not valid JSON ({error.msg} at position {error.pos})"
+        return ParsedCall(
+            raw, f"the arguments are not valid JSON ({error.msg} at position {error.pos})"
+        )
     if not isinstance(arguments, dict):
-        return arguments, "the arguments must be a JSON object"
-    return arguments, ""
+        return ParsedCall(arguments, "the arguments must be a JSON object")
+    # Every call is asked for a confidence, the builtins' and ungranted tools' included:
+    # it is never an argument of the call itself.
+    own, confidence, problem = confidence_split(arguments)
+    return ParsedCall(own, "", confidence, problem)
+
+
+def call_arguments(raw: str) -> tuple[Any, str]:
+    """A call's own arguments, and why they cannot be used ("" if they can)."""
+    parsed = call_parsed(raw)
+    return parsed.arguments, parsed.refusal
 
 
 def plan_record(ctx: Context, call: dict) -> Outcome:
@@ -1033,15 +1092,12 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     """Granted, valid JSON, valid against the schema, (rules), and the gate."""
     tools = granted_tools(ctx.definition)
     tool = tools.get(call["name"])
-    arguments, refusal = call_arguments(call["arguments"])
-    confidence, confidence_problem = None, ""
+    parsed = call_parsed(call["arguments"])
+    arguments, refusal, confidence = parsed.arguments, parsed.refusal, parsed.confidence
     if tool is None:
         granted = ", ".join(sorted(tools)) or "none"
         refusal = f"the tool {call['name']!r} is not granted to this task (granted: {granted})"
     elif not refusal:
-        arguments, confidence, confidence_problem = confidence_split(
-            tool.input_schema or {}, arguments
-        )
         errors = executor_for(tool).validate(tool, arguments)
         if errors:
             refusal = f"{tool.name} refused the arguments: " + "; ".join(errors)
@@ -1061,7 +1117,7 @@ def call_doors(ctx: Context, call: dict) -> Doors:
         always_approve=tool.always_approve,
         confidence=confidence,
         threshold=confidence_threshold(ctx),
-        confidence_problem=confidence_problem,
+        confidence_problem=parsed.confidence_problem,
     )
     if level < pinned and decision.verdict is not Verdict.RUN:
         decision = replace(

@@ -48,24 +48,22 @@ CONFIDENCE_SCHEMA = {
 
 
 def schema_with_confidence(schema: dict) -> dict:
-    """A tool's input schema as the model sees it: with ``_confidence`` required. A
-    schema that declares ``_confidence`` itself (refused when a tool is saved, but an
-    imported one may) is left as it is, and its calls carry no confidence."""
+    """A tool's input schema as the model sees it: with ``_confidence`` required (no tool
+    may declare it itself: ``reserved_schema_errors``)."""
     properties = schema.get("properties") or {}
-    if CONFIDENCE_ARGUMENT in properties:
-        return schema
     return {
         **schema,
         "properties": {**properties, CONFIDENCE_ARGUMENT: CONFIDENCE_SCHEMA},
-        "required": [*schema.get("required", []), CONFIDENCE_ARGUMENT],
+        "required": [
+            *(name for name in schema.get("required", []) if name != CONFIDENCE_ARGUMENT),
+            CONFIDENCE_ARGUMENT,
+        ],
     }
 
 
-def confidence_split(schema: dict, arguments: dict) -> tuple[dict, float | None, str]:
-    """The call's own arguments, the confidence the agent gave (None if it gave none or
-    an unusable one), and what was wrong with it ("" if nothing)."""
-    if CONFIDENCE_ARGUMENT in (schema.get("properties") or {}):
-        return arguments, None, ""
+def confidence_split(arguments: dict) -> tuple[dict, float | None, str]:
+    """A call's own arguments, the confidence the agent gave (None if it gave none or an
+    unusable one), and what was wrong with it ("" if nothing)."""
     if CONFIDENCE_ARGUMENT not in arguments:
         return arguments, None, ""
     own = {name: value for name, value in arguments.items() if name != CONFIDENCE_ARGUMENT}

@@ -6,16 +6,23 @@ Guarded waits for a person, who sees the confidence beside the call."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from django.urls import reverse
 from django.utils.html import escape
 
 from agentops.runtime.engine import Outcome, tool_spec
 from agentops.runtime.gates import Verdict, gate_decide
+from agentops.runtime.models import ModelTurn
+from agentops.runtime.models.base import ToolCallRequest
+from agentops.runtime.models.scripted import CHECKS
 from agentops.runtime.tools import tool
 from agentops.runtime.tools.python import REGISTRY
 from approvals.models import Approval, ApprovalStatus
+from approvals.services import approval_decide
 from lineage.models import LineageEvent
+from tasks.management.commands.mcp_import import schema_problem
 from tasks.models import AutonomyLevel, RunStatus, Step, TaskVersion, Tool
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS, TEXT
@@ -220,3 +227,64 @@ def test_a_version_made_before_the_gate_weighed_confidence_runs_as_it_did(make_t
     TaskVersion.objects.filter(pk=run.task_version_id).update(definition=definition)
     assert run_until_rest(run) is Outcome.FINISHED and run.status == RunStatus.SUCCEEDED
     assert EFFECTS == {"note:n": 1}
+
+
+# The builtins and refused calls: the confidence is never an argument ----------------
+
+
+def test_the_builtins_take_a_confidence_given_with_them_out_of_their_arguments(make_task, operator):
+    plan = {"steps": [{"title": "ask"}, {"title": "report"}], "_confidence": 0.9}
+    question = {"question": "Which batch?", "_confidence": 0.8}
+    task = make_task(
+        [
+            {"calls": [("plan_update", plan)]},
+            {"calls": [("ask_person", question)]},
+            {"content": "done"},
+        ]
+    )
+    CHECKS[task.slug] = lambda messages: check_turn_with(
+        {"objective_met": True, "confidence": 0.9, "evidence": "asked", "_confidence": 0.9}
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.WAITING
+    assert run.plan == [{"title": "ask"}, {"title": "report"}]
+    asked = run.steps.get(tool_name="ask_person")
+    assert asked.status == "proposed" and asked.arguments == {"question": "Which batch?"}
+
+    approval_decide(
+        approval=Approval.objects.get(run=run), user=operator, approve=True, reason="2026-11"
+    )
+    assert run_until_rest(run) is Outcome.FINISHED
+    # The self-check's report, with a confidence beside its own, is read as it is.
+    assert run.status == RunStatus.SUCCEEDED, run.reason
+    assert run.confidence == 0.9
+
+
+def check_turn_with(arguments: dict) -> ModelTurn:
+    call = ToolCallRequest(id="check", name="report_check", arguments=json.dumps(arguments))
+    return ModelTurn(content="", tool_calls=[call])
+
+
+def test_a_repeated_call_of_a_tool_not_granted_is_a_loop_whatever_the_confidence(
+    make_task, operator
+):
+    turns = [
+        {"calls": [("test_send", {"text": "x", "_confidence": 0.5 + n / 100})]} for n in range(6)
+    ]
+    task = make_task([*turns, {"content": "done"}], self_check=False)
+    run = run_start(task=task, run_input={}, user=operator)
+    assert run_until_rest(run) is Outcome.FINISHED
+    assert run.status == RunStatus.HALTED
+    assert run.reason.startswith("loop: test_send was called 3 times with the same arguments")
+    refused = run.steps.filter(kind="tool")
+    assert [step.arguments for step in refused] == [{"text": "x"}] * 3
+    assert EFFECTS == {}
+
+
+def test_an_mcp_tool_that_declares_the_confidence_argument_is_not_imported():
+    schema = {"type": "object", "properties": {"_confidence": {"type": "string"}}}
+    assert schema_problem(schema) == (
+        "its input schema has a property named '_confidence', which agentops adds to every "
+        "tool for the agent's confidence in the call"
+    )
+    assert schema_problem({"type": "object", "properties": {"text": {"type": "string"}}}) == ""

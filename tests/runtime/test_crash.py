@@ -551,14 +551,17 @@ def test_a_run_whose_call_kills_every_worker_that_tries_it_is_halted_not_retried
     assert run.status == RunStatus.HALTED
     step = tool_step(run)
     assert run.reason == (
-        f"its worker stopped 2 times in a row after step {step.number}, with nothing "
+        f"its worker stopped 2 times in a row at step {step.number}, with nothing "
         "recorded in between: halted rather than tried again (AGENTOPS_RECOVERY_LIMIT is 2)"
     )
     # The second worker retried the idempotent call with its key; nobody tried a third
     # time, and the far side never saw it.
     assert attempts(tmp_path) == [(w.pid, step.idempotency_key) for w in workers]
-    assert step.status == StepStatus.STARTED
+    # Its outcome is not known, and no worker will find out now.
+    assert (
+        step.status == StepStatus.UNKNOWN and "was in flight when the run was halted" in step.error
+    )
     assert sink.requests() == 0
     assert events(run).count("run.recovered") == 2
-    assert events(run)[-1] == "run.halted"
+    assert events(run)[-2:] == ["tool.unknown", "run.halted"]
     assert chain_verify(run.pk).intact

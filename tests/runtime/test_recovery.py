@@ -11,13 +11,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from agentops.runtime.engine import Outcome, advance, lease_claim_run
 from lineage.models import LineageEvent
 from lineage.services import chain_verify
 from tasks.models import Run, RunStatus, StepKind, StepStatus
-from tasks.services import run_start, step_create
+from tasks.services import run_start, run_transition, step_create, step_transition
 
 pytestmark = pytest.mark.django_db
 
@@ -97,5 +98,52 @@ def test_a_step_recorded_between_recoveries_starts_the_count_again(started, sett
     lease_lapse(run)
     halted = lease_claim_run(run.pk, "worker-4")
     assert halted.status == RunStatus.HALTED and halted.recoveries == 2
-    assert halted.reason.startswith("its worker stopped 2 times in a row after step 1,")
+    assert halted.reason.startswith("its worker stopped 2 times in a row at step 1,")
     assert [(e["in_a_row"], e["last_step"]) for e in recovered(run)] == [(1, 0), (1, 1), (2, 1)]
+
+
+def test_an_outcome_recorded_between_recoveries_starts_the_count_again(started, settings):
+    # Worker 1 died in a call; worker 2 retried it and recorded its outcome, then died
+    # in the next model call: it got further, so that is the first time in a row again.
+    settings.AGENTOPS_RECOVERY_LIMIT = 2
+    run = started
+    call = step_create(
+        run=run,
+        number=1,
+        event="tool.started",
+        payload={"tool": "test_echo"},
+        kind=StepKind.TOOL,
+        status=StepStatus.STARTED,
+        tool_name="test_echo",
+    )
+    lease_lapse(run)
+    assert lease_claim_run(run.pk, "worker-2").recoveries == 1
+    with transaction.atomic():
+        step_transition(
+            step=call, to=StepStatus.SUCCEEDED, event="tool.succeeded", payload={}, result={}
+        )
+
+    lease_lapse(run)
+    again = lease_claim_run(run.pk, "worker-3")
+    assert again.status == RunStatus.RUNNING and again.recoveries == 1
+    lease_lapse(run)
+    assert lease_claim_run(run.pk, "worker-4").status == RunStatus.HALTED
+
+
+def test_a_claim_from_the_queue_starts_the_count_again(started, settings):
+    # Between two recoveries the run went back to the queue (a slice ended in good
+    # order, or a person decided): a worker got through, so the count starts again.
+    settings.AGENTOPS_RECOVERY_LIMIT = 2
+    run = started
+    lease_lapse(run)
+    claimed = lease_claim_run(run.pk, "worker-2")
+    assert claimed.recoveries == 1
+    with transaction.atomic():
+        run_transition(
+            run=claimed, to=RunStatus.QUEUED, actor="engine", lease_owner="", lease_expires_at=None
+        )
+    assert lease_claim_run(run.pk, "worker-3").recoveries == 0
+
+    lease_lapse(run)
+    again = lease_claim_run(run.pk, "worker-4")
+    assert again.status == RunStatus.RUNNING and again.recoveries == 1

@@ -23,6 +23,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from agentops.runtime.secrets import SecretMissing, config_resolve, secret_names
+from agentops.runtime.tools.base import CONFIDENCE_ARGUMENT, reserved_schema_errors
 from agentops.runtime.tools.mcp import (
     HTTP,
     STDIO,
@@ -86,6 +87,11 @@ def schema_problem(schema: dict) -> str:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         return f"its input schema is invalid: {error.message}"
+    if reserved_schema_errors(schema):
+        return (
+            f"its input schema has a property named {CONFIDENCE_ARGUMENT!r}, which agentops "
+            "adds to every tool for the agent's confidence in the call"
+        )
     return ""
 
 
