@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from django import forms
+from django.contrib.auth.models import Group
 
 from agentops.strict_json import json_loads_strict
 from approvals.models import Approval, ApprovalKind, Resolution
@@ -94,3 +95,20 @@ class DecisionForm(forms.Form):
             if decision == Resolution.HAPPENED:
                 arguments["result"] = self.cleaned_data["result"]
         return arguments
+
+
+class ReassignForm(forms.Form):
+    """Hand one pending approval to another group, saying why."""
+
+    group = forms.ModelChoiceField(
+        queryset=Group.objects.order_by("name"),
+        error_messages={"invalid_choice": "choose one of the groups listed"},
+    )
+    reason = forms.CharField(max_length=2000, strip=True)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["group"].error_messages["required"] = "choose the group to hand it to"
+        self.fields["reason"].error_messages["required"] = (
+            "say why you reassign it: the other group reads the reason"
+        )

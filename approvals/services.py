@@ -13,10 +13,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.models import AbstractBaseUser, Group, Permission
 from django.core.mail import send_mail
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
 from agentops import states
@@ -196,6 +196,84 @@ def approval_decide(
     return approval
 
 
+def approval_reassign(
+    *, approval: Approval, user: AbstractBaseUser, group: Group, reason: str
+) -> Approval:
+    """Hand a pending approval to another group, as someone who may decide it: the new
+    group sees it, is emailed, and is reminded before the deadline, which does not move.
+    The change and its reason are kept on the approval and in the run's trail."""
+    reason = reason.strip()
+    if not reason:
+        raise DecisionError("say why you reassign it: the other group reads the reason")
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=approval.run_id)
+        approval = Approval.objects.select_for_update().get(pk=approval.pk)
+        refusal = decider_refusal(user, approval)
+        if refusal:
+            raise DecisionError(refusal)
+        if approval.status != ApprovalStatus.PENDING:
+            raise DecisionError(f"this approval was already {approval.status}")
+        if run.status != RunStatus.WAITING:
+            raise DecisionError(f"the run is {run.status}, so it no longer waits for this decision")
+        if approval.group_id == group.pk:
+            raise DecisionError(f"this approval is already routed to {group}")
+        if not deciders_in(group).exists():
+            raise DecisionError(
+                f"nobody in {group} holds the permission to decide approvals, so it would "
+                "wait there unseen"
+            )
+        from_group = str(approval.group) if approval.group else ""
+        actor = actor_for(user)
+        approval.context = {
+            **approval.context,
+            "reassigned": [
+                *approval.context.get("reassigned", []),
+                {
+                    "by": user.get_username(),
+                    "from": from_group,
+                    "to": str(group),
+                    "reason": reason,
+                    "at": timezone.now().isoformat(),
+                },
+            ],
+        }
+        approval.group = group
+        approval.reminded_at = None  # the new group is reminded in its turn
+        approval.save(update_fields=["group", "reminded_at", "context"])
+        event_append(
+            run_uuid=run.pk,
+            kind="approval.reassigned",
+            actor=actor,
+            payload={
+                "approval": approval.pk,
+                "from_group": from_group,
+                "to_group": str(group),
+                "reason": reason,
+            },
+        )
+        approval_id = approval.pk
+        transaction.on_commit(lambda: approval_notify(approval_id))
+    return approval
+
+
+def deciders_in(group: Group) -> QuerySet:
+    """The active members of ``group`` who may decide approvals."""
+    from django.contrib.auth import get_user_model
+
+    decide = Q(codename="decide_approval", content_type__app_label="approvals")
+    permission = Permission.objects.filter(decide)
+    return (
+        get_user_model()
+        .objects.filter(is_active=True, groups=group)
+        .filter(
+            Q(is_superuser=True)
+            | Q(user_permissions__in=permission)
+            | Q(groups__permissions__in=permission)
+        )
+        .distinct()
+    )
+
+
 def approval_notify(approval_id: int, *, reminder: bool = False) -> int:
     """Email the approval's group that something waits for them (or, as a reminder, that
     it expires soon), and POST it to the approvals webhook if one is set. A failure is
@@ -220,6 +298,9 @@ def approval_notify(approval_id: int, *, reminder: bool = False) -> int:
         f"Why it stopped: {approval.gate}",
         f"Objective: {approval.run.objective}",
     ]
+    handed = (approval.context.get("reassigned") or [None])[-1]
+    if handed:
+        lines.append(f"{handed['by']} handed it to {handed['to']}: {handed['reason']}")
     if approval.expires_at:
         lines.append(f"It expires at {approval.expires_at:%Y-%m-%d %H:%M} UTC.")
     lines.append("Decide it in the approval inbox: /approvals/")

@@ -8,4 +8,5 @@ urlpatterns = [
     path("count/", views.inbox_count, name="count"),
     path("bulk-approve/", views.bulk_approve, name="bulk_approve"),
     path("<int:approval_id>/decide/", views.decide, name="decide"),
+    path("<int:approval_id>/reassign/", views.reassign, name="reassign"),
 ]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import Group
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
@@ -9,12 +10,13 @@ from django_htmx.http import trigger_client_event
 
 from agentops.http import see_other
 from approvals import selectors
-from approvals.forms import DecisionForm
+from approvals.forms import DecisionForm, ReassignForm
 from approvals.models import Approval, ApprovalKind
 from approvals.services import (
     BULK_EFFECTS,
     DecisionError,
     approval_decide,
+    approval_reassign,
     approvals_bulk_approve,
 )
 
@@ -40,6 +42,7 @@ def _inbox_context(request: HttpRequest) -> dict:
         "decided": selectors.approvals_decided_for(request.user, search=search),
         "search": search,
         "can_decide": request.user.has_perm("approvals.decide_approval"),
+        "groups": Group.objects.order_by("name"),
     }
 
 
@@ -84,7 +87,9 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         # The item swaps in place either way; a refusal is shown inside it.
         approval.refresh_from_db()
         response = render(
-            request, "approvals/inbox.html#approval", {"approval": approval, "refused": refused}
+            request,
+            "approvals/inbox.html#approval",
+            {"approval": approval, "refused": refused, "groups": Group.objects.order_by("name")},
         )
         return trigger_client_event(response, "approvals-changed")
     if not error:
@@ -98,6 +103,45 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         return see_other("approvals:inbox")
     # Not a redirect: the item is shown again with the refusal and the person's text.
     return render(request, "approvals/inbox.html", {**_inbox_context(request), "refused": refused})
+
+
+@require_POST
+@login_required
+def reassign(request: HttpRequest, approval_id: int) -> HttpResponse:
+    """Hand a pending approval to another group. Afterwards this person may no longer
+    see it: the item is swapped for a line that says where it went."""
+    try:
+        approval = selectors.approval_for_user(request.user, approval_id)
+    except Approval.DoesNotExist:
+        raise Http404("no such approval, or you may not decide it") from None
+    form = ReassignForm(request.POST)
+    error = ""
+    if form.is_valid():
+        try:
+            approval = approval_reassign(
+                approval=approval,
+                user=request.user,
+                group=form.cleaned_data["group"],
+                reason=form.cleaned_data["reason"],
+            )
+        except DecisionError as refusal:
+            error = str(refusal)
+    else:
+        error = " ".join(message for errors in form.errors.values() for message in errors)
+    said = f"Reassigned to {approval.group}." if not error else f"Not reassigned: {error}"
+    if request.htmx:
+        approval = selectors.with_four_eyes(
+            Approval.objects.select_related("run__task", "step__tool", "group"), request.user
+        ).get(pk=approval.pk)
+        context = {"approval": approval, "groups": Group.objects.order_by("name")}
+        if error:
+            context["refused"] = {"approval_id": approval.pk, "error": said}
+        else:
+            context["reassigned"] = True
+        response = render(request, "approvals/inbox.html#approval", context)
+        return trigger_client_event(response, "approvals-changed")
+    (messages.error if error else messages.success)(request, said)
+    return see_other("approvals:inbox")
 
 
 @require_POST
