@@ -101,13 +101,16 @@ class ReassignForm(forms.Form):
     """Hand one pending approval to another group, saying why."""
 
     group = forms.ModelChoiceField(
-        queryset=Group.objects.order_by("name"),
+        queryset=Group.objects.none(),
         error_messages={"invalid_choice": "choose one of the groups listed"},
     )
     reason = forms.CharField(max_length=2000, strip=True)
 
     def __init__(self, *args, **kwargs) -> None:
+        from approvals.services import groups_deciding
+
         super().__init__(*args, **kwargs)
+        self.fields["group"].queryset = groups_deciding()
         self.fields["group"].error_messages["required"] = "choose the group to hand it to"
         self.fields["reason"].error_messages["required"] = (
             "say why you reassign it: the other group reads the reason"

@@ -217,10 +217,11 @@ def approval_reassign(
             raise DecisionError(f"the run is {run.status}, so it no longer waits for this decision")
         if approval.group_id == group.pk:
             raise DecisionError(f"this approval is already routed to {group}")
-        if not deciders_in(group).exists():
+        barred = run.started_by_id if Task.objects.get(pk=run.task_id).four_eyes else None
+        if not deciders_in(group, excluding=barred).exists():
+            who = "nobody but the run's starter" if barred else "nobody"
             raise DecisionError(
-                f"nobody in {group} holds the permission to decide approvals, so it would "
-                "wait there unseen"
+                f"{who} in {group} may decide approvals, so it would wait there unseen"
             )
         from_group = str(approval.group) if approval.group else ""
         actor = actor_for(user)
@@ -238,7 +239,10 @@ def approval_reassign(
             ],
         }
         approval.group = group
-        approval.reminded_at = None  # the new group is reminded in its turn
+        # The new group is reminded in its turn; late in the window, the notice it gets
+        # now is its reminder.
+        now = timezone.now()
+        approval.reminded_at = now if reminder_due(approval, now) else None
         approval.save(update_fields=["group", "reminded_at", "context"])
         event_append(
             run_uuid=run.pk,
@@ -252,34 +256,50 @@ def approval_reassign(
             },
         )
         approval_id = approval.pk
-        transaction.on_commit(lambda: approval_notify(approval_id))
+        transaction.on_commit(lambda: approval_notify(approval_id, notice=REASSIGNED))
     return approval
 
 
-def deciders_in(group: Group) -> QuerySet:
-    """The active members of ``group`` who may decide approvals."""
-    from django.contrib.auth import get_user_model
-
-    decide = Q(codename="decide_approval", content_type__app_label="approvals")
-    permission = Permission.objects.filter(decide)
-    return (
-        get_user_model()
-        .objects.filter(is_active=True, groups=group)
-        .filter(
-            Q(is_superuser=True)
-            | Q(user_permissions__in=permission)
-            | Q(groups__permissions__in=permission)
-        )
-        .distinct()
+def deciding(prefix: str = "") -> Q:
+    """Users, or with ``prefix`` ("user__") the groups of users, who may decide
+    approvals: active, and superusers or holding the permission, themselves or through
+    a group."""
+    permission = Permission.objects.filter(
+        codename="decide_approval", content_type__app_label="approvals"
+    )
+    return Q(**{f"{prefix}is_active": True}) & (
+        Q(**{f"{prefix}is_superuser": True})
+        | Q(**{f"{prefix}user_permissions__in": permission})
+        | Q(**{f"{prefix}groups__permissions__in": permission})
     )
 
 
-def approval_notify(approval_id: int, *, reminder: bool = False) -> int:
-    """Email the approval's group that something waits for them (or, as a reminder, that
-    it expires soon), and POST it to the approvals webhook if one is set. A failure is
-    logged, never raised: the approval stands in the inbox either way."""
+def deciders_in(group: Group, *, excluding: int | None = None) -> QuerySet:
+    """The members of ``group`` who may decide approvals, but the user ``excluding``."""
+    from django.contrib.auth import get_user_model
+
+    users = get_user_model().objects.filter(deciding(), groups=group)
+    if excluding is not None:
+        users = users.exclude(pk=excluding)
+    return users.distinct()
+
+
+def groups_deciding() -> QuerySet[Group]:
+    """The groups an approval can be handed to: those with someone who may decide it."""
+    return Group.objects.filter(deciding("user__")).distinct().order_by("name")
+
+
+OPENED, REMINDER, ESCALATED, REASSIGNED = "opened", "reminder", "escalated", "reassigned"
+
+
+def approval_notify(approval_id: int, *, notice: str = OPENED) -> int:
+    """Email the approval's group that something waits for them: it opened, it expires
+    soon (a reminder), or it was escalated or reassigned to them. When it opened, also
+    POST it to the approvals webhook if one is set. A failure is logged, never raised:
+    the approval stands in the inbox either way."""
     approval = Approval.objects.select_related("run__task", "group").get(pk=approval_id)
-    if not reminder:
+    reminder = notice == REMINDER
+    if notice == OPENED:
         approval_webhook_post(approval)
     if approval.group is None:
         return 0
@@ -298,8 +318,8 @@ def approval_notify(approval_id: int, *, reminder: bool = False) -> int:
         f"Why it stopped: {approval.gate}",
         f"Objective: {approval.run.objective}",
     ]
-    handed = (approval.context.get("reassigned") or [None])[-1]
-    if handed:
+    if notice == REASSIGNED:
+        handed = approval.context["reassigned"][-1]
         lines.append(f"{handed['by']} handed it to {handed['to']}: {handed['reason']}")
     if approval.expires_at:
         lines.append(f"It expires at {approval.expires_at:%Y-%m-%d %H:%M} UTC.")
@@ -432,17 +452,19 @@ def approvals_expire(*, now: datetime | None = None) -> list[int]:
     approvals_remind(now=now)
     acted = []
     due = Approval.objects.filter(status=ApprovalStatus.PENDING, expires_at__lte=now)
-    for approval_id in due.values_list("pk", flat=True):
+    for approval_id, run_id in due.values_list("pk", "run_id"):
         with transaction.atomic():
+            # The run first, then the approval, as a decision locks them: the other way
+            # round, a decision and the expirer could each wait for the other.
+            run = Run.objects.select_for_update().filter(pk=run_id).first()
             approval = (
-                Approval.objects.select_for_update(skip_locked=True)
-                .filter(pk=approval_id, status=ApprovalStatus.PENDING)
+                Approval.objects.select_for_update()
+                .filter(pk=approval_id, status=ApprovalStatus.PENDING, expires_at__lte=now)
                 .select_related("run__task")
                 .first()
             )
-            if approval is None:
-                continue  # decided meanwhile, or another expirer has it
-            run = Run.objects.select_for_update().get(pk=approval.run_id)
+            if run is None or approval is None:
+                continue  # decided or escalated meanwhile, or another expirer had it
             approval_expire(approval, run, now)
             acted.append(approval.pk)
     return acted
@@ -457,17 +479,23 @@ def approvals_remind(*, now: datetime) -> list[int]:
         status=ApprovalStatus.PENDING, reminded_at__isnull=True, expires_at__gt=now
     ).select_related("run__task")
     for approval in pending:
-        # A quarter of its own window, as its deadline set it: the task's timeout may
-        # have changed since it opened.
-        if approval.expires_at - now > (approval.expires_at - approval.created_at) / 4:
+        if not reminder_due(approval, now):
             continue
         claimed = Approval.objects.filter(pk=approval.pk, reminded_at__isnull=True).update(
             reminded_at=now
         )
         if claimed:
-            approval_notify(approval.pk, reminder=True)
+            approval_notify(approval.pk, notice=REMINDER)
             reminded.append(approval.pk)
     return reminded
+
+
+def reminder_due(approval: Approval, now: datetime) -> bool:
+    """Whether a quarter or less of the approval's own window is left (its deadline set
+    it: the task's timeout may have changed since it opened)."""
+    if approval.expires_at is None:
+        return False
+    return approval.expires_at - now <= (approval.expires_at - approval.created_at) / 4
 
 
 def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
@@ -489,7 +517,7 @@ def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
             payload={"approval": approval.pk, "to_group": str(task.escalation_group)},
         )
         approval_id = approval.pk
-        transaction.on_commit(lambda: approval_notify(approval_id))
+        transaction.on_commit(lambda: approval_notify(approval_id, notice=ESCALATED))
         return
     approval.status = ApprovalStatus.EXPIRED
     approval.decided_at = now

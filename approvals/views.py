@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.models import Group
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
@@ -18,6 +17,7 @@ from approvals.services import (
     approval_decide,
     approval_reassign,
     approvals_bulk_approve,
+    groups_deciding,
 )
 
 
@@ -42,7 +42,7 @@ def _inbox_context(request: HttpRequest) -> dict:
         "decided": selectors.approvals_decided_for(request.user, search=search),
         "search": search,
         "can_decide": request.user.has_perm("approvals.decide_approval"),
-        "groups": Group.objects.order_by("name"),
+        "groups": groups_deciding(),
     }
 
 
@@ -89,7 +89,7 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         response = render(
             request,
             "approvals/inbox.html#approval",
-            {"approval": approval, "refused": refused, "groups": Group.objects.order_by("name")},
+            {"approval": approval, "refused": refused, "groups": groups_deciding()},
         )
         return trigger_client_event(response, "approvals-changed")
     if not error:
@@ -128,20 +128,40 @@ def reassign(request: HttpRequest, approval_id: int) -> HttpResponse:
             error = str(refusal)
     else:
         error = " ".join(message for errors in form.errors.values() for message in errors)
-    said = f"Reassigned to {approval.group}." if not error else f"Not reassigned: {error}"
+    # A refusal keeps what the person chose and typed, and says why beside it.
+    refused = (
+        {
+            "approval_id": approval.pk,
+            "error": f"Not reassigned: {error}",
+            "group": form.data.get("group", ""),
+            "reason": form.data.get("reason", ""),
+        }
+        if error
+        else None
+    )
     if request.htmx:
         approval = selectors.with_four_eyes(
             Approval.objects.select_related("run__task", "step__tool", "group"), request.user
         ).get(pk=approval.pk)
-        context = {"approval": approval, "groups": Group.objects.order_by("name")}
-        if error:
-            context["refused"] = {"approval_id": approval.pk, "error": said}
-        else:
-            context["reassigned"] = True
+        context = {
+            "approval": approval,
+            "groups": groups_deciding(),
+            "reassign_refused": refused,
+            "reassigned": not error,
+        }
         response = render(request, "approvals/inbox.html#approval", context)
         return trigger_client_event(response, "approvals-changed")
-    (messages.error if error else messages.success)(request, said)
-    return see_other("approvals:inbox")
+    if not error:
+        messages.success(request, f"Reassigned to {approval.group}.")
+        return see_other("approvals:inbox")
+    approval.refresh_from_db()
+    if not approval.is_pending:
+        # Decided meanwhile: the item has left the inbox, so say it on top.
+        messages.error(request, f"Not reassigned: {error}")
+        return see_other("approvals:inbox")
+    return render(
+        request, "approvals/inbox.html", {**_inbox_context(request), "reassign_refused": refused}
+    )
 
 
 @require_POST

@@ -42,21 +42,21 @@ class DialError(Exception):
 def level_meaning(level: int, threshold: float) -> str:
     """What runs without a person at ``level``: the gate's table (agentops.runtime.gates)
     in words, for the person turning the dial."""
+    held = "except calls of tools marked 'always approve' and calls a rule holds"
     if level == AutonomyLevel.SHADOW:
-        return "Read-only calls run; every other call is recorded as simulated, not made."
+        return f"Read-only calls run, {held}; every other call is recorded as simulated, not made."
     if level == AutonomyLevel.SUPERVISED:
-        return "Read-only calls run; every other call waits for a person."
+        return f"Read-only calls run, {held}; every other call waits for a person."
     if level == AutonomyLevel.GUARDED:
         reversible = (
             f"reversible calls the agent is at least {threshold:.2f} confident in"
             if threshold > 0
             else "reversible calls"
         )
-        return f"Read-only calls run, and {reversible}; irreversible calls wait for a person."
-    return (
-        "Every call runs, except calls of tools marked 'always approve' and calls a rule "
-        "holds for approval."
-    )
+        return (
+            f"Read-only calls and {reversible} run, {held}; irreversible calls wait for a person."
+        )
+    return f"Every call runs, {held}."
 
 
 def task_trail_uuid(task: Task) -> uuid.UUID:

@@ -6,6 +6,7 @@ who handed it on, from where, to where and why. The deadline does not move."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth.models import Group, Permission
@@ -13,9 +14,15 @@ from django.core import mail
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import escape
 
 from approvals.models import Approval, ApprovalStatus
-from approvals.services import DecisionError, approval_decide, approval_reassign
+from approvals.services import (
+    DecisionError,
+    approval_decide,
+    approval_reassign,
+    approvals_expire,
+)
 from lineage.models import LineageEvent
 from tasks.models import RunStatus
 from tests.approvals.conftest import person
@@ -102,7 +109,8 @@ def test_a_member_hands_an_approval_to_another_group_which_decides_it(
         ("9999", "why", "choose one of the groups listed"),
         ("ops", "  ", "say why you reassign it: the other group reads the reason"),
         ("finance", "why", "this approval is already routed to finance"),
-        ("empty", "why", "nobody in empty holds the permission to decide approvals"),
+        # A group where nobody may decide approvals is not offered.
+        ("empty", "why", "choose one of the groups listed"),
     ],
 )
 def test_a_reassignment_that_cannot_be_made_is_refused_with_why_and_changes_nothing(
@@ -113,11 +121,42 @@ def test_a_reassignment_that_cannot_be_made_is_refused_with_why_and_changes_noth
     groups = {"ops": ops.pk, "finance": finance.pk, "empty": Group.objects.create(name="empty").pk}
     run, approval = held(operator)
 
-    response = reassign(client_for(mia), approval, groups.get(group, group), reason, follow=True)
-    assert f"Not reassigned: {error}" in response.content.decode()
+    response = reassign(client_for(mia), approval, groups.get(group, group), reason)
+    # The inbox again, the refusal beside the form, with what was chosen and typed.
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert f'<p class="error">Not reassigned: {escape(error)}</p>' in page
+    assert '<details class="reassign" open>' in page
+    if reason.strip():
+        assert f'value="{reason}"' in page
     approval.refresh_from_db()
     assert approval.group == finance and "reassigned" not in approval.context
     assert not LineageEvent.objects.filter(run_uuid=run.pk, kind="approval.reassigned").exists()
+
+
+def test_only_groups_where_someone_may_decide_it_are_offered(held, finance, ops, operator):
+    mia = person("mia", groups=[finance])
+    person("olga", groups=[ops])
+    person("ivan", groups=[Group.objects.create(name="idle")], decide=False)
+    held(operator)
+    page = client_for(mia).get(reverse("approvals:inbox")).content.decode()
+    options = page[page.index('<select name="group"') : page.index("</select>")]
+    assert f'<option value="{ops.pk}">ops</option>' in options
+    assert "idle" not in options and "finance" not in options  # nobody there; its own
+
+
+def test_a_group_where_only_the_runs_starter_may_decide_is_refused_under_four_eyes(
+    held, finance, ops
+):
+    starter = person("sam", groups=[ops])
+    mia = person("mia", groups=[finance])
+    _, approval = held(starter, four_eyes=True)
+    with pytest.raises(DecisionError, match="nobody but the run's starter in ops may decide"):
+        approval_reassign(approval=approval, user=mia, group=ops, reason="ops decides")
+    person("olga", groups=[ops])
+    approval_reassign(approval=approval, user=mia, group=ops, reason="ops decides")
+    approval.refresh_from_db()
+    assert approval.group == ops
 
 
 def test_only_someone_who_may_decide_it_can_reassign_it(held, finance, ops, operator):
@@ -143,6 +182,9 @@ def test_a_decided_approval_is_not_reassigned(held, finance, ops, operator):
     approval_decide(approval=approval, user=mia, approve=False, reason="no")
     with pytest.raises(DecisionError, match="this approval was already rejected"):
         approval_reassign(approval=approval, user=mia, group=ops, reason="too late")
+    # Through the inbox, where the item has gone: the refusal is said on top.
+    response = reassign(client_for(mia), approval, ops.pk, "too late", follow=True)
+    assert "Not reassigned: this approval was already rejected" in response.content.decode()
 
 
 def test_an_htmx_reassignment_swaps_the_item_and_refreshes_the_count(held, finance, ops, operator):
@@ -159,6 +201,20 @@ def test_an_htmx_reassignment_swaps_the_item_and_refreshes_the_count(held, finan
         f'<article class="card approval approval-pending" id="approval-{approval.pk}"'
     )
     assert "Handed to ops." in body and "<html" not in body
+    # It is ops' to decide now: no buttons are left that would only fail.
+    assert reverse("approvals:decide", args=[approval.pk]) not in body
+    assert reverse("approvals:reassign", args=[approval.pk]) not in body
+
+
+def test_an_htmx_refusal_keeps_the_choice_and_the_text_and_says_why(held, finance, ops, operator):
+    mia = person("mia", groups=[finance])
+    person("olga", groups=[ops])
+    _, approval = held(operator)
+    response = reassign(client_for(mia), approval, ops.pk, "  ", headers={"HX-Request": "true"})
+    body = response.content.decode()
+    assert '<details class="reassign" open>' in body
+    assert "Not reassigned: say why you reassign it" in body
+    assert f'<option value="{ops.pk}" selected>ops</option>' in body
 
 
 def test_a_group_whose_members_hold_the_permission_through_the_group_can_take_it(
@@ -172,3 +228,63 @@ def test_a_group_whose_members_hold_the_permission_through_the_group_can_take_it
     _, approval = held(operator)
     approval_reassign(approval=approval, user=mia, group=desk, reason="the desk decides")
     assert inbox_has(client_for(dana), approval)
+
+
+def test_the_webhook_hears_of_an_approval_once_not_again_when_it_is_handed_on(
+    held, finance, ops, operator, settings, django_capture_on_commit_callbacks
+):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.AGENTOPS_APPROVAL_WEBHOOK_URL = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    settings.AGENTOPS_APPROVAL_WEBHOOK_SECRET = "hook-secret"
+    managers = Group.objects.create(name="managers")
+    person("max", groups=[managers])
+    mia = person("mia", groups=[finance])
+    person("olga", groups=[ops])
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            _, approval = held(operator, on_approval_expiry="escalate", escalation_group=managers)
+        mail.outbox.clear()
+        with django_capture_on_commit_callbacks(execute=True):
+            approval_reassign(approval=approval, user=mia, group=ops, reason="ops owns it")
+        with django_capture_on_commit_callbacks(execute=True):
+            approvals_expire(now=timezone.now() + timedelta(days=2))  # escalates
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [document["approval"] for document in received] == [approval.pk]
+    to_ops, to_managers = mail.outbox
+    assert "mia handed it to ops: ops owns it" in to_ops.body
+    assert to_managers.to == ["max@example.com"] and "handed it" not in to_managers.body
+
+
+def test_a_hand_over_late_in_the_window_is_the_new_groups_reminder(held, finance, ops, operator):
+    mia = person("mia", groups=[finance])
+    person("olga", groups=[ops])
+    _, approval = held(operator)
+    window = approval.expires_at - approval.created_at
+    # Four fifths of the window gone: the hand-over's notice is all the reminder ops gets.
+    Approval.objects.filter(pk=approval.pk).update(
+        created_at=approval.created_at - window * 4 / 5,
+        expires_at=approval.expires_at - window * 4 / 5,
+    )
+    approval_reassign(approval=approval, user=mia, group=ops, reason="ops owns it")
+    approval.refresh_from_db()
+    assert approval.reminded_at is not None
+    mail.outbox.clear()
+    approvals_expire()
+    assert mail.outbox == []

@@ -338,3 +338,52 @@ def test_four_eyes_refuse_the_starter_through_the_inbox_and_keep_the_item_waitin
     assert 'name="decision"' not in body
     approval.refresh_from_db()
     assert approval.status == ApprovalStatus.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_decision_and_the_expirer_at_the_same_moment_do_not_deadlock(held, finance):
+    # The decision holds the run's lock and is about to lock the approval just as the
+    # expirer starts on it. Both take the run first, then the approval, so the expirer
+    # waits and then finds the approval decided; taken the other way round, each would
+    # wait for the other, and PostgreSQL would abort one with "deadlock detected".
+    import threading
+    import time
+
+    from django.db import connections, transaction
+
+    mia = person("mia", groups=[finance])
+    run, approval = held(person("sam"), approval_timeout_minutes=1)
+    expiring = threading.Event()
+    errors: list[BaseException] = []
+
+    def decide() -> None:
+        try:
+            with transaction.atomic():
+                Run.objects.select_for_update().get(pk=run.pk)
+                expiring.wait(timeout=10)
+                time.sleep(0.5)  # the expirer reaches its first lock meanwhile
+                approval_decide(approval=approval, user=mia, approve=True)
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    def expire() -> None:
+        try:
+            expiring.set()
+            approvals_expire(now=timezone.now() + timedelta(minutes=2))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=decide), threading.Thread(target=expire)]
+    threads[0].start()
+    time.sleep(0.2)  # the decision holds the run first
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    approval.refresh_from_db()
+    assert approval.status == ApprovalStatus.APPROVED

@@ -209,14 +209,15 @@ def test_turning_the_dial_through_the_task_page(make_task, client):
 @pytest.mark.parametrize(
     ("level", "threshold", "says"),
     [
-        (1, 0.7, "1 · Supervised</strong>: Read-only calls run; every other call waits"),
+        (1, 0.7, "1 · Supervised</strong>: Read-only calls run, except calls of tools marked"),
         (
             2,
             0.7,
-            "2 · Guarded</strong>: Read-only calls run, and reversible calls the agent is at "
-            "least 0.70 confident in; irreversible calls wait for a person.",
+            "2 · Guarded</strong>: Read-only calls and reversible calls the agent is at least "
+            "0.70 confident in run, except calls of tools marked 'always approve' and calls a "
+            "rule holds; irreversible calls wait for a person.",
         ),
-        (2, 0.0, "2 · Guarded</strong>: Read-only calls run, and reversible calls; irreversible"),
+        (2, 0.0, "2 · Guarded</strong>: Read-only calls and reversible calls run, except"),
         (3, 0.7, "3 · Autonomous</strong>: Every call runs, except calls of tools marked"),
     ],
 )
