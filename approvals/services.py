@@ -206,7 +206,7 @@ def approval_reassign(
     if not reason:
         raise DecisionError("say why you reassign it: the other group reads the reason")
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=approval.run_id)
+        run = Run.objects.select_for_update().select_related("task").get(pk=approval.run_id)
         approval = Approval.objects.select_for_update().get(pk=approval.pk)
         refusal = decider_refusal(user, approval)
         if refusal:
@@ -217,7 +217,7 @@ def approval_reassign(
             raise DecisionError(f"the run is {run.status}, so it no longer waits for this decision")
         if approval.group_id == group.pk:
             raise DecisionError(f"this approval is already routed to {group}")
-        barred = run.started_by_id if Task.objects.get(pk=run.task_id).four_eyes else None
+        barred = run.started_by_id if run.task.four_eyes else None
         if not deciders_in(group, excluding=barred).exists():
             who = "nobody but the run's starter" if barred else "nobody"
             raise DecisionError(

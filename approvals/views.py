@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.forms import Form
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
@@ -59,21 +62,12 @@ def inbox_count(request: HttpRequest) -> HttpResponse:
 @require_POST
 @login_required
 def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
-    try:
-        approval = selectors.approval_for_user(request.user, approval_id)
-    except Approval.DoesNotExist:
-        raise Http404("no such approval, or you may not decide it") from None
+    approval = _approval_or_404(request, approval_id)
     form = DecisionForm(request.POST, approval=approval)
-    error = ""
-    if form.is_valid():
-        try:
-            approval = approval_decide(
-                approval=approval, user=request.user, **form.decision_arguments()
-            )
-        except DecisionError as refusal:
-            error = str(refusal)
-    else:
-        error = " ".join(message for errors in form.errors.values() for message in errors)
+    error = _attempt(
+        form,
+        lambda: approval_decide(approval=approval, user=request.user, **form.decision_arguments()),
+    )
     # A refusal keeps what the person typed, so they can correct it rather than retype it.
     refused = None
     if error:
@@ -85,24 +79,13 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         }
     if request.htmx:
         # The item swaps in place either way; a refusal is shown inside it.
-        approval.refresh_from_db()
-        response = render(
-            request,
-            "approvals/inbox.html#approval",
-            {"approval": approval, "refused": refused, "groups": groups_deciding()},
-        )
-        return trigger_client_event(response, "approvals-changed")
-    if not error:
-        edits = " with edits" if approval.edited_arguments is not None else ""
-        messages.success(request, f"{approval.get_status_display()}{edits}: {approval.tool_name}.")
-        return see_other("approvals:inbox")
+        return _item(request, approval, refused=refused)
+    if error:
+        return _refused(request, approval, f"Not decided: {error}", refused=refused)
     approval.refresh_from_db()
-    if not approval.is_pending:
-        # Decided or withdrawn meanwhile: the item has left the inbox, so say it on top.
-        messages.error(request, f"Not decided: {error}")
-        return see_other("approvals:inbox")
-    # Not a redirect: the item is shown again with the refusal and the person's text.
-    return render(request, "approvals/inbox.html", {**_inbox_context(request), "refused": refused})
+    edits = " with edits" if approval.edited_arguments is not None else ""
+    messages.success(request, f"{approval.get_status_display()}{edits}: {approval.tool_name}.")
+    return see_other("approvals:inbox")
 
 
 @require_POST
@@ -110,58 +93,76 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
 def reassign(request: HttpRequest, approval_id: int) -> HttpResponse:
     """Hand a pending approval to another group. Afterwards this person may no longer
     see it: the item is swapped for a line that says where it went."""
-    try:
-        approval = selectors.approval_for_user(request.user, approval_id)
-    except Approval.DoesNotExist:
-        raise Http404("no such approval, or you may not decide it") from None
+    approval = _approval_or_404(request, approval_id)
     form = ReassignForm(request.POST)
-    error = ""
-    if form.is_valid():
-        try:
-            approval = approval_reassign(
-                approval=approval,
-                user=request.user,
-                group=form.cleaned_data["group"],
-                reason=form.cleaned_data["reason"],
-            )
-        except DecisionError as refusal:
-            error = str(refusal)
-    else:
-        error = " ".join(message for errors in form.errors.values() for message in errors)
+    error = _attempt(
+        form,
+        lambda: approval_reassign(
+            approval=approval,
+            user=request.user,
+            group=form.cleaned_data["group"],
+            reason=form.cleaned_data["reason"],
+        ),
+    )
     # A refusal keeps what the person chose and typed, and says why beside it.
-    refused = (
-        {
+    refused = None
+    if error:
+        refused = {
             "approval_id": approval.pk,
             "error": f"Not reassigned: {error}",
             "group": form.data.get("group", ""),
             "reason": form.data.get("reason", ""),
         }
-        if error
-        else None
-    )
     if request.htmx:
-        approval = selectors.with_four_eyes(
-            Approval.objects.select_related("run__task", "step__tool", "group"), request.user
-        ).get(pk=approval.pk)
-        context = {
-            "approval": approval,
-            "groups": groups_deciding(),
-            "reassign_refused": refused,
-            "reassigned": not error,
-        }
-        response = render(request, "approvals/inbox.html#approval", context)
-        return trigger_client_event(response, "approvals-changed")
-    if not error:
-        messages.success(request, f"Reassigned to {approval.group}.")
-        return see_other("approvals:inbox")
+        return _item(request, approval, reassign_refused=refused, reassigned=not error)
+    if error:
+        return _refused(request, approval, refused["error"], reassign_refused=refused)
+    approval.refresh_from_db()
+    messages.success(request, f"Reassigned to {approval.group}.")
+    return see_other("approvals:inbox")
+
+
+def _approval_or_404(request: HttpRequest, approval_id: int) -> Approval:
+    try:
+        return selectors.approval_for_user(request.user, approval_id)
+    except Approval.DoesNotExist:
+        raise Http404("no such approval, or you may not decide it") from None
+
+
+def _attempt(form: Form, act: Callable[[], object]) -> str:
+    """Do ``act`` if the form is valid: "" when it was done, else why not (the form's
+    errors, or the service's refusal)."""
+    if not form.is_valid():
+        return " ".join(message for errors in form.errors.values() for message in errors)
+    try:
+        act()
+    except DecisionError as refusal:
+        return str(refusal)
+    return ""
+
+
+def _item(request: HttpRequest, approval: Approval, **context: object) -> HttpResponse:
+    """The approval's item as it stands now, to swap in place; the count refreshes."""
+    approval.refresh_from_db()
+    response = render(
+        request,
+        "approvals/inbox.html#approval",
+        {"approval": approval, "groups": groups_deciding(), **context},
+    )
+    return trigger_client_event(response, "approvals-changed")
+
+
+def _refused(
+    request: HttpRequest, approval: Approval, said: str, **context: object
+) -> HttpResponse:
+    """A refusal without HTMX: the inbox again, the item with the refusal and the
+    person's text; or, if the item has left the inbox (decided or withdrawn meanwhile),
+    the refusal said on top."""
     approval.refresh_from_db()
     if not approval.is_pending:
-        # Decided meanwhile: the item has left the inbox, so say it on top.
-        messages.error(request, f"Not reassigned: {error}")
+        messages.error(request, said)
         return see_other("approvals:inbox")
-    return render(
-        request, "approvals/inbox.html", {**_inbox_context(request), "reassign_refused": refused}
-    )
+    return render(request, "approvals/inbox.html", {**_inbox_context(request), **context})
 
 
 @require_POST

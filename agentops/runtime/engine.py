@@ -684,12 +684,15 @@ def loop_stop(ctx: Context, finding: LoopFinding) -> Outcome:
 
 
 def model_turn(ctx: Context) -> Outcome:
-    tools = granted_tools(ctx.definition)
-    specs = [
-        builtin_spec(PLAN_TOOL),
-        builtin_spec(ASK_TOOL),
-        *(tool_spec(t) for t in tools.values()),
-    ]
+    # The tools as the model sees them do not change within a slice: made once.
+    specs = slice_cached(
+        ("specs", tuple(ctx.definition["tools"])),
+        lambda: [
+            builtin_spec(PLAN_TOOL),
+            builtin_spec(ASK_TOOL),
+            *(tool_spec(t) for t in granted_tools(ctx.definition).values()),
+        ],
+    )
     # The first turn drafts the plan before anything else happens.
     first = not any(s.kind == StepKind.MODEL for s in ctx.steps)
     answer = model_call(ctx, transcript(ctx), specs, tool_choice=PLAN_TOOL if first else None)
