@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -94,6 +95,60 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+# The environment variables agentops itself reads for its own credentials and wiring: no
+# tool may name one as a secret, even one listed in AGENTOPS_TOOL_SECRETS by mistake.
+PLATFORM_SECRET_NAMES = frozenset({"SECRET_KEY", "DATABASE_URL", "REDIS_URL"})
+PLATFORM_SECRET_PREFIXES = (
+    "AGENTOPS_",
+    "DJANGO_",
+    "CELERY_",
+    "SECRET_KEY",
+    "DATABASE_",
+    "OPENAI_",
+    "EMAIL_",
+    "PG",
+)
+# A variable whose name starts with this is a tool's secret without being listed.
+TOOL_SECRET_PREFIX = "TOOL_SECRET_"
+
+
+def platform_secret(name: str) -> bool:
+    """Whether ``name`` is one of agentops' own variables, never a tool's to read."""
+    return name in PLATFORM_SECRET_NAMES or name.startswith(PLATFORM_SECRET_PREFIXES)
+
+
+def env_secret_names(name: str) -> list[str]:
+    """A comma-separated list of environment variable names a tool may read as
+    ``secret:NAME``; one of agentops' own (``platform_secret``) is refused by name."""
+    names = env_list(name, [])
+    for item in names:
+        if not item.isidentifier() or not item.isascii():
+            raise ImproperlyConfigured(f"{name}: {item!r} is not an environment variable name")
+        if platform_secret(item):
+            raise ImproperlyConfigured(
+                f"{name}: {item} is one of agentops' own settings, which no tool may read; "
+                f"give the tool a variable of its own (e.g. {TOOL_SECRET_PREFIX}{item})"
+            )
+    return names
+
+
+def env_commands(name: str) -> list[list[str]]:
+    """A comma-separated list of commands, each split into words as a shell would (so
+    quote a word that holds a space or a comma: each entry is read with shlex)."""
+    commands = []
+    for item in env_list(name, []):
+        try:
+            words = shlex.split(item)
+        except ValueError as error:
+            raise ImproperlyConfigured(
+                f"{name}: {item!r} cannot be split into words: {error}"
+            ) from None
+        if not words:
+            raise ImproperlyConfigured(f"{name}: an entry names no command")
+        commands.append(words)
+    return commands
 
 
 # SQLite must run in WAL with immediate transactions, or concurrent writers (web,

@@ -11,10 +11,12 @@ from agentops.config import (
     database_from_url,
     env_bool,
     env_choice,
+    env_commands,
     env_file_load,
     env_float,
     env_int,
     env_list,
+    env_secret_names,
     env_str,
     secret_key,
 )
@@ -141,6 +143,11 @@ if AGENTOPS_APPROVAL_WEBHOOK_URL and not AGENTOPS_APPROVAL_WEBHOOK_SECRET:
 # SQL tools may not reach agentops' own database (its runs, approvals, the dial) unless
 # this says so: the test suite does, using its own database as a peer.
 AGENTOPS_SQL_OWN_DATABASE = env_bool("AGENTOPS_SQL_OWN_DATABASE", default=False)
+# What a tool may reach on a worker. Secrets: the environment variables a tool's config may
+# name as secret:NAME besides those starting with TOOL_SECRET_ (never agentops' own).
+# Commands: what an MCP stdio server may be, each an argv prefix ("python -m mcp_server_time").
+AGENTOPS_TOOL_SECRETS = env_secret_names("AGENTOPS_TOOL_SECRETS")
+AGENTOPS_MCP_COMMANDS = env_commands("AGENTOPS_MCP_COMMANDS")
 AGENTOPS_DEMO_LEDGER = VAR_DIR / (env_str("AGENTOPS_DEMO_LEDGER") or "demo_ledger.sqlite3")
 
 # Queues. django-q2 on the ORM broker is the embedded default: no service beyond the
