@@ -25,6 +25,15 @@ else:
 # PostgreSQL and SQLite peer; production refuses that (tests/runtime/tools/test_sql.py).
 AGENTOPS_SQL_OWN_DATABASE = True
 
+# The secrets and MCP server commands the suite's tools use, listed as a deployment lists
+# its own (tests/runtime/tools/test_boundary.py shows that nothing else is reachable).
+AGENTOPS_TOOL_SECRETS = [
+    *("TEST_API_TOKEN", "HTTP_TEST_TOKEN", "HTTP_TEST_MISSING", "MCP_TEST_TOKEN"),
+    *("MCP_ABSENT_TOKEN", "SQLTOOL_LEDGER_PATH", "SQLTOOL_PASSWORD", "SQLTOOL_DATABASE"),
+    *("SQLTOOL_URL", "LEDGER_PASSWORD", "LEDGER_URL", "API_TOKEN", "TOKEN", "K"),
+]
+AGENTOPS_MCP_COMMANDS = [["python", "-m", "mcp_server_time"]]
+
 # Hashing test passwords at full strength would cost most of the suite's time.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

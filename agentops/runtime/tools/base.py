@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
+from referencing import Registry
+from referencing.exceptions import NoSuchResource, Unresolvable
 
 if TYPE_CHECKING:
     from tasks.models import Tool
@@ -66,16 +68,60 @@ EXECUTORS = {
 JSON_TYPES = ("array", "boolean", "integer", "null", "number", "object", "string")
 
 
+def retrieve_nothing(uri: str) -> Any:
+    """A schema is checked with what it holds: jsonschema's default would fetch a ``$ref``
+    to a file or a URL (read a worker's local file, reach a private address) and put what
+    it found in a refusal the model and every user see."""
+    raise NoSuchResource(ref=uri)
+
+
+# The draft meta-schemas stay known (jsonschema adds them to any registry); nothing else is.
+NO_RETRIEVAL = Registry(retrieve=retrieve_nothing)  # type: ignore[call-arg]
+REFERENCE_KEYWORDS = ("$ref", "$dynamicRef")
+
+
+def schema_reference_errors(schema: Any, *, name: str = "The schema") -> list[str]:
+    """A ``$ref`` (or ``$dynamicRef``) anywhere in a schema must point inside it (start
+    with ``#``): nothing outside is ever fetched, so any other would only fail later.
+    Any key of that name with a text value counts, wherever it sits: a JSON pointer can
+    make any part of a schema a schema."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in REFERENCE_KEYWORDS and isinstance(item, str):
+                    if not item.startswith("#") and item not in found:
+                        found.append(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(schema)
+    return [
+        f"{name} refers to {reference!r}, outside itself: a $ref must point inside the "
+        "schema (start with #), since no schema is ever fetched from a file or a URL"
+        for reference in found
+    ]
+
+
 @functools.lru_cache(maxsize=512)
 def validator_for(schema_json: str) -> Draft202012Validator | str:
     """A checked validator per distinct schema (building one costs far more than using
-    it), or the reason the schema itself is invalid, naming where in it."""
+    it), or the reason the schema itself is invalid, naming where in it. A validator
+    never fetches anything (``NO_RETRIEVAL``), and a schema that refers outside itself is
+    refused before one is built."""
     schema = json.loads(schema_json)
     try:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         return _schema_error_text(error)
-    return Draft202012Validator(schema)
+    references = schema_reference_errors(schema, name="it")
+    if references:
+        return references[0]
+    return Draft202012Validator(schema, registry=NO_RETRIEVAL)
 
 
 def _schema_error_text(error: SchemaError) -> str:
@@ -114,6 +160,9 @@ def schema_errors(schema: Any, *, name: str = "The schema") -> list[str]:
         return [
             f'{name} must be a JSON object, like {{"type": "object"}}, not {json.dumps(schema)}'
         ]
+    references = schema_reference_errors(schema, name=name)
+    if references:
+        return references
     reason = validator_for(json.dumps(schema, sort_keys=True))
     if isinstance(reason, str):
         return [f"{name} is not a valid JSON Schema (draft 2020-12): {reason}"]
@@ -134,7 +183,13 @@ def arguments_errors(schema: dict, arguments: Any, *, whole: str = "the argument
         # Said of whichever schema was given (a tool's, a task's), so it names neither.
         return [f"the schema {whole} must match is itself invalid ({validator})"]
     messages = []
-    for error in sorted(validator.iter_errors(arguments), key=lambda e: list(e.path)):
+    try:
+        found = sorted(validator.iter_errors(arguments), key=lambda e: list(e.path))
+    except Unresolvable as error:
+        # A local $ref to nowhere ("#/$defs/missing"): nothing is fetched, and the text
+        # names only the reference, never anything read.
+        return [f"the schema {whole} must match has a $ref that leads nowhere ({error.ref!r})"]
+    for error in found:
         where = "/".join(str(part) for part in error.path) or whole
         messages.append(f"{where}: {error.message}")
     return messages

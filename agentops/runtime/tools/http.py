@@ -41,13 +41,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from agentops.runtime.secrets import PREFIX, SecretMissing, config_resolve, redact
+from agentops.runtime.secrets import (
+    PREFIX,
+    SecretMissing,
+    config_resolve,
+    redact,
+    secret_errors,
+)
 from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
 
 if TYPE_CHECKING:
     from tasks.models import Tool
 
-METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+# The methods that only read (RFC 9110's safe methods that carry no body): a tool with any
+# other may not be declared read-only, or it would run without a person at every level.
+READ_METHODS = ("GET", "HEAD")
 CONFIG_KEYS = (
     "method",
     "url",
@@ -136,8 +145,8 @@ class HttpExecutor:
             for name, value in query.items():
                 if not isinstance(value, str | int | float | bool):
                     errors.append(f"query {name!r}: the value must be a string or a number")
-        if method == "GET" and config.get("body") is not None:
-            errors.append("a GET request has no body: remove body or use another method")
+        if method in READ_METHODS and config.get("body") is not None:
+            errors.append(f"a {method} request has no body: remove body or use another method")
         if not isinstance(config.get("allow_private", False), bool):
             errors.append("allow_private must be true or false")
         size = config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
@@ -147,11 +156,14 @@ class HttpExecutor:
             errors.append(
                 f"max_response_bytes may be at most {MAX_RESPONSE_BYTES_CEILING}, not {size}"
             )
+        errors += secret_errors(config)
         return errors
 
     def validate(self, tool: Tool, arguments: dict) -> list[str]:
         errors = arguments_errors(tool.input_schema, arguments)
-        problems = self.config_errors(tool.config)
+        problems = self.config_errors(tool.config) + side_effect_errors(
+            tool.config, tool.side_effect
+        )
         if problems:
             errors.append("the tool's config is invalid: " + "; ".join(problems))
             return errors
@@ -166,7 +178,9 @@ class HttpExecutor:
         """Make the call once. ``transient`` only where the far side cannot have acted (no
         request sent) or acting twice is harmless (an idempotent tool, or a GET)."""
         config = tool.config
-        problems = self.config_errors(config)
+        # Checked here too, not only at the doors: a call must never fire on the strength
+        # of a read-only class its method belies, whoever called the executor.
+        problems = self.config_errors(config) + side_effect_errors(config, tool.side_effect)
         if problems:
             return ToolResult(
                 ok=False, error="the tool's config is invalid: " + "; ".join(problems)
@@ -182,7 +196,7 @@ class HttpExecutor:
                 allow_private=config.get("allow_private", False),
                 max_bytes=config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
                 timeout=tool.timeout_seconds,
-                repeatable=tool.idempotent or request.method == "GET",
+                repeatable=tool.idempotent or request.method in READ_METHODS,
             )
         except ToolError as failure:
             result = ToolResult(ok=False, error=str(failure), transient=failure.transient)
@@ -192,6 +206,18 @@ class HttpExecutor:
 
 
 # The config ----------------------------------------------------------------------------
+
+
+def side_effect_errors(config: Any, side_effect: str) -> list[str]:
+    """A tool declared read-only runs without a person at every autonomy level, so only
+    a method that reads may be: anything else is refused when saved and when called."""
+    method = config.get("method") if isinstance(config, dict) else None
+    if side_effect != "read" or method in READ_METHODS or method not in METHODS:
+        return []
+    return [
+        f"a {method} request can change what it is sent to, so the tool cannot be read-only "
+        f"(only {' or '.join(READ_METHODS)} can be): declare it reversible or irreversible"
+    ]
 
 
 def allowed_hosts_errors(allowed: Any) -> list[str]:
@@ -705,18 +731,12 @@ def body_decode(response: http.client.HTTPResponse, data: bytes) -> Any:
 
 
 def secrets_redact(result: ToolResult, secrets: dict[str, str]) -> ToolResult:
-    """The result with every secret the call used replaced by ``[secret:NAME]``, as sent
-    and URL-quoted. The engine redacts results too, but it records a transient error in
-    its retry notes before that, and the quoted form is this executor's to know."""
-    quoted = {name: quote(value, safe="") for name, value in secrets.items()}
-    quoted = {name: value for name, value in quoted.items() if value != secrets[name]}
-
-    def clean(value: Any) -> Any:
-        return redact(redact(value, secrets), quoted)
-
+    """The result with every secret the call used, in any of its usual encodings,
+    replaced by ``[secret:NAME]``. The engine redacts results too, but it records a
+    transient error in its retry notes before that."""
     return ToolResult(
         ok=result.ok,
-        value=clean(result.value),
-        error=clean(result.error),
+        value=redact(result.value, secrets),
+        error=redact(result.error, secrets),
         transient=result.transient,
     )

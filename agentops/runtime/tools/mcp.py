@@ -35,12 +35,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx2
+from django.conf import settings
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, PaginatedRequestParams
 
-from agentops.runtime.secrets import PREFIX, SecretMissing, config_resolve
+from agentops.runtime.secrets import PREFIX, SecretMissing, config_resolve, secret_errors
 from agentops.runtime.tools.base import ToolContext, ToolResult, arguments_errors
 
 if TYPE_CHECKING:
@@ -54,6 +55,26 @@ SERVER_KEYS = {STDIO: {"transport", "command", "env"}, HTTP: {"transport", "url"
 # A first word that means "the Python running this worker": the server then runs with
 # the worker's own interpreter and packages, whatever python is first on PATH.
 PYTHON_WORDS = ("python", "python3")
+# Variables that change what a program loads or runs rather than what it is told: set in a
+# stdio server's env, one would turn an allowed command into any code (LD_PRELOAD,
+# PYTHONPATH, NODE_OPTIONS=--import=data:..., PATH...). By prefix, then by whole name.
+LOADER_ENV_PREFIXES = (
+    "LD_",
+    "DYLD_",
+    "PYTHON",
+    "NODE_",
+    "NPM_CONFIG_",
+    "PERL",
+    "RUBY",
+    "JAVA_",
+    "_JAVA_",
+    "JDK_JAVA_",
+    "UV_",
+    "PIP_",
+    "GIT_",
+    "BASH_FUNC_",
+)
+LOADER_ENV_NAMES = {"PATH", "HOME", "BASH_ENV", "ENV", "SHELLOPTS", "PS4", "IFS", "CLASSPATH"}
 # Starting a stdio server (an interpreter and its imports) takes a second or two; one
 # that has not finished the handshake in this long is taken as down. Not part of the
 # tool's timeout_seconds, which bounds the call itself.
@@ -104,6 +125,7 @@ def config_errors(config: Any) -> list[str]:
         problems.append("tool: missing; name the server's tool (as the server lists it)")
     if "annotations" in config and not isinstance(config["annotations"], dict):
         problems.append("annotations: must be a JSON object (the tool's annotations as listed)")
+    problems += secret_errors(config.get("server"))
     return problems
 
 
@@ -128,11 +150,55 @@ def server_errors(server: Any) -> list[str]:
             problems.append(
                 'command: must be a non-empty list of words, like ["python", "-m", "server"]'
             )
+        else:
+            problems += command_errors(command)
         problems += string_map_errors(server, "env")
+        problems += loader_env_errors(server.get("env"))
     else:
         problems += url_errors(server.get("url"))
         problems += string_map_errors(server, "headers")
     return problems
+
+
+def command_key(words: list[str]) -> list[str]:
+    """A command as it is compared with AGENTOPS_MCP_COMMANDS: a first word that means
+    this worker's Python (``stdio_parameters`` runs it as such) compares as ``python``."""
+    if words and (words[0] in PYTHON_WORDS or words[0] == sys.executable):
+        return ["python", *words[1:]]
+    return list(words)
+
+
+def command_allowed(command: list[str]) -> bool:
+    """Whether the deployment lets workers run ``command``: it starts with one of
+    AGENTOPS_MCP_COMMANDS, word for word (later words are the server's arguments)."""
+    key = command_key(command)
+    return any(
+        allowed and key[: len(allowed)] == command_key(allowed)
+        for allowed in settings.AGENTOPS_MCP_COMMANDS
+    )
+
+
+def command_errors(command: list[str]) -> list[str]:
+    """A stdio server is a program every worker starts: the right to save a tool must not
+    be the right to run any code there, so only the deployment's commands may be."""
+    if command_allowed(command):
+        return []
+    return [
+        f"command: `{shlex.join(command)}` is not a command MCP servers may run on this "
+        "deployment's workers: its start must be one of AGENTOPS_MCP_COMMANDS"
+    ]
+
+
+def loader_env_errors(env: Any) -> list[str]:
+    if not isinstance(env, dict):
+        return []
+    return [
+        f"env.{name}: a stdio server's environment may not set {name}, which changes what "
+        "the program loads or runs"
+        for name in env
+        if isinstance(name, str)
+        and (name.upper() in LOADER_ENV_NAMES or name.upper().startswith(LOADER_ENV_PREFIXES))
+    ]
 
 
 def url_errors(url: Any) -> list[str]:
@@ -173,6 +239,9 @@ def server_describe(server: dict) -> str:
 
 def stdio_parameters(server: dict) -> StdioServerParameters:
     command = list(server["command"])
+    # The last door before a process starts, whatever path led here.
+    for problem in command_errors(command) + loader_env_errors(server.get("env")):
+        raise McpUnavailable(problem)
     if command[0] in PYTHON_WORDS:
         command[0] = sys.executable
     return StdioServerParameters(command=command[0], args=command[1:], env=server.get("env"))
@@ -366,7 +435,11 @@ class McpExecutor:
         return config_errors(config)
 
     def validate(self, tool: Tool, arguments: dict) -> list[str]:
-        return arguments_errors(tool.input_schema, arguments)
+        errors = arguments_errors(tool.input_schema, arguments)
+        problems = config_errors(tool.config)
+        if problems:
+            errors.append(f"the config of {tool.name} is invalid: " + "; ".join(problems))
+        return errors
 
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
         problems = config_errors(tool.config)

@@ -20,6 +20,7 @@ from agentops.runtime.tools.base import (
     ToolResult,
     arguments_errors,
     reserved_schema_errors,
+    schema_reference_errors,
 )
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ def tool(
                 f"tool name {tool_name!r}: use 1 to 64 letters, digits, underscores or "
                 "hyphens (the model sees this name)"
             )
-        reserved = reserved_schema_errors(schema)
+        reserved = reserved_schema_errors(schema) + schema_reference_errors(
+            schema, name="the schema"
+        )
         if reserved:
             raise ValueError(f"tool {tool_name!r}: {reserved[0]}")
         existing = REGISTRY.get(tool_name)

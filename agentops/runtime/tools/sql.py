@@ -36,19 +36,22 @@ property of the tool's input schema, and is bound as a string, number, boolean o
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from datetime import time as time_of_day
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 from uuid import UUID
 
 from django.conf import settings
@@ -56,7 +59,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections
 
 from agentops.config import database_from_url
-from agentops.runtime.secrets import EMBEDDED, PREFIX, SecretMissing, config_resolve
+from agentops.runtime.secrets import (
+    EMBEDDED,
+    PREFIX,
+    SecretMissing,
+    config_resolve,
+    secret_errors,
+)
 from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
 
 if TYPE_CHECKING:
@@ -214,8 +223,11 @@ OWN_DATABASE_REFUSAL = (
 
 def own_database(entry: dict) -> bool:
     """Whether a settings entry names agentops' own database (the live ``default``
-    connection's), unless AGENTOPS_SQL_OWN_DATABASE allows it. PostgreSQL databases
-    compare by host and port as written, and name; SQLite files by their real path."""
+    connection's), unless AGENTOPS_SQL_OWN_DATABASE allows it. Compared by identity, not
+    spelling: SQLite files by device and inode (so a hard link or a symlink is the same
+    file); PostgreSQL by server (every address a host resolves to, any address of this
+    machine and any Unix socket counting as the local server), port and database name.
+    At call time ``postgres_run`` asks the server itself as well (``server_identity``)."""
     if settings.AGENTOPS_SQL_OWN_DATABASE:
         return False
     own = connections[DEFAULT_DB_ALIAS].settings_dict
@@ -223,12 +235,116 @@ def own_database(entry: dict) -> bool:
     if vendor != vendor_of(own.get("ENGINE", "")):
         return False
     if vendor == "sqlite":
-        return os.path.realpath(str(entry.get("NAME"))) == os.path.realpath(str(own["NAME"]))
+        return same_file(str(entry.get("NAME")), str(own["NAME"]))
     return (
-        entry.get("HOST") or "localhost",
-        str(entry.get("PORT") or 5432),
-        entry.get("NAME"),
-    ) == (own.get("HOST") or "localhost", str(own.get("PORT") or 5432), own.get("NAME"))
+        postgres_database(entry) == postgres_database(own)
+        and bool(postgres_ports(entry) & postgres_ports(own))
+        and bool(postgres_servers(entry) & postgres_servers(own))
+    )
+
+
+def same_file(path: str, other: str) -> bool:
+    """Whether two paths are one file: (st_dev, st_ino) of what each leads to; by the
+    resolved path while one does not exist yet."""
+    try:
+        first, second = os.stat(path), os.stat(other)
+    except OSError:
+        return os.path.realpath(path) == os.path.realpath(other)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def postgres_database(entry: dict) -> str:
+    """The database libpq connects to: the entry's name, else PGDATABASE, else the user's."""
+    return str(
+        entry.get("NAME")
+        or os.environ.get("PGDATABASE")
+        or entry.get("USER")
+        or os.environ.get("PGUSER")
+        or ""
+    )
+
+
+def postgres_ports(entry: dict) -> set[str]:
+    """The ports libpq may try (a comma-separated list is one per host)."""
+    port = str(entry.get("PORT") or os.environ.get("PGPORT") or "5432")
+    return {part.strip() or "5432" for part in port.split(",")}
+
+
+LOCAL_SERVER = "local"
+RESOLVE_SECONDS = 5.0
+
+
+def postgres_servers(entry: dict) -> set[str]:
+    """Where libpq may connect, as server identities: ``LOCAL_SERVER`` for a Unix socket
+    (no host, a directory, an abstract socket) or any address of this machine, and each
+    other address a host resolves to. A host that cannot be resolved adds nothing (it
+    cannot be reached either; the server is asked at call time in any case)."""
+    hosts = str(entry.get("HOST") or os.environ.get("PGHOST") or "")
+    servers: set[str] = set()
+    for host in (unquote(part.strip()) for part in hosts.split(",")):
+        if not host or host.startswith(("/", "@")):
+            servers.add(LOCAL_SERVER)
+            continue
+        servers.update(address_identity(address) for address in host_addresses(host))
+    return servers
+
+
+def host_addresses(host: str) -> list[str]:
+    """Every address ``host`` resolves to, within RESOLVE_SECONDS (the system resolver
+    has no timeout of its own, so it runs in a thread we stop waiting for)."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        with suppress(OSError, UnicodeError):
+            answer.extend(info[4][0] for info in socket.getaddrinfo(host, None))
+
+    thread = threading.Thread(target=lookup, daemon=True, name="sql-tool-resolve")
+    thread.start()
+    thread.join(RESOLVE_SECONDS)
+    return list(answer)
+
+
+def address_identity(address: str) -> str:
+    """An address as a server identity: ``LOCAL_SERVER`` for any address of this machine
+    (loopback, unspecified, or one it can bind to), else the address itself."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified:
+        return LOCAL_SERVER
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(ip), 0))  # only an address of this machine can be bound
+    except OSError:
+        return str(ip)
+    return LOCAL_SERVER
+
+
+IDENTITY_QUERY = (
+    "SELECT pg_postmaster_start_time()::text, current_database(), "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())::text"
+)
+
+
+def server_identity(cursor: Any) -> tuple:
+    """The server and database a connection reached, as the server itself says: when it
+    started (to the microsecond) and the database's name and oid. Any role may ask."""
+    cursor.execute(IDENTITY_QUERY)
+    return tuple(cursor.fetchone())
+
+
+def own_server_identity() -> tuple | None:
+    """``server_identity`` of agentops' own PostgreSQL database, asked now (a restart
+    changes it), or None when it is not PostgreSQL."""
+    own = connections[DEFAULT_DB_ALIAS]
+    if own.vendor != "postgresql":
+        return None
+    with own.cursor() as cursor:
+        return server_identity(cursor)
 
 
 def url_errors(url: Any) -> list[str]:
@@ -361,6 +477,7 @@ class SqlExecutor:
             errors.extend(url_errors(config["url"]))
         else:
             errors.append("database or url: name the database, as a DATABASES alias or a URL")
+        errors.extend(secret_errors(config))
 
         mode = config.get("mode")
         if mode not in MODES:
@@ -512,6 +629,13 @@ def postgres_run(target: Target, call: SqlCall) -> dict:
         raise ToolError(f"could not connect to {target.label}: {error}", transient=True) from None
     committing = False
     try:
+        if not settings.AGENTOPS_SQL_OWN_DATABASE:
+            # Whatever the URL's spelling (or the DNS answer at connect time), the server
+            # says who it is before the tool's statement is sent.
+            with connection.cursor() as cursor:
+                reached = server_identity(cursor)
+            if reached == own_server_identity():
+                raise ToolError(f"{target.label} {OWN_DATABASE_REFUSAL}; the call was not made")
         with connection.cursor(row_factory=postgres_rows) as cursor:
             cursor.execute("BEGIN READ ONLY" if call.read else "BEGIN")
             cursor.execute(

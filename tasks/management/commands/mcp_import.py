@@ -22,8 +22,12 @@ from django.db import transaction
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
-from agentops.runtime.secrets import SecretMissing, config_resolve, secret_names
-from agentops.runtime.tools.base import CONFIDENCE_ARGUMENT, reserved_schema_errors
+from agentops.runtime.secrets import SecretMissing, config_resolve, secret_errors, secret_names
+from agentops.runtime.tools.base import (
+    CONFIDENCE_ARGUMENT,
+    reserved_schema_errors,
+    schema_reference_errors,
+)
 from agentops.runtime.tools.mcp import (
     HTTP,
     STDIO,
@@ -87,6 +91,9 @@ def schema_problem(schema: dict) -> str:
         Draft202012Validator.check_schema(schema)
     except SchemaError as error:
         return f"its input schema is invalid: {error.message}"
+    references = schema_reference_errors(schema, name="its input schema")
+    if references:
+        return references[0]
     if reserved_schema_errors(schema):
         return (
             f"its input schema has a property named {CONFIDENCE_ARGUMENT!r}, which agentops "
@@ -212,7 +219,7 @@ class Command(BaseCommand):
             server = {"transport": HTTP, "url": options["url"]}
             if headers:
                 server["headers"] = headers
-        problems = server_errors(server)
+        problems = server_errors(server) + secret_errors(server)
         if problems:
             raise CommandError("; ".join(problems).replace("url: ", "--url: "))
         for name, value in {**headers, **env}.items():

@@ -45,6 +45,10 @@ def http_tool(url: str, *, save: bool = False, **fields) -> Tool:
     }
     for key in [key for key in fields if key.startswith("config_")]:
         config[key.removeprefix("config_")] = fields.pop(key)
+    # Only a method that reads may be read-only (side_effect_errors).
+    fields.setdefault(
+        "side_effect", "read" if config["method"] in ("GET", "HEAD") else "reversible"
+    )
     tool = Tool(
         **{
             "name": f"http_{uuid.uuid4().hex[:8]}",
@@ -231,8 +235,11 @@ def test_a_good_config_has_no_errors():
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"method": "FETCH"}, "method must be one of GET, POST, PUT, PATCH, DELETE, not 'FETCH'"),
-        ({"method": None}, "method must be one of GET, POST, PUT, PATCH, DELETE, not None"),
+        (
+            {"method": "FETCH"},
+            "method must be one of GET, HEAD, POST, PUT, PATCH, DELETE, not 'FETCH'",
+        ),
+        ({"method": None}, "method must be one of GET, HEAD, POST, PUT, PATCH, DELETE, not None"),
         ({"url": "ftp://api.example.com/x"}, "url must start with http:// or https://"),
         ({"url": None}, "url is required"),
         (

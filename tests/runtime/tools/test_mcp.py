@@ -122,7 +122,8 @@ def test_the_time_servers_own_error_is_a_failed_step(make_task, operator):
     assert "tool.retrying" not in events(run)
 
 
-def test_a_stdio_command_that_does_not_start_fails_the_import():
+def test_a_stdio_command_that_does_not_start_fails_the_import(settings):
+    settings.AGENTOPS_MCP_COMMANDS = [["/nonexistent/mcp-server"]]
     with pytest.raises(
         CommandError,
         match="could not start the MCP server `/nonexistent/mcp-server --flag`: No such file",
@@ -131,8 +132,10 @@ def test_a_stdio_command_that_does_not_start_fails_the_import():
     assert not Tool.objects.filter(kind="mcp").exists()
 
 
-def test_a_stdio_server_that_exits_says_what_it_printed():
-    command = shlex.join([sys.executable, "-c", "import sys; sys.exit('no licence key')"])
+def test_a_stdio_server_that_exits_says_what_it_printed(settings):
+    words = [sys.executable, "-c", "import sys; sys.exit('no licence key')"]
+    settings.AGENTOPS_MCP_COMMANDS = [words]
+    command = shlex.join(words)
     with pytest.raises(CommandError, match=r"did not start a session.*no licence key"):
         mcp_import("gone", "--stdio", command)
     assert not Tool.objects.filter(kind="mcp").exists()
@@ -398,7 +401,7 @@ def test_good_configs_have_no_errors():
             {
                 "server": {
                     "transport": "stdio",
-                    "command": ["python", "-m", "x"],
+                    "command": ["python", "-m", "mcp_server_time", "--local-timezone", "UTC"],
                     "env": {"K": "secret:K"},
                 },
                 "tool": "get_current_time",
@@ -439,7 +442,7 @@ def test_a_missing_secret_at_call_time_is_named(monkeypatch):
         config={
             "server": {
                 "transport": "stdio",
-                "command": ["python"],
+                "command": ["python", "-m", "mcp_server_time"],
                 "env": {"T": "secret:MCP_ABSENT_TOKEN"},
             },
             "tool": "x",
