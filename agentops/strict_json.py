@@ -1,12 +1,17 @@
-"""JSON read as JSON is written.
+"""JSON read as JSON is written, and values as the databases store them.
 
 Python's ``json.loads`` takes ``NaN``, ``Infinity`` and ``-Infinity``, and reads a number
 too large for a float (``1e999``) as infinity: none of them is JSON, neither PostgreSQL's
 jsonb nor SQLite's JSON functions store them, so a value holding one would fail only
 later, when it is saved (a form's 500, a crashed step). It also keeps the last of a key
-written twice in one object and drops the other without a word. Everything agentops
-reads from people or models goes through here instead: ``json_loads_strict``, and
-``StrictJSONFormField`` for the admin's JSON boxes.
+written twice in one object and drops the other without a word, decodes ``"\\ud800"``
+to a lone surrogate no database can store (nor UTF-8 encode), lets ``"\\u0000"`` through
+although PostgreSQL refuses it, and gives up on deep nesting with a RecursionError.
+Everything agentops reads from people or models goes through here instead:
+``json_loads_strict``, and ``StrictJSONFormField`` for the admin's JSON boxes.
+
+What a tool or a model already sent cannot be refused (the call happened): it goes
+through ``json_storable``, which changes what cannot be stored and says what it changed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ def _float(text: str) -> float:
     return value
 
 
+def _int(text: str) -> int:
+    # Python's int() refuses more than 4,300 digits with a ValueError, not a JSON error.
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(
+            f"an integer of more than {MAX_INT_DIGITS} digits is not accepted",
+            rf"-?\d{{{MAX_INT_DIGITS + 1},}}",
+        )
+    return int(text)
+
+
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen: set[str] = set()
     for key, _ in pairs:
@@ -55,19 +70,100 @@ def _position(text: str, refused: _Refused) -> int:
     return match.start(match.lastindex or 0)
 
 
+# A string token (escapes and all) or one bracket: enough to count nesting without
+# parsing, so brackets inside strings do not count.
+_NESTING_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]')
+# Where a decoded string's NUL or unpaired surrogate came from: its escape, or itself.
+_NUL_AT = re.compile(r"\\u0000|\x00")
+_SURROGATE_AT = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    r"|[\ud800-\udfff]"
+)
+
+
+def _nesting_check(text: str) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH`` before the parser recurses into it."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # too few brackets to be too deep: most documents stop here
+    depth = 0
+    for token in _NESTING_TOKENS.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise json.JSONDecodeError(
+                    f"nesting deeper than {MAX_DEPTH} levels is not accepted",
+                    text,
+                    token.start(),
+                )
+        elif bracket in "]}":
+            depth -= 1
+
+
+def _unstorable_text(value: Any) -> str:
+    """Whether a string (or key) in ``value`` holds a NUL ("nul") or an unpaired
+    surrogate ("surrogate"), or neither (""). Iterative, so no depth can break it."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "nul"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "surrogate"
+    return ""
+
+
+def _text_check(text: str, value: Any) -> None:
+    """Refuse text no database stores: NUL (PostgreSQL refuses it, so both do, for one
+    behaviour everywhere) and unpaired surrogates (valid JSON escapes, but not Unicode
+    text: no database, and no UTF-8 encoder, takes them)."""
+    problem = _unstorable_text(value)
+    if not problem:
+        return
+    if problem == "nul":
+        found = _NUL_AT.search(text)
+        why = "a NUL character (\\u0000) cannot be stored"
+    else:
+        found = _SURROGATE_AT.search(text)
+        why = "an unpaired surrogate (\\ud800 to \\udfff) is not a character and cannot be stored"
+    raise json.JSONDecodeError(why, text, found.start() if found else 0)
+
+
 class StrictJSONDecoder(json.JSONDecoder):
-    """A decoder that refuses what is not JSON with a ``JSONDecodeError`` saying what,
-    as any other syntax error would."""
+    """A decoder that refuses what is not JSON, or what no database can store, with a
+    ``JSONDecodeError`` saying what and where, as any other syntax error would."""
 
     def __init__(self, **kwargs: Any) -> None:
-        kwargs.update(parse_constant=_constant, parse_float=_float, object_pairs_hook=_object)
+        kwargs.update(
+            parse_constant=_constant,
+            parse_float=_float,
+            parse_int=_int,
+            object_pairs_hook=_object,
+        )
         super().__init__(**kwargs)
 
     def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
+        _nesting_check(s)
         try:
-            return super().decode(s, *args, **kwargs)
+            value = super().decode(s, *args, **kwargs)
         except _Refused as refused:
             raise json.JSONDecodeError(refused.why, s, _position(s, refused)) from None
+        except RecursionError:
+            # Only when called deep in a stack already: the nesting check came first.
+            raise json.JSONDecodeError(
+                f"nesting deeper than {MAX_DEPTH} levels is not accepted", s, 0
+            ) from None
+        _text_check(s, value)
+        return value
 
 
 def json_loads_strict(text: str) -> Any:
@@ -118,6 +214,14 @@ def _text_storable(text: str, path: str, notes: list[str]) -> str:
     return text
 
 
+def text_storable(text: str, *, where: str = "$") -> tuple[str, list[str]]:
+    """``text`` as both databases store it (NUL and unpaired surrogates become U+FFFD),
+    and a note for each change, naming ``where``: for a text field holding what a tool
+    or a model sent (an error, a model's answer)."""
+    notes: list[str] = []
+    return _text_storable(text, where, notes), notes
+
+
 def json_storable(value: Any) -> tuple[Any, list[str]]:
     """``value`` as both databases store and read back exactly, and a note for each
     change made: NaN and the infinities become the strings "NaN", "Infinity" and
@@ -156,7 +260,11 @@ def json_storable(value: Any) -> tuple[Any, list[str]]:
         if isinstance(item, dict):
             out = {}
             for key, child in item.items():
-                name = _text_storable(key if isinstance(key, str) else str(key), path, notes)
+                name = key if isinstance(key, str) else str(key)
+                name = _text_storable(name, f"{path} (a key)", notes)
+                while name in out:  # two keys made one by the change: keep both
+                    notes.append(f"{path}: the key {name!r} came twice; one was renamed")
+                    name += " (again)"
                 out[name] = walk(child, f"{path}.{name}", depth + 1)
             return out
         if isinstance(item, (list, tuple)):

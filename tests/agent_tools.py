@@ -97,3 +97,37 @@ def test_pay(ctx: ToolContext, *, amount: float, to: str) -> dict:
     """Pays (reversible, for the rule tests)."""
     EFFECTS[f"pay:{to}:{amount}"] += 1
     return {"paid": amount, "to": to}
+
+
+# What no database stores, as a tool might return it (tests/runtime/test_values.py).
+ODD_VALUES = {
+    "nan": float("nan"),
+    "infinity": float("inf"),
+    "nul": "a\x00b",
+    "surrogate": "a\ud800b",
+    "deep": None,  # made below: nested 2,000 levels
+    "long_int": 10**5000,
+    "key": {"k\x00": 1, "k\ud800": 2},
+    "set": {1, 2},
+}
+
+
+def _deep(levels: int) -> list:
+    value: list = []
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@tool(schema=TEXT, side_effect="irreversible")
+def test_odd_value(ctx: ToolContext, *, text: str) -> dict:
+    """Takes effect, then returns ODD_VALUES[text] (irreversible, not idempotent)."""
+    EFFECTS[f"odd:{text}"] += 1
+    return {"value": _deep(2000) if text == "deep" else ODD_VALUES[text]}
+
+
+@tool(schema=TEXT, side_effect="irreversible")
+def test_odd_error(ctx: ToolContext, *, text: str) -> dict:
+    """Takes effect, then fails with an error holding a NUL and a lone surrogate."""
+    EFFECTS[f"odd_error:{text}"] += 1
+    raise ToolError(f"the backend said \x00 and \ud800 about {text}")

@@ -75,13 +75,14 @@ from agentops.runtime.gates import (
 )
 from agentops.runtime.loops import LoopFinding, ToolCallRecord, loop_find
 from agentops.runtime.models import ModelError, ModelTurn, client_for
+from agentops.runtime.models.base import TOOL_NAME_CHARS, turn_storable
 from agentops.runtime.rules import RuleSpec, rules_evaluate
 from agentops.runtime.secrets import config_secrets, redact
 from agentops.runtime.tools import ToolContext, ToolResult, arguments_errors, executor_for
-from agentops.strict_json import json_loads_strict
+from agentops.strict_json import json_loads_strict, json_storable, text_storable
 from approvals.models import ApprovalKind, ApprovalStatus, Resolution
 from approvals.services import approval_request, approvals_withdraw
-from lineage.services import event_append, json_plain
+from lineage.services import event_append
 from tasks.models import (
     AutonomyLevel,
     Run,
@@ -371,6 +372,7 @@ def run_yield(ctx: Context) -> Outcome:
 
 
 def run_end(ctx: Context, *, to: str, reason: str = "", **fields: Any) -> Outcome:
+    reason = text_noted(reason, where="reason")  # it may quote a model server's error
     with ctx.transaction():
         lease_fence(ctx)
         run_transition(run=ctx.run, to=to, actor="engine", reason=reason, **fields)
@@ -380,6 +382,7 @@ def run_end(ctx: Context, *, to: str, reason: str = "", **fields: Any) -> Outcom
 def run_end_by_id(
     run_id: uuid.UUID, owner: str, *, to: str, reason: str = "", **fields: Any
 ) -> Outcome:
+    reason = text_noted(reason, where="reason")  # it may quote any error's text
     with transaction.atomic():
         fence(run_id, owner)
         run = Run.objects.get(pk=run_id)
@@ -725,11 +728,13 @@ def model_turn(ctx: Context) -> Outcome:
             "tokens_in": turn.tokens_in,
             "tokens_out": turn.tokens_out,
             "cost": str(turn_cost),
+            **normalised(turn.normalised),
         },
         kind=StepKind.MODEL,
         status=StepStatus.SUCCEEDED,
         content=turn.content,
         tool_calls=calls,
+        result=normalised(turn.normalised) or None,
         tokens_in=turn.tokens_in,
         tokens_out=turn.tokens_out,
         duration_ms=duration_ms,
@@ -818,6 +823,8 @@ def model_call(
             time.sleep(delay)
             continue
         duration_ms = int((time.monotonic() - started) * 1000)
+        # Everything after reads the turn as stored, so a resumed run acts on the same.
+        turn = turn_storable(turn)
         turn_cost = cost(
             tokens_in=turn.tokens_in,
             tokens_out=turn.tokens_out,
@@ -841,6 +848,8 @@ def backoff(base: float, attempt: int) -> float:
 def retry_note(ctx: Context, kind: str, *, fenced: bool = True, **payload: Any) -> None:
     """Record a retry. Inside a tool call (``fenced=False``) the note is written even if
     the lease moved meanwhile: the call is in flight and its trail must be whole."""
+    payload, notes = json_storable(payload)  # an error's text, as the far side wrote it
+    payload.update(normalised(notes))
     with ctx.transaction():
         if fenced:
             lease_fence(ctx)
@@ -882,6 +891,7 @@ def check_turn(ctx: Context, final: Step) -> Outcome:
                 "problem": problem,
                 "tokens_in": turn.tokens_in,
                 "tokens_out": turn.tokens_out,
+                **normalised(turn.normalised),
             },
             kind=StepKind.CHECK,
             status=StepStatus.SUCCEEDED,
@@ -984,6 +994,33 @@ def tool_message_made(step: Step) -> str:
     return json.dumps({"error": step.error or f"the call ended {step.status}"})
 
 
+# Values from the far side ------------------------------------------------------------
+
+# Step.gate and Approval.gate hold 300 characters (PostgreSQL refuses more).
+GATE_CHARS = 300
+
+
+def normalised(notes: list[str]) -> dict[str, Any]:
+    """``{"normalised": notes}`` for a payload or a result, or nothing if none."""
+    return {"normalised": list(notes)} if notes else {}
+
+
+def with_notes(text: str, notes: list[str]) -> str:
+    """``text`` with what was changed to store it, so a text field says so too."""
+    return f"{text} [normalised: {'; '.join(notes)}]" if notes else text
+
+
+def text_noted(text: str, *, where: str) -> str:
+    """``text`` as both databases store it, ending with a note of any change."""
+    stored, notes = text_storable(text, where=where)
+    return with_notes(stored, notes)
+
+
+def clipped(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "…" if it was cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # Tool calls: the four doors, the ledger ----------------------------------------------
 
 
@@ -1080,7 +1117,7 @@ class Doors:
         return {
             "kind": StepKind.TOOL,
             "tool": self.tool,
-            "tool_name": call["name"],
+            "tool_name": call["name"][:TOOL_NAME_CHARS],
             "tool_call_id": call["id"],
             "arguments": self.arguments,
             "confidence": self.confidence,
@@ -1195,7 +1232,7 @@ def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
             run=ctx.run,
             kind=ApprovalKind.QUESTION,
             step=step,
-            gate=f"the agent asks: {arguments['question']}",
+            gate=clipped(f"the agent asks: {arguments['question']}", GATE_CHARS),
             reasoning=model_step.content,
             context=budget_context(ctx, added),
         )
@@ -1240,7 +1277,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
                 payload={"tool": tool.name, "arguments": arguments, "gate": decision.reason},
                 status=StepStatus.SIMULATED,
                 result=result,
-                gate=decision.reason,
+                gate=clipped(decision.reason, GATE_CHARS),
                 finished_at=timezone.now(),
                 **fields,
             )
@@ -1258,7 +1295,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
                     "gate": decision.reason,
                 },
                 status=StepStatus.PROPOSED,
-                gate=decision.reason,
+                gate=clipped(decision.reason, GATE_CHARS),
                 **fields,
             )
             context = budget_context(ctx, added)
@@ -1268,7 +1305,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
                 run=run,
                 kind=ApprovalKind.ACTION,
                 step=step,
-                gate=decision.reason,
+                gate=clipped(decision.reason, GATE_CHARS),
                 reasoning=model_step.content,
                 confidence=doors.confidence,
                 context=context,
@@ -1540,24 +1577,27 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
     started = time.monotonic()
     result, attempt = call_attempts(ctx, step, tool, context)
     duration_ms = int((time.monotonic() - started) * 1000)
-    # Whatever the far side echoed of a credential stays out of the record and the model.
+    # The call happened: its outcome is recorded whatever it holds. What no database
+    # stores (NaN, NUL, a lone surrogate, nesting past MAX_DEPTH...) is changed, and the
+    # record says how: the result becomes {"value": ..., "normalised": [...]}, an error
+    # ends with the notes. Normalised first, so redaction walks a bounded value.
+    if result.ok:
+        value, notes = json_storable(result.value)
+        if notes:
+            value = {"value": value, "normalised": notes}
+        result = ToolResult(ok=True, value=value)
+    else:
+        error, notes = text_storable(str(result.error or ""), where="error")
+        if attempt > 1:
+            error = f"{error} (tried {attempt} times)"
+        result = ToolResult(ok=False, error=with_notes(error, notes))
+    # Whatever the far side echoed of a credential stays out of the record and the model
+    # (the notes name keys, which may hold it too).
     secrets = config_secrets(tool.config)
     result = ToolResult(
-        ok=result.ok,
-        value=redact(result.value, secrets),
-        error=redact(result.error, secrets),
-        transient=result.transient,
+        ok=result.ok, value=redact(result.value, secrets), error=redact(result.error, secrets)
     )
-    if result.ok:
-        try:
-            result = ToolResult(ok=True, value=json_plain(result.value))
-        except (TypeError, ValueError) as error:
-            result = ToolResult(
-                ok=False, error=f"the tool returned a value that is not JSON: {error}"
-            )
-    elif attempt > 1:
-        result = ToolResult(ok=False, error=f"{result.error} (tried {attempt} times)")
-    call_outcome_record(ctx, step, tool, result, duration_ms)
+    call_outcome_record(ctx, step, tool, result, duration_ms, notes=redact(notes, secrets))
     return Outcome.CONTINUE
 
 
@@ -1595,7 +1635,13 @@ def call_attempts(
 
 
 def call_outcome_record(
-    ctx: Context, step: Step, tool: Tool, result: ToolResult, duration_ms: int
+    ctx: Context,
+    step: Step,
+    tool: Tool,
+    result: ToolResult,
+    duration_ms: int,
+    *,
+    notes: list[str] = (),
 ) -> None:
     """Record a call's outcome on its ``started`` step: first as one statement
     (agentops.runtime.commits), else in a transaction that records it even if this
@@ -1610,6 +1656,7 @@ def call_outcome_record(
     )
     payload: dict[str, Any] = {"tool": tool.name, "duration_ms": duration_ms}
     payload.update({"result": result.value} if result.ok else {"error": result.error})
+    payload.update(normalised(notes))
     fields: dict[str, Any] = {"duration_ms": duration_ms, "finished_at": timezone.now()}
     fields.update({"result": result.value} if result.ok else {"error": result.error})
     added = clock_added()

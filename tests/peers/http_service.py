@@ -17,6 +17,7 @@ Routes (any method):
 - ``/big-stream/<bytes>``: the same without a Content-Length, ended by closing.
 - ``/text``: 200, ``text/plain; charset=utf-8``.
 - ``/redirect``: 302 to ``/items/moved``.
+- ``/answer?body=TEXT``: 200, ``application/json``, TEXT verbatim (JSON or not).
 
 It runs in a thread of the test process; ``with HttpService() as service:`` starts it
 and stops it, releasing any handler still waiting.
@@ -120,6 +121,11 @@ class HttpService:
                     self.answer(200, "text/plain", b"x" * int(rest))
                 elif head == "text":
                     self.answer(200, "text/plain; charset=utf-8", "héllo".encode())
+                elif head == "answer":
+                    # The ``body`` query parameter, verbatim, as JSON: what no encoder
+                    # would write (NaN, 1e999, "\\ud800"), as some servers do.
+                    body = received.query.get("body", [""])[0]
+                    self.answer(200, "application/json", body.encode())
                 elif head == "redirect":
                     self.send_response(302)
                     self.send_header("Location", "/items/moved")

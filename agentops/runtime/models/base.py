@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from django.conf import settings
+
+from agentops.strict_json import text_storable
 
 SCRIPTED_PREFIX = "scripted:"
 
@@ -28,6 +31,75 @@ class ModelTurn:
     tokens_out: int = 0
     model: str = ""
     finish_reason: str = ""
+    # What had to change for the turn to be stored (``turn_storable``), one note each.
+    normalised: list[str] = field(default_factory=list)
+
+
+# The widest the step's columns take: Step.tool_call_id, Step.tool_name, and a count in a
+# PositiveIntegerField (PostgreSQL's integer).
+CALL_ID_CHARS = 100
+TOOL_NAME_CHARS = 64
+COUNT_MAX = 2**31 - 1
+
+
+def turn_storable(turn: ModelTurn) -> ModelTurn:
+    """``turn`` as both databases store it, with a note in ``normalised`` for each
+    change: text that is not text (None, a number, a list of parts) made text; NUL and
+    unpaired surrogates replaced by U+FFFD; an id or a tool name too long for its column
+    dropped (the engine gives the call an id) or cut (a cut name ends in "…", so it never
+    names a granted tool); a token count that is not a count made 0, one too large cut.
+
+    A model server is the far side: what it sent happened and is kept, never refused.
+    Everything the engine derives from a turn (calls, the final answer) is read from
+    what is stored, so a run resumed from its record acts on the same values."""
+    notes = list(turn.normalised)
+
+    def text(value: Any, where: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            notes.append(f"{where}: a {type(value).__name__}, not text; stored as its JSON")
+            try:
+                value = json.dumps(value, default=str)
+            except (TypeError, ValueError, RecursionError):
+                value = repr(value)
+        stored, found = text_storable(value, where=where)
+        notes.extend(found)
+        return stored
+
+    def count(value: Any, where: str) -> int:
+        if value is None:
+            return 0  # many local servers report no usage
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            notes.append(f"{where}: {value!r} is not a count of tokens; counted as 0")
+            return 0
+        if value > COUNT_MAX:
+            notes.append(f"{where}: {value} is more than {COUNT_MAX}; counted as {COUNT_MAX}")
+            return COUNT_MAX
+        return value
+
+    calls = []
+    for position, call in enumerate(turn.tool_calls):
+        where = f"tool_calls[{position}]"
+        call_id = text(call.id, f"{where}.id")
+        if len(call_id) > CALL_ID_CHARS:
+            notes.append(f"{where}.id: longer than {CALL_ID_CHARS} characters; replaced")
+            call_id = ""
+        name = text(call.name, f"{where}.name")
+        if len(name) > TOOL_NAME_CHARS:
+            notes.append(f"{where}.name: longer than {TOOL_NAME_CHARS} characters; cut")
+            name = name[: TOOL_NAME_CHARS - 1] + "…"
+        arguments = text(call.arguments, f"{where}.arguments")
+        calls.append(ToolCallRequest(id=call_id, name=name, arguments=arguments))
+    return ModelTurn(
+        content=text(turn.content, "content"),
+        tool_calls=calls,
+        tokens_in=count(turn.tokens_in, "tokens_in"),
+        tokens_out=count(turn.tokens_out, "tokens_out"),
+        model=text(turn.model, "model"),
+        finish_reason=text(turn.finish_reason, "finish_reason"),
+        normalised=notes,
+    )
 
 
 class ModelError(Exception):

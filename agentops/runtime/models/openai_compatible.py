@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 
 from agentops.runtime.models.base import ModelError, ModelTurn, ToolCallRequest
@@ -58,8 +60,22 @@ class OpenAICompatibleClient:
                 transient=error.status_code in TRANSIENT_STATUSES,
                 status=error.status_code,
             ) from error
-        if not response.choices:
+        if not getattr(response, "choices", None):
             raise ModelError("the model server returned no choices", transient=True)
+        try:
+            return self.turn_read(response)
+        except (AttributeError, TypeError, IndexError) as error:
+            # The package builds its objects without validating them: a server's answer
+            # of the wrong shape fails here, as the server's error, not the engine's.
+            raise ModelError(
+                f"the model server's answer is malformed ({type(error).__name__}: {error})",
+                transient=False,
+            ) from error
+
+    def turn_read(self, response: Any) -> ModelTurn:
+        """The turn as the server sent it. Values of the wrong type or that no database
+        stores are kept as sent here; the engine's ``turn_storable`` makes them storable
+        and notes each change."""
         choice = response.choices[0]
         message = choice.message
         calls = [
