@@ -3,15 +3,20 @@ from __future__ import annotations
 import math
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.forms.models import BaseInlineFormSet
+from django.http import HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from agentops.runtime.tools import executor_for_kind
 from agentops.runtime.tools.base import reserved_schema_errors, schema_errors
 from agentops.strict_json import StrictJSONFormField
-from tasks import validation
+from tasks import governance, validation
 from tasks.models import (
+    ConfigChange,
     GrantRule,
     ModelPrice,
     Run,
@@ -23,9 +28,56 @@ from tasks.models import (
 )
 from tasks.services import task_version_current
 
+# Governed configuration (tasks.governance): the task, tool and grant pages below write
+# nothing themselves. save_model and save_formset gather what the form asks for (the
+# formsets with commit=False, which lists new, changed and deleted rows and writes
+# nothing); save_related hands it all to one governance service, which applies what
+# narrows and holds what widens for a second person, and the page says which.
+
+
+def governed_request(form: forms.Form) -> dict:
+    """What the admin's save asks of the governance service, gathered on the main form
+    (the one object every save hook is handed)."""
+    if not hasattr(form, "governed"):
+        form.governed = {}
+    return form.governed
+
+
+def governed_report(request, submission: governance.Submission) -> None:
+    """Tell the person what waits: saved, except the part that widens."""
+    if submission.held is None:
+        return
+    url = reverse("tasks:config_change", args=[submission.held.pk])
+    messages.warning(
+        request,
+        format_html(
+            "Saved, except what lets more run without a person: it waits for a second "
+            'person to confirm it (<a href="{}">change #{}</a>): {}',
+            url,
+            submission.held.pk,
+            format_html_join("; ", "{}", ((line,) for line in submission.held_lines)),
+        ),
+    )
+
+
+class ToolGrantInlineFormSet(BaseInlineFormSet):
+    """A grant's tool is fixed once granted: changing it would carry the grant's rules to
+    another tool, and grant that tool past the governance of a new grant."""
+
+    def clean(self) -> None:
+        super().clean()
+        for form in self.forms:
+            if form.instance.pk is not None and "tool" in form.changed_data:
+                form.add_error(
+                    "tool",
+                    "A grant's tool cannot be changed: remove this grant and grant the "
+                    "other tool in a new row.",
+                )
+
 
 class ToolGrantInline(admin.TabularInline):
     model = ToolGrant
+    formset = ToolGrantInlineFormSet
     extra = 1
     autocomplete_fields = ["tool"]
     show_change_link = True  # the grant's page holds its rules
@@ -77,10 +129,74 @@ class ToolGrantAdmin(admin.ModelAdmin):
     inlines = [GrantRuleInline]
     autocomplete_fields = ["task", "tool"]
 
+    def get_readonly_fields(self, request, obj=None):
+        # A grant's task and tool are fixed: moving it would carry its rules elsewhere.
+        return ["task", "tool"] if obj is not None else []
+
+    def save_model(self, request, obj, form, change):
+        governed_request(form)  # nothing written here: see save_related
+
+    def save_formset(self, request, form, formset, change):
+        formset.save(commit=False)  # lists the rows; writes nothing
+        drafts = [rule_draft(rule) for rule in formset.new_objects]
+        governed = governed_request(form)
+        if not change:
+            governed["new_rules"] = drafts
+            return
+        governed["rules_added"] = [(form.instance.pk, draft) for draft in drafts]
+        governed["rules_changed"] = [rule_draft(rule) for rule, _ in formset.changed_objects]
+        governed["rules_removed"] = [rule.pk for rule in formset.deleted_objects]
+
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
-        version = task_version_current(task=form.instance.task, user=request.user)
-        self.message_user(request, f"{form.instance.task.name} is now at version {version.number}.")
+        governed = governed_request(form)
+        grant = form.instance
+        if change:
+            submission = governance.task_change_submit(
+                task=grant.task,
+                user=request.user,
+                rules_added=governed.get("rules_added", ()),
+                rules_changed=governed.get("rules_changed", ()),
+                rules_removed=governed.get("rules_removed", ()),
+            )
+        else:
+            submission = governance.task_change_submit(
+                task=grant.task,
+                user=request.user,
+                grants_added=[(grant.tool, governed.get("new_rules", []))],
+            )
+            if submission.new_grants:
+                grant.pk = submission.new_grants[0].pk
+        governed_report(request, submission)
+        version = task_version_current(task=grant.task, user=request.user)
+        self.message_user(request, f"{grant.task.name} is now at version {version.number}.")
+
+    def log_addition(self, request, obj, message):
+        if obj.pk is not None:  # a grant held for a second person is not made yet
+            return super().log_addition(request, obj, message)
+        return None
+
+    def response_add(self, request, obj, post_url_continue=None):
+        if obj.pk is None:
+            return HttpResponseRedirect(reverse("tasks:detail", args=[obj.task.slug]))
+        return super().response_add(request, obj, post_url_continue)
+
+    def delete_model(self, request, obj):
+        governance.grant_delete(grant=obj, user=request.user)
+
+    def delete_queryset(self, request, queryset):
+        for grant in queryset.select_related("task"):
+            governance.grant_delete(grant=grant, user=request.user)
+
+
+def rule_draft(rule: GrantRule) -> governance.RuleDraft:
+    return governance.RuleDraft(
+        position=rule.position,
+        effect=rule.effect,
+        expression=rule.expression,
+        description=rule.description,
+        rule_id=rule.pk,
+    )
 
 
 class TaskForm(forms.ModelForm):
@@ -180,11 +296,43 @@ class TaskAdmin(admin.ModelAdmin):
         # second person and every turn is recorded in the task's trail.
         return ["autonomy_level"] if obj is not None else []
 
+    def save_model(self, request, obj, form, change):
+        if not change:
+            # A new task is at most Supervised (TaskForm) and grants nothing yet: made at
+            # once and recorded; its grants go through governance with the inlines.
+            super().save_model(request, obj, form, change)
+            governance.object_created(target=obj, user=request.user)
+            return
+        governed_request(form)["values"] = {
+            name: form.cleaned_data[name]
+            for name in form.fields
+            if name in governance.TASK_FIELDS and name in form.cleaned_data
+        }
+
+    def save_formset(self, request, form, formset, change):
+        formset.save(commit=False)  # lists the rows; writes nothing
+        if formset.model is ToolGrant:
+            governed = governed_request(form)
+            governed["grants_added"] = [(grant.tool, ()) for grant in formset.new_objects]
+            governed["grants_removed"] = [grant.pk for grant in formset.deleted_objects]
+
     def save_related(self, request, form, formsets, change):
-        # Grants are saved with the inlines, so the version is taken after them.
         super().save_related(request, form, formsets, change)
+        submission = governance.task_change_submit(
+            task=form.instance, user=request.user, **governed_request(form)
+        )
+        governed_report(request, submission)
+        # Taken after the grants, which are saved with the inlines.
         version = task_version_current(task=form.instance, user=request.user)
         self.message_user(request, f"{form.instance.name} is now at version {version.number}.")
+
+    def delete_model(self, request, obj):
+        governance.object_deleted(target=obj, user=request.user)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for task in queryset:
+            self.delete_model(request, task)
 
 
 class ToolForm(forms.ModelForm):
@@ -267,6 +415,86 @@ class ToolAdmin(admin.ModelAdmin):
                 "timeout_seconds",
             ]
         return []
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            # A new tool is granted to no task: nothing runs with it until it is.
+            super().save_model(request, obj, form, change)
+            governance.object_created(target=obj, user=request.user)
+            return
+        submission = governance.tool_change_submit(
+            tool=obj,
+            user=request.user,
+            values={
+                name: form.cleaned_data[name]
+                for name in form.fields
+                if name in governance.TOOL_FIELDS and name in form.cleaned_data
+            },
+        )
+        governed_report(request, submission)
+
+    def delete_model(self, request, obj):
+        governance.object_deleted(target=obj, user=request.user)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for tool in queryset:
+            self.delete_model(request, tool)
+
+
+@admin.register(ConfigChange)
+class ConfigChangeAdmin(admin.ModelAdmin):
+    """Changes that wait for a second person. Read here, decided on their own page (or by
+    the actions below), never edited: what was asked is what gets confirmed."""
+
+    list_display = ["pk", "target_label", "status", "requested_by", "decided_by", "created_at"]
+    list_filter = ["status"]
+    readonly_fields = [
+        "task",
+        "tool",
+        "summary",
+        "operations",
+        "status",
+        "reason",
+        "requested_by",
+        "decided_by",
+        "created_at",
+        "decided_at",
+    ]
+    actions = ["confirm_selected", "reject_selected"]
+
+    @admin.display(description="target")
+    def target_label(self, obj: ConfigChange) -> str:
+        return f"task {obj.task.slug}" if obj.task_id else f"tool {obj.tool.name}"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def decide(self, request, queryset, *, confirm: bool) -> None:
+        # Offered to whoever may view the list: the service checks, change by change,
+        # who may decide it.
+        for change in queryset:
+            try:
+                governance.config_change_decide(change=change, user=request.user, confirm=confirm)
+            except (governance.GovernanceError, PermissionDenied) as error:
+                self.message_user(request, f"Change #{change.pk}: {error}.", messages.ERROR)
+            else:
+                verb = "confirmed and applied" if confirm else "rejected"
+                self.message_user(request, f"Change #{change.pk} {verb}.", messages.SUCCESS)
+
+    @admin.action(description="Confirm the selected changes (as the second person)")
+    def confirm_selected(self, request, queryset):
+        self.decide(request, queryset, confirm=True)
+
+    @admin.action(description="Reject the selected changes")
+    def reject_selected(self, request, queryset):
+        self.decide(request, queryset, confirm=False)
 
 
 @admin.register(TaskVersion)

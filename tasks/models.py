@@ -535,3 +535,58 @@ class Step(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.number} {self.kind} {self.status}"
+
+
+class ConfigChange(models.Model):
+    """A change to a task (its fields, grants and rules) or to a tool that lets more run
+    without a person: it waits here until a second person confirms it, as raising the
+    autonomy dial does (tasks.governance). Exactly one of ``task`` and ``tool`` is set.
+
+    ``operations`` holds each change with the value it replaces, so a change that no
+    longer applies (the object moved meanwhile) is refused, not applied over it. Nothing
+    edits a change once it is made: it is decided, or superseded."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        APPLIED = "applied"
+        REJECTED = "rejected"
+        # The object changed, or a newer request replaced this one, before anyone decided.
+        SUPERSEDED = "superseded"
+
+    task = models.ForeignKey(
+        Task, null=True, blank=True, on_delete=models.CASCADE, related_name="config_changes"
+    )
+    tool = models.ForeignKey(
+        Tool, null=True, blank=True, on_delete=models.CASCADE, related_name="config_changes"
+    )
+    operations = models.JSONField()
+    summary = models.TextField(help_text="What the change does, one line per operation.")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    reason = models.TextField(blank=True, help_text="Why it was rejected or superseded.")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(task__isnull=False, tool__isnull=True)
+                | models.Q(task__isnull=True, tool__isnull=False),
+                name="config_change_one_target",
+            )
+        ]
+        indexes = [models.Index(fields=["status", "created_at"], name="config_change_status")]
+
+    def __str__(self) -> str:
+        target = self.task.slug if self.task_id else self.tool.name
+        return f"{target}: {self.summary.splitlines()[0] if self.summary else ''} ({self.status})"
+
+    @property
+    def target(self) -> Task | Tool:
+        return self.task if self.task_id else self.tool

@@ -84,3 +84,38 @@ def tool_call_figures(tool: Tool) -> dict:
         mean_ms=Avg("duration_ms"),
     )
     return figures
+
+
+# Governed configuration --------------------------------------------------------------
+
+CONFIG_CHANGES_SHOWN = 20
+
+
+def config_changes_for_task(task: Task) -> list:
+    """The task's changes that widen, those waiting first, then the latest decided."""
+    from tasks.models import ConfigChange
+
+    changes = ConfigChange.objects.filter(task=task).select_related("requested_by", "decided_by")
+    waiting = list(changes.filter(status=ConfigChange.Status.PENDING))
+    decided = list(changes.exclude(status=ConfigChange.Status.PENDING)[:CONFIG_CHANGES_SHOWN])
+    return waiting + decided
+
+
+def config_changes_waiting(*, tool_name: str = "") -> QuerySet:
+    """Every change waiting for a second person, tasks' and tools' alike."""
+    from tasks.models import ConfigChange
+
+    changes = ConfigChange.objects.filter(status=ConfigChange.Status.PENDING).select_related(
+        "task", "tool", "requested_by"
+    )
+    if tool_name:
+        changes = changes.filter(tool__name=tool_name)
+    return changes.order_by("created_at", "pk")
+
+
+def config_change_for_detail(change_id: int):
+    from tasks.models import ConfigChange
+
+    return ConfigChange.objects.select_related("task", "tool", "requested_by", "decided_by").get(
+        pk=change_id
+    )
