@@ -6,6 +6,9 @@ Routes (any method):
 
 - ``/items/<id>``: 200, JSON ``{"id", "method", "query", "body"}`` (the body parsed as JSON).
 - ``/echo-headers``: 200, JSON of the ``Authorization`` and ``Idempotency-Key`` received.
+- ``/echo-encoded/<encoding>``: 200, JSON ``{"echo": ...}``: the ``Authorization`` token
+  received (after ``Bearer ``) in one of ``ENCODINGS`` (base64, hex, reversed...), as a
+  careless or hostile server might send a credential back.
 - ``/status/<code>``: that status, JSON that echoes the ``Authorization`` received
   (and ``?pad=N`` characters of padding).
 - ``/slow/<seconds>``: waits, then 200.
@@ -25,6 +28,7 @@ and stops it, releasing any handler still waiting.
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
 import threading
@@ -32,7 +36,29 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, quote_plus, urlsplit
+
+# How /echo-encoded/<encoding> sends a token back.
+ENCODINGS = {
+    "plain": lambda token: token,
+    "base64": lambda token: base64.b64encode(token.encode()).decode(),
+    "base64-unpadded": lambda token: base64.b64encode(token.encode()).decode().rstrip("="),
+    "base64url": lambda token: base64.urlsafe_b64encode(token.encode()).decode(),
+    "base64url-unpadded": lambda token: (
+        base64.urlsafe_b64encode(token.encode()).decode().rstrip("=")
+    ),
+    "basic-auth": lambda token: base64.b64encode(f"agent:{token}".encode()).decode(),
+    "url": lambda token: quote(token, safe=""),
+    "url-lower": lambda token: quote(token, safe="").lower(),
+    "url-plus": lambda token: quote_plus(token, safe=""),
+    "hex": lambda token: token.encode().hex(),
+    "hex-upper": lambda token: token.encode().hex().upper(),
+    "upper": str.upper,
+    "lower": str.lower,
+    "swapcase": str.swapcase,
+    "reversed": lambda token: token[::-1],
+    "reversed-upper": lambda token: token[::-1].upper(),
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +119,9 @@ class HttpService:
                             "idempotency_key": self.headers.get("Idempotency-Key"),
                         },
                     )
+                elif head == "echo-encoded":
+                    token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    self.answer_json(200, {"echo": f"token={ENCODINGS[rest](token)};"})
                 elif head == "status":
                     pad = int(received.query.get("pad", ["0"])[0])
                     self.answer_json(
