@@ -208,6 +208,27 @@ AGENTOPS_MAX_OUTPUT_TOKENS = env_int("AGENTOPS_MAX_OUTPUT_TOKENS", 4096, minimum
 # The first retry's delay after a transient model error; each next one doubles.
 AGENTOPS_MODEL_BACKOFF_SECONDS = env_float("AGENTOPS_MODEL_BACKOFF_SECONDS", 1.0, minimum=0.0)
 
+# The trail's signed checkpoints (lineage.anchoring), kept outside the database. The key
+# (base64 of an Ed25519 seed) from the variable, else from the file; in development the
+# file is made on first use. Relative paths are under VAR_DIR.
+AGENTOPS_LINEAGE_SIGNING_KEY = env_str("AGENTOPS_LINEAGE_SIGNING_KEY")
+AGENTOPS_LINEAGE_SIGNING_KEY_FILE = VAR_DIR / (
+    env_str("AGENTOPS_LINEAGE_SIGNING_KEY_FILE") or "lineage_signing_key"
+)
+AGENTOPS_LINEAGE_PUBLIC_KEY = env_str("AGENTOPS_LINEAGE_PUBLIC_KEY")  # verify-only hosts
+AGENTOPS_LINEAGE_CHECKPOINT_FILE = VAR_DIR / (
+    env_str("AGENTOPS_LINEAGE_CHECKPOINT_FILE") or "lineage_checkpoints.jsonl"
+)
+AGENTOPS_LINEAGE_SINK = env_str("AGENTOPS_LINEAGE_SINK") or "lineage.anchoring.FileSink"
+AGENTOPS_LINEAGE_WEBHOOK_URL = env_str("AGENTOPS_LINEAGE_WEBHOOK_URL")
+# How long before a full checkpoint a chain must have begun to be expected in it.
+AGENTOPS_LINEAGE_CHECKPOINT_GRACE = env_float(
+    "AGENTOPS_LINEAGE_CHECKPOINT_GRACE", 300.0, minimum=0.0
+)
+AGENTOPS_LINEAGE_VERIFY_WORKERS = env_int(
+    "AGENTOPS_LINEAGE_VERIFY_WORKERS", os.cpu_count() or 1, minimum=1
+)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,17 +1,32 @@
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from django.db import models
 
 GENESIS_HASH = "0" * 64
+
+# How an event's hash was computed. 0: over canonical JSON rebuilt from the columns and
+# the jsonb payload (events written before migration 0003; PostgreSQL's jsonb rewrites
+# some numbers, so such an event may read back unlike what was hashed). 1: over
+# ``canonical``, the exact text hashed, kept in a text column the database stores as is.
+HASH_COLUMNS = 0
+HASH_CANONICAL = 1
 
 
 class LineageEvent(models.Model):
     """One immutable entry in a run's trail.
 
-    ``hash = sha256(prev_hash || canonical JSON of the event)``, so a changed, removed or
-    reordered event breaks every hash after it. The database refuses UPDATE and DELETE
-    (triggers installed by migration 0002). The run is stored by UUID, not by foreign
-    key, so no delete anywhere can cascade into the trail.
+    ``hash = sha256(prev_hash || canonical)``, where ``canonical`` is the event (run,
+    seq, at, kind, actor, payload) as ASCII JSON, stored as the very text that was
+    hashed; so a changed, removed or reordered event breaks every hash after it. The
+    other columns are copies for queries and lists: the verifier checks that they agree
+    with the canonical text, and pages show the payload read from it (``body``), since
+    ``payload`` is jsonb on PostgreSQL, which may rewrite numbers and cannot hold every
+    string. The database refuses UPDATE, DELETE and REPLACE (lineage.triggers). The run
+    is stored by UUID, not by foreign key, so no delete anywhere can cascade into the
+    trail.
     """
 
     run_uuid = models.UUIDField(db_index=False)
@@ -22,6 +37,8 @@ class LineageEvent(models.Model):
     payload = models.JSONField(default=dict)
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
+    canonical = models.TextField(default="", blank=True)
+    hash_version = models.PositiveSmallIntegerField(default=HASH_COLUMNS)
 
     class Meta:
         ordering = ["run_uuid", "seq"]
@@ -31,3 +48,11 @@ class LineageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.run_uuid} #{self.seq} {self.kind}"
+
+    @property
+    def body(self) -> Any:
+        """The payload exactly as it was hashed: read from the canonical text when there
+        is one (``payload`` is only the storable copy)."""
+        if self.hash_version == HASH_CANONICAL and self.canonical:
+            return json.loads(self.canonical)["payload"]
+        return self.payload

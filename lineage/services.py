@@ -1,6 +1,6 @@
-"""Writing and checking the trail. Events are made only here: ``event_append`` and
+"""Writing the trail. Events are made only here: ``event_append`` and
 ``events_append``, and ``events_insert``, which agentops.runtime.commits puts inside its
-one-statement commits."""
+one-statement commits. Checking it is lineage.verification's."""
 
 from __future__ import annotations
 
@@ -11,13 +11,17 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.utils import timezone
 
-from lineage.models import GENESIS_HASH, LineageEvent
+from agentops.strict_json import json_storable
+from lineage.models import GENESIS_HASH, HASH_CANONICAL, LineageEvent
+
+if TYPE_CHECKING:
+    from lineage.verification import ChainReport
 
 
 def json_plain(value: Any) -> Any:
@@ -26,10 +30,19 @@ def json_plain(value: Any) -> Any:
     return json.loads(json.dumps(value, cls=DjangoJSONEncoder))
 
 
-def event_canonical(
-    *, run_uuid: uuid.UUID, seq: int, at: datetime, kind: str, actor: str, payload: dict
-) -> str:
-    document = {
+def json_canonical(value: Any) -> str:
+    """The one text of a JSON value that is hashed and kept: keys sorted, no spaces,
+    ASCII only, so NUL and unpaired surrogates travel as escapes that any text column
+    stores as they are. Raises ValueError for NaN and the infinities (not JSON)."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def event_document(
+    *, run_uuid: uuid.UUID, seq: int, at: datetime, kind: str, actor: str, payload: Any
+) -> dict[str, Any]:
+    return {
         "run": str(run_uuid),
         "seq": seq,
         "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
@@ -37,11 +50,33 @@ def event_canonical(
         "actor": actor,
         "payload": payload,
     }
+
+
+def event_canonical(
+    *, run_uuid: uuid.UUID, seq: int, at: datetime, kind: str, actor: str, payload: dict
+) -> str:
+    """Hash version 0's text (events written before migration 0003), rebuilt from the
+    columns: kept only to verify those events."""
+    document = event_document(
+        run_uuid=run_uuid, seq=seq, at=at, kind=kind, actor=actor, payload=payload
+    )
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def event_hash(prev_hash: str, canonical: str) -> str:
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+def payload_exact(payload: Any) -> Any:
+    """The payload as it is hashed: plain JSON (``json_plain``), exactly. What no JSON
+    can hold (NaN, the infinities, an int too long to write) is first made storable
+    (``json_storable``), since an event must be written whatever a tool returned."""
+    try:
+        plain = json_plain(payload)
+        json_canonical(plain)
+    except ValueError:
+        plain = json_plain(json_storable(payload)[0])
+    return plain
 
 
 def event_append(
@@ -120,9 +155,9 @@ def events_chained(
     rows = []
     for kind, actor, payload in events:
         seq += 1
-        body = json_plain(payload or {})
-        canonical = event_canonical(
-            run_uuid=run_uuid, seq=seq, at=at, kind=kind, actor=actor, payload=body
+        body = payload_exact(payload or {})
+        canonical = json_canonical(
+            event_document(run_uuid=run_uuid, seq=seq, at=at, kind=kind, actor=actor, payload=body)
         )
         digest = event_hash(prev_hash, canonical)
         rows.append(
@@ -132,9 +167,13 @@ def events_chained(
                 at=at,
                 kind=kind,
                 actor=actor,
-                payload=body,
+                # Only a copy for queries: jsonb may rewrite numbers, and neither
+                # database's JSON holds every string. The canonical text is the record.
+                payload=json_storable(body)[0],
                 prev_hash=prev_hash,
                 hash=digest,
+                canonical=canonical,
+                hash_version=HASH_CANONICAL,
             )
         )
         prev_hash = digest
@@ -144,7 +183,18 @@ def events_chained(
 # Raw SQL, because the ORM has no conditional multi-row INSERT: the append checks the
 # head it builds on in the same statement that writes.
 
-COLUMNS = ("run_uuid", "seq", "at", "kind", "actor", "payload", "prev_hash", "hash")
+COLUMNS = (
+    "run_uuid",
+    "seq",
+    "at",
+    "kind",
+    "actor",
+    "payload",
+    "prev_hash",
+    "hash",
+    "canonical",
+    "hash_version",
+)
 
 
 def rows_insert(
@@ -235,44 +285,9 @@ class SQL:
     params: list[Any]
 
 
-@dataclass(frozen=True)
-class ChainReport:
-    run_uuid: uuid.UUID
-    events: int
-    broken_event_id: int | None = None
-    broken_seq: int | None = None
-    problem: str = ""
-
-    @property
-    def intact(self) -> bool:
-        return self.broken_event_id is None
-
-
 def chain_verify(run_uuid: uuid.UUID) -> ChainReport:
-    """Recompute the run's chain from the first event; report the first that fails."""
-    prev_hash = GENESIS_HASH
-    count = 0
-    expected_seq = 1
-    for event in LineageEvent.objects.filter(run_uuid=run_uuid).order_by("seq").iterator():
-        count += 1
-        problem = ""
-        if event.seq != expected_seq:
-            problem = f"sequence gap: expected #{expected_seq}, found #{event.seq}"
-        elif event.prev_hash != prev_hash:
-            problem = "prev_hash does not match the hash of the event before it"
-        else:
-            canonical = event_canonical(
-                run_uuid=event.run_uuid,
-                seq=event.seq,
-                at=event.at,
-                kind=event.kind,
-                actor=event.actor,
-                payload=event.payload,
-            )
-            if event_hash(prev_hash, canonical) != event.hash:
-                problem = "hash does not match the event's content (changed after it was written)"
-        if problem:
-            return ChainReport(run_uuid, count, event.pk, event.seq, problem)
-        prev_hash = event.hash
-        expected_seq += 1
-    return ChainReport(run_uuid, count)
+    """The run's chain, every event recomputed from its stored text and checked
+    against the latest signed checkpoint (lineage.verification)."""
+    from lineage.verification import run_verify
+
+    return run_verify(run_uuid=run_uuid)

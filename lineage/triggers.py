@@ -11,16 +11,29 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 TABLE = "lineage_lineageevent"
 MESSAGE = "lineage events are append-only: UPDATE and DELETE are refused"
+REPLACE_MESSAGE = (
+    "lineage events are append-only: an INSERT that would replace an event (REPLACE,"
+    " UPSERT, a reused id, run and seq, or hash) is refused"
+)
 
 SQLITE_INSTALL = [
     f"""CREATE TRIGGER IF NOT EXISTS lineage_event_no_update BEFORE UPDATE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END""",
     f"""CREATE TRIGGER IF NOT EXISTS lineage_event_no_delete BEFORE DELETE ON {TABLE}
         BEGIN SELECT RAISE(ABORT, '{MESSAGE}'); END""",
+    # INSERT OR REPLACE deletes the row it collides with without firing DELETE triggers
+    # (unless recursive_triggers is on), and an UPSERT's DO UPDATE is an update by
+    # another name: refuse any insert that collides, before the conflict is resolved.
+    f"""CREATE TRIGGER IF NOT EXISTS lineage_event_no_replace BEFORE INSERT ON {TABLE}
+        WHEN EXISTS (SELECT 1 FROM {TABLE} WHERE id = NEW.id)
+          OR EXISTS (SELECT 1 FROM {TABLE} WHERE run_uuid = NEW.run_uuid AND seq = NEW.seq)
+          OR EXISTS (SELECT 1 FROM {TABLE} WHERE hash = NEW.hash)
+        BEGIN SELECT RAISE(ABORT, '{REPLACE_MESSAGE}'); END""",
 ]
 SQLITE_REMOVE = [
     "DROP TRIGGER IF EXISTS lineage_event_no_update",
     "DROP TRIGGER IF EXISTS lineage_event_no_delete",
+    "DROP TRIGGER IF EXISTS lineage_event_no_replace",
 ]
 
 POSTGRES_INSTALL = [

@@ -253,6 +253,10 @@ def run_transition(
         actor=actor,
         payload={"from": previous, **({"reason": reason} if reason else {}), **(payload or {})},
     )
+    if states.RUN.terminal(to):
+        from lineage.anchoring import run_seal_on_commit
+
+        run_seal_on_commit(run_uuid=run.pk)  # signed outside the database once committed
     return run
 
 

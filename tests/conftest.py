@@ -52,6 +52,20 @@ def lineage_append_only(request):
         triggers_remove(connection)
 
 
+# A fixed key for the trail's checkpoints (base64 of 32 bytes): tests only.
+LINEAGE_TEST_KEY = "dGVzdC1vbmx5LWxpbmVhZ2Utc2lnbmluZy1rZXktMzI="
+
+
+@pytest.fixture(autouse=True)
+def lineage_checkpoints(settings, tmp_path):
+    """Each test's checkpoints in a file of its own, signed with the tests' key: a run
+    that ends writes one (lineage.anchoring), and no test may read another's."""
+    settings.AGENTOPS_LINEAGE_CHECKPOINT_FILE = tmp_path / "lineage_checkpoints.jsonl"
+    settings.AGENTOPS_LINEAGE_SIGNING_KEY = LINEAGE_TEST_KEY
+    settings.AGENTOPS_LINEAGE_SINK = "lineage.anchoring.FileSink"
+    return settings.AGENTOPS_LINEAGE_CHECKPOINT_FILE
+
+
 @pytest.fixture
 def operator(db) -> User:
     """A person who may start and cancel runs and decide approvals."""

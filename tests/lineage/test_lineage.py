@@ -11,7 +11,7 @@ from django.db import IntegrityError, InternalError, connection, transaction
 
 from lineage.models import GENESIS_HASH, LineageEvent
 from lineage.services import chain_verify, event_append
-from lineage.triggers import triggers_install, triggers_remove
+from tests.lineage.forgery import run_param, tamper
 
 pytestmark = pytest.mark.django_db
 
@@ -25,17 +25,6 @@ def chain(length: int = 3) -> uuid.UUID:
         for number in range(length):
             event_append(run_uuid=run_uuid, kind="test.event", actor="test", payload={"n": number})
     return run_uuid
-
-
-def tamper(sql: str, params: list) -> None:
-    """Change the trail behind the triggers' back, as someone with the database's
-    owner rights could: the hash chain is what catches it."""
-    triggers_remove(connection)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(sql, params)
-    finally:
-        triggers_install(connection)
 
 
 def test_events_chain_from_genesis():
@@ -115,22 +104,34 @@ def test_the_database_refuses_raw_sql_update_and_delete():
 def test_verify_finds_a_changed_payload():
     run_uuid = chain(3)
     second = LineageEvent.objects.get(run_uuid=run_uuid, seq=2)
-    tamper("UPDATE lineage_lineageevent SET payload = %s WHERE id = %s", ['{"n": 99}', second.pk])
+    forged = second.canonical.replace('"n":1', '"n":99')
+    tamper("UPDATE lineage_lineageevent SET canonical = %s WHERE id = %s", [forged, second.pk])
     report = chain_verify(run_uuid)
     assert not report.intact
     assert report.broken_seq == 2 and report.broken_event_id == second.pk
-    assert "changed after it was written" in report.problem
+    assert report.findings[0].what == "changed"
+    assert "#2's text does not match its hash" in report.problem
+    assert len(report.findings) == 1  # the next event still links to the stored hash
+
+
+def test_the_pages_show_the_payload_hashed_not_the_jsonb_copy():
+    run_uuid = chain(2)
+    first = LineageEvent.objects.get(run_uuid=run_uuid, seq=1)
+    tamper("UPDATE lineage_lineageevent SET payload = %s WHERE id = %s", ['{"n": 99}', first.pk])
+    assert LineageEvent.objects.get(pk=first.pk).body == {"n": 0}
+    assert chain_verify(run_uuid).intact
 
 
 def test_verify_finds_a_removed_event():
     run_uuid = chain(3)
     tamper(
         "DELETE FROM lineage_lineageevent WHERE run_uuid = %s AND seq = 2",
-        [run_uuid.hex if connection.vendor == "sqlite" else run_uuid],
+        [run_param(run_uuid)],
     )
     report = chain_verify(run_uuid)
     assert report.broken_seq == 3
-    assert "sequence gap" in report.problem
+    assert report.findings[0].what == "removed"
+    assert "events #2 are missing before #3" in report.problem
 
 
 def test_verify_lineage_command_reports_every_chain_intact():
@@ -157,7 +158,7 @@ def test_verify_lineage_for_one_run_and_a_bad_run_argument():
     run_uuid = chain(2)
     out = StringIO()
     call_command("verify_lineage", "--run", str(run_uuid), stdout=out)
-    assert "checked 2 events in 1 chain;" in out.getvalue()
+    assert "checked 2 events in 1 chain (" in out.getvalue()
     with pytest.raises(CommandError, match="is not a UUID"):
         call_command("verify_lineage", "--run", "nope")
     with pytest.raises(CommandError, match="no lineage events"):

@@ -1,0 +1,404 @@
+"""Checking the trail: every event recomputed from the bytes it was hashed over, every
+chain held against the latest signed checkpoint (lineage.anchoring), every run reported
+by itself, whatever another run's chain holds.
+
+What each finding means, in the words the pages and ``verify_lineage`` use:
+
+- changed: an event's text no longer matches its hash, a column shown on the pages
+  (kind, actor, time) disagrees with the text that was hashed, or an event does not
+  link to the one before it;
+- removed: numbers are missing from the chain, or a checkpointed chain is gone;
+- reordered: an event stands at a number other than the one it was written with;
+- moved: an event stands in another run's chain than the one it was written for;
+- truncated: the chain is shorter than its checkpoint counted;
+- rewritten: the chain is whole, but its event at the checkpointed length is not the
+  one signed (its hashes were recomputed after a change);
+- appended: events follow the run's end (its terminal event, or its final checkpoint);
+- unanchored: a chain that began before the last full checkpoint, which does not list
+  it (made later with old dates, such as a cut tail moved to a fresh run UUID).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import connections, transaction
+from django.utils.dateparse import parse_datetime
+
+from lineage.models import GENESIS_HASH, HASH_CANONICAL, HASH_COLUMNS, LineageEvent
+
+# The kinds that end a run, and the kinds that may follow in the commit that ends it
+# (the run's open questions withdrawn). Named here, so lineage depends on no app.
+TERMINAL_KINDS = frozenset({"run.succeeded", "run.failed", "run.halted", "run.cancelled"})
+AFTER_END_KINDS = frozenset({"approval.cancelled"})
+
+# A chain with this many findings is reported with the first of them: past that, one
+# more line tells an auditor nothing the first did not.
+FINDINGS_KEPT = 20
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A chain as a signed checkpoint saw it."""
+
+    run_uuid: str
+    size: int
+    head: str
+    root: str
+    final: bool
+    number: int  # the statement's number in the checkpoint log
+    at: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    what: str
+    seq: int | None
+    text: str
+    event_id: int | None = None
+
+
+@dataclass
+class ChainReport:
+    run_uuid: uuid.UUID
+    events: int
+    findings: list[Finding] = field(default_factory=list)
+    anchor: Anchor | None = None
+
+    @property
+    def intact(self) -> bool:
+        return not self.findings
+
+    @property
+    def broken_seq(self) -> int | None:
+        return self.findings[0].seq if self.findings else None
+
+    @property
+    def broken_event_id(self) -> int | None:
+        return self.findings[0].event_id if self.findings else None
+
+    @property
+    def problem(self) -> str:
+        return self.findings[0].text if self.findings else ""
+
+    def found(self, what: str, seq: int | None, text: str, event_id: int | None = None) -> None:
+        if len(self.findings) < FINDINGS_KEPT:
+            self.findings.append(Finding(what, seq, text, event_id))
+
+
+@dataclass
+class TrailReport:
+    events: int = 0
+    chains: int = 0
+    broken: list[ChainReport] = field(default_factory=list)
+    anchored: int = 0
+    log_problems: list[str] = field(default_factory=list)
+
+    @property
+    def intact(self) -> bool:
+        return not self.broken and not self.log_problems
+
+
+# The columns a check reads, in this order. The jsonb payload only for the events
+# hashed over it (version 0): it is most of a row's bytes, and version 1 never needs it.
+ROW_COLUMNS = (
+    "id, run_uuid, seq, at, kind, actor, canonical, hash_version,"
+    f" CASE WHEN hash_version = {HASH_COLUMNS} THEN payload END, prev_hash, hash"
+)
+
+
+def at_utc(value: Any) -> datetime:
+    """A time column as the driver gave it (SQLite: text or naive UTC) as aware UTC."""
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def chain_check(
+    run_uuid: uuid.UUID,
+    rows: Iterable[tuple],
+    *,
+    anchor: Anchor | None = None,
+    unanchored_before: datetime | None = None,
+) -> ChainReport:
+    """Check one chain's rows (``ROW_COLUMNS``, in seq order): each event against its
+    own text and the one before it, then the chain against its checkpoint. Goes on past
+    a broken event, taking the stored hash as the next link, so one change is one
+    finding and later changes are found too."""
+    from lineage.services import event_canonical
+
+    report = ChainReport(run_uuid, 0, anchor=anchor)
+    run_text = str(run_uuid)
+    sha256, loads = hashlib.sha256, json.loads
+    prev, expected, first_at, last_seq = GENESIS_HASH, 1, None, 0
+    hash_at_anchor, ended_at, seen_canonical = None, None, False
+    anchor_size = anchor.size if anchor else -1
+    for pk, _, seq, at, kind, actor, canonical, version, payload, prev_hash, digest in rows:
+        report.events += 1
+        if first_at is None:
+            first_at = at
+        gap = seq != expected
+        if gap:
+            missing = f"#{expected}" if seq == expected + 1 else f"#{expected} to #{seq - 1}"
+            report.found("removed", seq, f"events {missing} are missing before #{seq}", pk)
+        elif prev_hash != prev:
+            report.found(
+                "changed",
+                seq,
+                f"#{seq} does not link to the event before it: one of them was changed or replaced",
+                pk,
+            )
+        if version == HASH_CANONICAL:
+            seen_canonical = True
+            if sha256((prev_hash + canonical).encode()).hexdigest() != digest:
+                report.found("changed", seq, f"#{seq}'s text does not match its hash", pk)
+            else:
+                document = loads(canonical)
+                if document["seq"] != seq:
+                    report.found("reordered", seq, f"#{seq} was written as #{document['seq']}", pk)
+                if document["run"] != run_text:
+                    report.found("moved", seq, f"#{seq} was written for run {document['run']}", pk)
+                for name, shown in (("kind", kind), ("actor", actor)):
+                    if document[name] != shown:
+                        report.found(
+                            "changed",
+                            seq,
+                            f"#{seq}'s {name} shows {shown!r}, but {document[name]!r} was written",
+                            pk,
+                        )
+                if datetime.fromisoformat(document["at"]) != at_utc(at):
+                    report.found("changed", seq, f"#{seq}'s time is not the time written", pk)
+        elif version == HASH_COLUMNS:
+            if seen_canonical:
+                report.found(
+                    "changed", seq, f"#{seq} claims the old hash form after the new one", pk
+                )
+            if isinstance(payload, str):
+                payload = loads(payload)
+            text = event_canonical(
+                run_uuid=run_uuid, seq=seq, at=at_utc(at), kind=kind, actor=actor, payload=payload
+            )
+            if sha256((prev_hash + text).encode()).hexdigest() != digest:
+                report.found("changed", seq, f"#{seq}'s content does not match its hash", pk)
+        else:
+            report.found("changed", seq, f"#{seq} names an unknown hash version {version}", pk)
+        if kind in TERMINAL_KINDS and ended_at is None:
+            ended_at = seq
+        elif ended_at is not None and kind not in AFTER_END_KINDS:
+            report.found(
+                "appended", seq, f"#{seq} ({kind}) was added after the run ended at #{ended_at}", pk
+            )
+        if seq == anchor_size:
+            hash_at_anchor = digest
+        prev, expected, last_seq = digest, seq + 1, seq
+    if anchor is not None:
+        signed = f"checkpoint #{anchor.number} of {anchor.at}"
+        if last_seq < anchor.size:
+            report.found(
+                "truncated",
+                last_seq + 1,
+                f"the trail ends at #{last_seq}, but {signed} counted {anchor.size} events",
+            )
+        elif hash_at_anchor != anchor.head:
+            report.found(
+                "rewritten",
+                anchor.size,
+                f"event #{anchor.size} is not the one signed in {signed}: the events up to it"
+                " were changed, removed or reordered and their hashes recomputed",
+            )
+        if anchor.final and last_seq > anchor.size:
+            report.found(
+                "appended",
+                anchor.size + 1,
+                f"{last_seq - anchor.size} events were added after the run's end, which"
+                f" {signed} sealed at #{anchor.size}",
+            )
+    elif unanchored_before and first_at and at_utc(first_at) < unanchored_before:
+        report.found(
+            "unanchored",
+            1,
+            "this trail began before the last full checkpoint, which does not list it:"
+            " it was made later with old dates (a cut tail moved to a new run, or a"
+            " forgery)",
+        )
+    return report
+
+
+def anchor_missing(anchor: Anchor) -> ChainReport:
+    report = ChainReport(uuid.UUID(anchor.run_uuid), 0, anchor=anchor)
+    report.found(
+        "removed",
+        1,
+        f"the whole trail is gone: checkpoint #{anchor.number} of {anchor.at} counted"
+        f" {anchor.size} events",
+    )
+    return report
+
+
+def run_verify(*, run_uuid: uuid.UUID, ledger: Any = None) -> ChainReport:
+    """One run's chain, checked (``chain_check``) against the checkpoint log."""
+    from lineage.anchoring import ledger_load
+
+    ledger = ledger if ledger is not None else ledger_load()
+    anchor = ledger.anchors.get(str(run_uuid))
+    connection = connections["default"]
+    table = connection.ops.quote_name(LineageEvent._meta.db_table)
+    param = LineageEvent._meta.get_field("run_uuid").get_db_prep_value(run_uuid, connection)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {ROW_COLUMNS} FROM {table} WHERE run_uuid = %s ORDER BY seq", [param]
+        )
+        rows = cursor.fetchall()
+    if not rows and anchor is not None:
+        return anchor_missing(anchor)
+    return chain_check(run_uuid, rows, anchor=anchor, unanchored_before=ledger.unanchored_before)
+
+
+# The whole trail ------------------------------------------------------------------
+
+
+def chains_check(
+    rows: Iterable[tuple],
+    anchors: dict[str, Anchor],
+    unanchored_before: datetime | None,
+    counts: dict[str, int],
+) -> Iterator[ChainReport]:
+    """Reports of the broken chains among ``rows`` (``ROW_COLUMNS``, in run and seq
+    order), and of the anchored chains that never came; ``counts`` gets events, chains."""
+    seen: set[str] = set()
+    for run_value, chain_rows in itertools.groupby(rows, key=lambda row: row[1]):
+        run_uuid = run_value if isinstance(run_value, uuid.UUID) else uuid.UUID(run_value)
+        key = str(run_uuid)
+        seen.add(key)
+        report = chain_check(
+            run_uuid, chain_rows, anchor=anchors.get(key), unanchored_before=unanchored_before
+        )
+        counts["events"] += report.events
+        counts["chains"] += 1
+        counts["anchored"] += report.anchor is not None
+        if not report.intact:
+            yield report
+    for key, anchor in anchors.items():
+        if key not in seen:
+            yield anchor_missing(anchor)
+
+
+def uuid_ranges(parts: int) -> list[tuple[uuid.UUID | None, uuid.UUID | None]]:
+    """``parts`` ranges that split the UUIDs evenly (random UUIDs spread evenly)."""
+    bounds = [uuid.UUID(int=(i << 128) // parts) for i in range(1, parts)]
+    return list(zip([None, *bounds], [*bounds, None], strict=True))
+
+
+def range_verify(
+    conninfo: dict[str, Any],
+    table: str,
+    low: uuid.UUID | None,
+    high: uuid.UUID | None,
+    anchors: dict[str, Anchor],
+    unanchored_before: datetime | None,
+) -> tuple[dict[str, int], list[ChainReport]]:
+    """One worker process's share: the chains whose run UUID is in [low, high), read in
+    order through a server-side cursor on a connection of its own."""
+    import psycopg
+
+    where, params = [], []
+    if low is not None:
+        where.append("run_uuid >= %s")
+        params.append(low)
+    if high is not None:
+        where.append("run_uuid < %s")
+        params.append(high)
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    counts = {"events": 0, "chains": 0, "anchored": 0}
+    with (
+        psycopg.connect(**conninfo) as db,
+        db.transaction(),
+        db.cursor(name="lineage_verify") as cursor,
+    ):
+        cursor.itersize = 20_000
+        cursor.execute(f"SELECT {ROW_COLUMNS} FROM {table} {clause} ORDER BY run_uuid, seq", params)
+        broken = list(chains_check(cursor, anchors, unanchored_before, counts))
+    return counts, broken
+
+
+def conninfo_for(connection: Any) -> dict[str, Any]:
+    params = connection.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    params.pop("server_side_binding", None)
+    return {key: value for key, value in params.items() if value not in (None, "")}
+
+
+def trail_verify(
+    *, ledger: Any = None, workers: int | None = None, using: str = "default"
+) -> TrailReport:
+    """Every chain, checked against the checkpoint log. On PostgreSQL the table is read
+    in run order in ``workers`` processes at once, each a range of run UUIDs through a
+    server-side cursor; elsewhere (SQLite, or inside a transaction, whose rows other
+    connections cannot see) in this process, in one ordered pass."""
+    from lineage.anchoring import ledger_load
+
+    ledger = ledger if ledger is not None else ledger_load()
+    connection = connections[using]
+    report = TrailReport(log_problems=list(ledger.problems))
+    workers = workers or os.cpu_count() or 1
+    table = connection.ops.quote_name(LineageEvent._meta.db_table)
+    parallel = (
+        connection.vendor == "postgresql"
+        and workers > 1
+        and not transaction.get_connection(using).in_atomic_block
+    )
+    if not parallel:
+        counts = {"events": 0, "chains": 0, "anchored": 0}
+        # No transaction: one SELECT reads one snapshot, and on SQLite a transaction
+        # would take the write lock (IMMEDIATE) from the workers for the whole read.
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {ROW_COLUMNS} FROM {table} ORDER BY run_uuid, seq")
+            rows = iter(lambda: cursor.fetchmany(5_000), [])
+            report.broken = list(
+                chains_check(
+                    itertools.chain.from_iterable(rows),
+                    ledger.anchors,
+                    ledger.unanchored_before,
+                    counts,
+                )
+            )
+        report.events, report.chains, report.anchored = (
+            counts["events"],
+            counts["chains"],
+            counts["anchored"],
+        )
+        return report
+    ranges = uuid_ranges(workers * 4)
+    conninfo = conninfo_for(connection)
+    shares = []
+    for low, high in ranges:
+        share = {
+            key: anchor
+            for key, anchor in ledger.anchors.items()
+            if (low is None or uuid.UUID(key) >= low) and (high is None or uuid.UUID(key) < high)
+        }
+        shares.append((conninfo, table, low, high, share, ledger.unanchored_before))
+    import multiprocessing
+
+    # Forked workers would inherit this process's open connection: they open their own.
+    connection.close()
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("fork")
+    ) as pool:
+        for counts, broken in pool.map(range_verify, *zip(*shares, strict=True)):
+            report.events += counts["events"]
+            report.chains += counts["chains"]
+            report.anchored += counts["anchored"]
+            report.broken.extend(broken)
+    report.broken.sort(key=lambda chain: str(chain.run_uuid))
+    return report
