@@ -121,3 +121,17 @@ def new_task_autonomy_errors(level: int) -> list[str]:
         f"new task is at most {AutonomyLevel.SUPERVISED.label}. Save the task, then raise "
         "it with the autonomy dial on the task's page, where a second person confirms it."
     ]
+
+
+def tool_side_effect_errors(*, kind: str, config: Any, side_effect: str) -> list[str]:
+    """A tool declared read-only runs without a person at every autonomy level, so it
+    must be one that cannot change anything: an http tool only with GET or HEAD (the
+    executor refuses the call too, whatever saved it). For the forms that save a tool."""
+    if kind != "http":
+        return []
+    from agentops.runtime.tools.http import side_effect_errors
+
+    return [
+        message[:1].upper() + message[1:] + "."
+        for message in side_effect_errors(config, side_effect)
+    ]
