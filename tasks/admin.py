@@ -349,6 +349,11 @@ class ToolForm(forms.ModelForm):
     def clean(self) -> dict:
         cleaned = super().clean()
         kind = cleaned.get("kind")
+        name = cleaned.get("name")
+        if name and name != self.instance.name:
+            pinned = governance.tool_name_pinned_by(name)
+            if pinned:
+                self.add_error("name", pinned)
         # A Python tool's schema comes from its code, and is read-only here.
         if "input_schema" in self.fields and "input_schema" in cleaned:
             schema = cleaned["input_schema"]

@@ -42,6 +42,7 @@ from tasks.models import (
     GrantRule,
     SideEffect,
     Task,
+    TaskVersion,
     Tool,
     ToolGrant,
 )
@@ -118,6 +119,22 @@ def tool_trail_uuid(tool: Tool | int) -> uuid.UUID:
 
 def trail_for(change: ConfigChange) -> uuid.UUID:
     return task_trail_uuid(change.task) if change.task_id else tool_trail_uuid(change.tool_id)
+
+
+def tool_name_pinned_by(name: str) -> str:
+    """Why a tool may not take the name ``name`` ("" when it may): a task version names
+    its tools by name, and a run pinned to it calls whichever tool bears that name, so a
+    new or renamed tool taking it would be granted to those runs with no one's say."""
+    candidates = TaskVersion.objects.filter(definition__tools__icontains=name).select_related(
+        "task"
+    )
+    for version in candidates.only("number", "definition", "task__slug"):
+        if name in version.definition.get("tools", []):
+            return (
+                f"{version.task.slug} v{version.number} names a tool {name!r}, and its runs "
+                "would call this one: choose another name"
+            )
+    return ""
 
 
 # Values ------------------------------------------------------------------------------
@@ -527,8 +544,14 @@ def op_staleness(target: Task | Tool, op: dict[str, Any]) -> str:
     if kind == "grant_add":
         if ToolGrant.objects.filter(task=target, tool_id=op["tool"]).exists():
             return f"{op['tool_name']} was granted meanwhile"
-        if not Tool.objects.filter(pk=op["tool"]).exists():
+        tool = Tool.objects.filter(pk=op["tool"]).first()
+        if tool is None:
             return f"the tool {op['tool_name']} is gone"
+        if (tool.side_effect, tool.always_approve) != (
+            op.get("side_effect", tool.side_effect),
+            op.get("always_approve", tool.always_approve),
+        ):
+            return f"the tool {op['tool_name']}'s side effect or 'always approve' changed"
         return ""
     if kind in ("grant_remove", "rule_add"):
         if not ToolGrant.objects.filter(pk=op["grant"], task=target).exists():
@@ -676,6 +699,8 @@ def task_change_submit(
                     "tool": tool.pk,
                     "tool_name": tool.name,
                     "rules": [draft.plain() for draft in drafts],
+                    "side_effect": tool.side_effect,
+                    "always_approve": tool.always_approve,
                     "why": grant_add_widening(task, tool),
                 }
             )
@@ -702,6 +727,10 @@ def tool_change_submit(
         )
     with transaction.atomic():
         tool = Tool.objects.select_for_update().get(pk=tool.pk)
+        if values.get("name", tool.name) != tool.name:
+            pinned = tool_name_pinned_by(values["name"])
+            if pinned:
+                raise GovernanceError(pinned)
         ops = _set_ops(tool, TOOL_FIELDS, values, tool_field_widening)
         if not ops:
             return Submission()

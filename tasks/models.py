@@ -185,7 +185,9 @@ class Task(models.Model):
         "auth.Group",
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        # Deleting the group would clear it, letting anyone with the decide permission
+        # approve, with no second person (tasks.governance): a group in use stays.
+        on_delete=models.PROTECT,
         related_name="+",
         help_text="Who decides this task's approvals (members holding the decide permission). "
         "Blank: anyone holding it.",

@@ -708,3 +708,46 @@ def test_a_task_and_a_tool_made_and_deleted_in_the_admin_are_recorded(alice):
     created = {change["field"]: change["after"] for change in events[0].payload["changes"]}
     assert created["side_effect"] == "read"
     assert chain_verify(tool_trail_uuid(tool)).intact
+
+
+def test_a_tool_may_not_take_a_name_a_task_version_pins(make_task, alice):
+    """Runs find their tools by the names their version pins: a tool renamed or made
+    under such a name would be called by those runs, granted by no one."""
+    from tasks.services import task_version_current
+
+    task = make_task([], tools=["test_echo"])
+    task_version_current(task=task)
+    tool = http_tool(name="items_list", side_effect="irreversible")
+    url = reverse("admin:tasks_tool_change", args=[tool.pk])
+    response = admin_post(alice, url, name="test_echo")
+    assert response.context["adminform"].form.errors["name"] == [
+        f"{task.slug} v1 names a tool 'test_echo', and its runs would call this one: "
+        "choose another name"
+    ]
+    tool.refresh_from_db()
+    assert tool.name == "items_list"
+
+
+def test_a_group_that_approves_for_a_task_cannot_be_deleted(make_task):
+    from django.db.models import ProtectedError
+
+    group = Group.objects.create(name="finance")
+    make_task([], approver_group=group)
+    with pytest.raises(ProtectedError):
+        group.delete()
+
+
+def test_a_grant_waiting_while_its_tool_was_lowered_is_refused(make_task, alice, bob):
+    task = make_task([], autonomy_level=3)
+    tool = http_tool()
+    data = form_data(alice.get(task_url(task)))
+    data.update({"grants-0-tool": str(tool.pk), "grants-0-task": str(task.pk)})
+    alice.post(task_url(task), data)
+    change = pending()
+    Tool.objects.filter(pk=tool.pk).update(always_approve=True)
+    response = decide(bob, change, "confirm")
+    assert (
+        "Not decided: it no longer applies: the tool items_create's side effect or 'always "
+        "approve' changed. Reject it, and ask again from the object as it is now."
+    ) in page_messages(response)
+    assert not task.grants.exists()
