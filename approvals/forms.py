@@ -18,13 +18,35 @@ DECISIONS = {
 }
 
 
+def said(name: str, limit: int) -> dict[str, str]:
+    """Error messages that name the field, for a refusal shown away from its box."""
+    return {
+        "required": f"Give the {name}.",
+        "max_length": f"The {name} is longer than {limit:,} characters.",
+        "null_characters_not_allowed": f"The {name} holds a NUL character, which cannot be stored.",
+    }
+
+
+def json_said(subject: str, error: json.JSONDecodeError) -> str:
+    """A JSON box's refusal (``subject``: "The result is"): what is wrong and where, as
+    the box may hold many lines."""
+    return (
+        f"{subject} not valid JSON: {error.msg}. "
+        f"It is at line {error.lineno}, column {error.colno}."
+    )
+
+
 class DecisionForm(forms.Form):
     """One decision on one approval; which decisions exist depends on its kind."""
 
-    decision = forms.CharField()
-    reason = forms.CharField(required=False, max_length=2000)
-    result = forms.CharField(required=False, max_length=100_000)
-    arguments = forms.CharField(required=False, max_length=100_000)
+    decision = forms.CharField(max_length=20, error_messages=said("decision", 20))
+    reason = forms.CharField(required=False, max_length=2000, error_messages=said("reason", 2000))
+    result = forms.CharField(
+        required=False, max_length=100_000, error_messages=said("result", 100_000)
+    )
+    arguments = forms.CharField(
+        required=False, max_length=100_000, error_messages=said("edited arguments", 100_000)
+    )
 
     def __init__(self, *args, approval: Approval, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -47,7 +69,7 @@ class DecisionForm(forms.Form):
         try:
             return json_loads_strict(raw)
         except json.JSONDecodeError as error:
-            raise forms.ValidationError(f"The result is not valid JSON: {error.msg}.") from None
+            raise forms.ValidationError(json_said("The result is", error)) from None
 
     def clean_arguments(self) -> dict | None:
         raw = self.cleaned_data["arguments"].strip()
@@ -56,9 +78,7 @@ class DecisionForm(forms.Form):
         try:
             value = json_loads_strict(raw)
         except json.JSONDecodeError as error:
-            raise forms.ValidationError(
-                f"The edited arguments are not valid JSON: {error.msg}."
-            ) from None
+            raise forms.ValidationError(json_said("The edited arguments are", error)) from None
         if value == self.approval.arguments:
             return None  # unchanged: a plain approval
         return value
@@ -97,10 +117,22 @@ class DecisionForm(forms.Form):
         return arguments
 
 
+class GroupChoiceField(forms.ModelChoiceField):
+    """A group by id: a value that cannot be one is not a group listed, whatever it is
+    (Django would say "Null characters are not allowed." of a NUL, naming no field)."""
+
+    def to_python(self, value: object) -> object:
+        if isinstance(value, str) and "\x00" in value:
+            raise forms.ValidationError(
+                self.error_messages["invalid_choice"], code="invalid_choice"
+            )
+        return super().to_python(value)
+
+
 class ReassignForm(forms.Form):
     """Hand one pending approval to another group, saying why."""
 
-    group = forms.ModelChoiceField(
+    group = GroupChoiceField(
         queryset=Group.objects.none(),
         error_messages={"invalid_choice": "choose one of the groups listed"},
     )
@@ -112,6 +144,8 @@ class ReassignForm(forms.Form):
         super().__init__(*args, **kwargs)
         self.fields["group"].queryset = groups_deciding()
         self.fields["group"].error_messages["required"] = "choose the group to hand it to"
-        self.fields["reason"].error_messages["required"] = (
-            "say why you reassign it: the other group reads the reason"
+        self.fields["reason"].error_messages.update(
+            required="say why you reassign it: the other group reads the reason",
+            max_length="the reason is longer than 2,000 characters",
+            null_characters_not_allowed="the reason holds a NUL character, which cannot be stored",
         )

@@ -10,6 +10,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import trigger_client_event
 
+from agentops.bad_input import BadInput, id_parse, id_refusal, text_refusal
 from agentops.http import see_other
 from approvals import selectors
 from approvals.forms import DecisionForm, ReassignForm
@@ -27,11 +28,21 @@ from approvals.services import (
 @require_GET
 @login_required
 def inbox(request: HttpRequest) -> HttpResponse:
+    refusal = text_refusal(request.GET.get("q", ""), field="q")
+    if refusal:
+        return _inbox_refused(request, f"Not searched: {refusal}")
     return render(request, "approvals/inbox.html", _inbox_context(request))
 
 
-def _inbox_context(request: HttpRequest) -> dict:
-    search = request.GET.get("q", "").strip()
+def _inbox_refused(request: HttpRequest, said: str) -> HttpResponse:
+    """The inbox, unsearched, with why the request was refused: a 400."""
+    messages.error(request, said)
+    return render(request, "approvals/inbox.html", _inbox_context(request, search=""), status=400)
+
+
+def _inbox_context(request: HttpRequest, *, search: str | None = None) -> dict:
+    if search is None:
+        search = request.GET.get("q", "").strip()
     pending = list(selectors.approvals_pending_for(request.user))
     return {
         "pending": pending,
@@ -62,9 +73,12 @@ def inbox_count(request: HttpRequest) -> HttpResponse:
 @require_POST
 @login_required
 def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
+    out_of_range = id_refusal(approval_id, what="approval id")
+    if out_of_range:
+        return out_of_range
     approval = _approval_or_404(request, approval_id)
     form = DecisionForm(request.POST, approval=approval)
-    error = _attempt(
+    error, status = _attempt(
         form,
         lambda: approval_decide(approval=approval, user=request.user, **form.decision_arguments()),
     )
@@ -81,7 +95,7 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         # The item swaps in place either way; a refusal is shown inside it.
         return _item(request, approval, refused=refused)
     if error:
-        return _refused(request, approval, f"Not decided: {error}", refused=refused)
+        return _refused(request, approval, f"Not decided: {error}", status, refused=refused)
     approval.refresh_from_db()
     edits = " with edits" if approval.edited_arguments is not None else ""
     messages.success(request, f"{approval.get_status_display()}{edits}: {approval.tool_name}.")
@@ -93,9 +107,12 @@ def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
 def reassign(request: HttpRequest, approval_id: int) -> HttpResponse:
     """Hand a pending approval to another group. Afterwards this person may no longer
     see it: the item is swapped for a line that says where it went."""
+    out_of_range = id_refusal(approval_id, what="approval id")
+    if out_of_range:
+        return out_of_range
     approval = _approval_or_404(request, approval_id)
     form = ReassignForm(request.POST)
-    error = _attempt(
+    error, status = _attempt(
         form,
         lambda: approval_reassign(
             approval=approval,
@@ -116,7 +133,7 @@ def reassign(request: HttpRequest, approval_id: int) -> HttpResponse:
     if request.htmx:
         return _item(request, approval, reassign_refused=refused, reassigned=not error)
     if error:
-        return _refused(request, approval, refused["error"], reassign_refused=refused)
+        return _refused(request, approval, refused["error"], status, reassign_refused=refused)
     approval.refresh_from_db()
     messages.success(request, f"Reassigned to {approval.group}.")
     return see_other("approvals:inbox")
@@ -129,16 +146,17 @@ def _approval_or_404(request: HttpRequest, approval_id: int) -> Approval:
         raise Http404("no such approval, or you may not decide it") from None
 
 
-def _attempt(form: Form, act: Callable[[], object]) -> str:
-    """Do ``act`` if the form is valid: "" when it was done, else why not (the form's
-    errors, or the service's refusal)."""
+def _attempt(form: Form, act: Callable[[], object]) -> tuple[str, int]:
+    """Do ``act`` if the form is valid: ("", 200) when it was done, else why not and the
+    status for a page that says so: 400 for input the form refuses, 200 for a refusal of
+    the service (the page shows the decision could not be taken as things stand)."""
     if not form.is_valid():
-        return " ".join(message for errors in form.errors.values() for message in errors)
+        return " ".join(message for errors in form.errors.values() for message in errors), 400
     try:
         act()
     except DecisionError as refusal:
-        return str(refusal)
-    return ""
+        return str(refusal), 200
+    return "", 200
 
 
 def _item(request: HttpRequest, approval: Approval, **context: object) -> HttpResponse:
@@ -153,22 +171,33 @@ def _item(request: HttpRequest, approval: Approval, **context: object) -> HttpRe
 
 
 def _refused(
-    request: HttpRequest, approval: Approval, said: str, **context: object
+    request: HttpRequest, approval: Approval, said: str, status: int, **context: object
 ) -> HttpResponse:
     """A refusal without HTMX: the inbox again, the item with the refusal and the
-    person's text; or, if the item has left the inbox (decided or withdrawn meanwhile),
-    the refusal said on top."""
+    person's text, with ``status``; or, if the item has left the inbox (decided or
+    withdrawn meanwhile), the refusal said on top. (With HTMX the item is swapped in
+    with a 200: htmx swaps no 4xx answer by default.)"""
     approval.refresh_from_db()
     if not approval.is_pending:
         messages.error(request, said)
         return see_other("approvals:inbox")
-    return render(request, "approvals/inbox.html", {**_inbox_context(request), **context})
+    return render(
+        request, "approvals/inbox.html", {**_inbox_context(request), **context}, status=status
+    )
 
 
 @require_POST
 @login_required
 def bulk_approve(request: HttpRequest) -> HttpResponse:
-    ids = [int(value) for value in request.POST.getlist("ids") if value.isdigit()]
+    try:
+        ids = [
+            id_parse(value, field="ids", what="an approval id")
+            for value in request.POST.getlist("ids")
+        ]
+    except BadInput as error:
+        # One bad id refuses the lot: approving the rest would act on a request that
+        # was not what the person meant to send.
+        return _inbox_refused(request, f"Nothing was approved: {error}.")
     visible = selectors.approvals_visible_to(request.user).filter(pk__in=ids)
     approved, refused = approvals_bulk_approve(
         approval_ids=list(visible.values_list("pk", flat=True)), user=request.user
