@@ -376,3 +376,60 @@ def test_a_rule_syntax_error_names_the_rule_and_where(make_task, admin_client):
         ],
     ]
     assert GrantRule.objects.count() == 0
+
+
+# The tool boundary (issue 11) --------------------------------------------------------
+
+
+def test_a_tool_naming_one_of_agentops_own_secrets_is_refused_and_nothing_saved(admin_client):
+    config = {
+        "method": "GET",
+        "url": "https://api.example.com/items",
+        "allowed_hosts": ["api.example.com"],
+        "headers": {"Authorization": "Bearer {secret:SECRET_KEY}", "X-Db": "{secret:PLAIN_ENV}"},
+    }
+    response = admin_client.post(
+        "/admin/tasks/tool/add/", http_tool_data(config=as_json(config), side_effect="read")
+    )
+    errors = errors_on(response, "config")
+    assert any("the secret SECRET_KEY is one of agentops' own settings" in e for e in errors)
+    assert any("the secret PLAIN_ENV is not one a tool may read" in e for e in errors)
+    assert not Tool.objects.filter(name="items_create").exists()
+
+
+def test_an_mcp_tool_running_a_shell_is_refused_and_nothing_saved(admin_client):
+    config = {"server": {"transport": "stdio", "command": ["sh", "-c", "id"]}, "tool": "x"}
+    response = admin_client.post(
+        "/admin/tasks/tool/add/", http_tool_data(kind="mcp", config=as_json(config))
+    )
+    assert errors_on(response, "config") == [
+        "server: command: `sh -c id` is not a command MCP servers may run on this "
+        "deployment's workers: its start must be one of AGENTOPS_MCP_COMMANDS"
+    ]
+    assert not Tool.objects.filter(name="items_create").exists()
+
+
+def test_a_tool_schema_that_refers_to_a_file_is_refused_and_nothing_saved(admin_client):
+    schema = {"type": "object", "properties": {"id": {"$ref": "file:///etc/passwd"}}}
+    response = admin_client.post(
+        "/admin/tasks/tool/add/", http_tool_data(input_schema=as_json(schema))
+    )
+    assert errors_on(response, "input_schema") == [
+        "The input schema refers to 'file:///etc/passwd', outside itself: a $ref must point "
+        "inside the schema (start with #), since no schema is ever fetched from a file or a URL"
+    ]
+    assert not Tool.objects.filter(name="items_create").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs ToolForm.clean to call tasks.validation.tool_side_effect_errors "
+    "(tasks/admin.py is H3's; the one-line edit is in /work/notes/H2.md)",
+)
+def test_a_post_tool_declared_read_is_refused_and_nothing_saved(admin_client):
+    response = admin_client.post("/admin/tasks/tool/add/", http_tool_data(side_effect="read"))
+    assert errors_on(response, "side_effect") == [
+        "A POST request can change what it is sent to, so the tool cannot be read-only (only "
+        "GET or HEAD can be): declare it reversible or irreversible."
+    ]
+    assert not Tool.objects.filter(name="items_create").exists()
