@@ -763,14 +763,42 @@ def config_record(
     event_append(run_uuid=trail, kind=kind, actor=actor, payload=payload)
 
 
-def object_created(*, target: Task | Tool, user: AbstractBaseUser | None) -> None:
+def tool_snapshot(tool: Tool) -> dict[str, Any]:
+    """A tool's governed fields, to compare after a write by the deployment's code."""
+    return {name: field_value(tool, name) for name in TOOL_FIELDS}
+
+
+def tool_changes_record(
+    *, tool: Tool, before: dict[str, Any] | None, actor: str, note: str = ""
+) -> None:
+    """Record in the tool's trail what a write by the deployment's own code did to it
+    (``tools_sync`` from the code's declarations, ``mcp_import`` from a server): a new
+    tool with all its fields, or the fields that differ from ``before``
+    (``tool_snapshot`` taken before the write). Nothing is recorded when nothing changed.
+    Call it inside the transaction that wrote the tool."""
+    if before is None:
+        object_created(target=tool, user=None, actor=actor, note=note)
+        return
+    changes = [
+        {"op": "set", "field": name, "before": before[name], "after": field_value(tool, name)}
+        for name in TOOL_FIELDS
+        if not values_equal(Tool, name, before[name], field_value(tool, name))
+    ]
+    if changes:
+        config_record(target=tool, kind="config.changed", actor=actor, changes=changes, note=note)
+
+
+def object_created(
+    *, target: Task | Tool, user: AbstractBaseUser | None, actor: str = "", note: str = ""
+) -> None:
     """Record a new task or tool with every field a person sets. A new task starts at
     most at Supervised (TaskForm), granting nothing; its grants are changes like any."""
     names = (*TASK_FIELDS, "autonomy_level") if isinstance(target, Task) else TOOL_FIELDS
     config_record(
         target=target,
         kind="config.created",
-        actor=actor_for(user),
+        actor=actor or actor_for(user),
+        note=note,
         changes=[
             {"op": "set", "field": name, "before": None, "after": field_value(target, name)}
             for name in names

@@ -13,6 +13,7 @@ urlpatterns = [
         views_governance.config_change_decide_view,
         name="config_change_decide",
     ),
+    path("changes/tool/<str:name>/trail/", views_governance.tool_trail, name="tool_trail"),
     path("<slug:slug>/", views.task_detail, name="detail"),
     path("<slug:slug>/run/", views.task_run, name="run"),
     path("<slug:slug>/autonomy/", views.task_autonomy, name="autonomy"),

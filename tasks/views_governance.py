@@ -20,7 +20,7 @@ from tasks.governance import (
     may_decide,
     tool_trail_uuid,
 )
-from tasks.models import ConfigChange, Task
+from tasks.models import ConfigChange, Task, Tool
 
 REASON_MAX = 500
 
@@ -100,3 +100,13 @@ def config_change_decide_view(request: HttpRequest, change_id: int) -> HttpRespo
         else:
             messages.success(request, f"Rejected: change #{change.pk} will not be applied.")
     return see_other("tasks:config_change", change_id=change.pk)
+
+
+@require_GET
+@login_required
+def tool_trail(request: HttpRequest, name: str) -> HttpResponse:
+    """A tool's trail: every change made to it, on the trail's own page."""
+    tool = Tool.objects.filter(name=name).only("pk").first()
+    if tool is None:
+        raise Http404(f"no tool {name!r}")
+    return see_other("runs:lineage:run", run_id=tool_trail_uuid(tool))

@@ -751,3 +751,22 @@ def test_a_grant_waiting_while_its_tool_was_lowered_is_refused(make_task, alice,
         "approve' changed. Reject it, and ask again from the object as it is now."
     ) in page_messages(response)
     assert not task.grants.exists()
+
+
+def test_a_write_by_the_deployment_s_code_is_recorded_in_the_tool_s_trail(make_task, bob):
+    from tasks.governance import tool_changes_record, tool_snapshot
+
+    tool = http_tool()
+    before = tool_snapshot(tool)
+    Tool.objects.filter(pk=tool.pk).update(description="Create an item, idempotently.")
+    tool.refresh_from_db()
+    tool_changes_record(tool=tool, before=before, actor="command:mcp_import")
+    tool_changes_record(tool=tool, before=tool_snapshot(tool), actor="command:mcp_import")
+    [event] = trail(tool_trail_uuid(tool))
+    assert (event.kind, event.actor) == ("config.changed", "command:mcp_import")
+    assert event.payload["summary"] == [
+        "Description: Create an item. -> Create an item, idempotently."
+    ]
+    response = bob.get(reverse("tasks:tool_trail", args=[tool.name]))
+    assert response.status_code == 303
+    assert response["Location"] == reverse("runs:lineage:run", args=[tool_trail_uuid(tool)])
