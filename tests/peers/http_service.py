@@ -91,7 +91,7 @@ class HttpService:
             def do_GET(self) -> None:
                 self.route()
 
-            do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+            do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
 
             def route(self) -> None:
                 parts = urlsplit(self.path)
@@ -171,7 +171,8 @@ class HttpService:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if self.command != "HEAD":  # the headers a GET would have, no body
+                    self.wfile.write(data)
 
             def trickle(self, seconds: float) -> None:
                 self.send_response(200)

@@ -294,6 +294,15 @@ def test_get_and_head_may_be_read(method):
     assert executor_for_kind("http").config_errors(config) == []
 
 
+def test_a_head_tool_reads_the_headers_only(service):
+    row = http_tool(service.url + "/items/7", method="HEAD")
+    result = call(row)
+    assert result.ok, result.error
+    assert result.value["status"] == 200 and result.value["body"] is None
+    assert result.value["headers"]["content-type"] == "application/json"
+    assert [received.method for received in service.received()] == ["HEAD"]
+
+
 def test_a_post_declared_read_never_fires_through_the_engine(make_task, operator, service):
     row = http_tool(service.url + "/items/1", save=True, method="POST", body={"x": 1})
     run = one_call_run(make_task, operator, row, {}, level=1)
