@@ -324,8 +324,10 @@ def address_identity(address: str) -> str:
     return LOCAL_SERVER
 
 
+# The start time as seconds since the epoch: as text, a timestamp would follow each
+# session's TimeZone, and agentops' connection and a tool's may differ.
 IDENTITY_QUERY = (
-    "SELECT pg_postmaster_start_time()::text, current_database(), "
+    "SELECT extract(epoch FROM pg_postmaster_start_time())::text, current_database(), "
     "(SELECT oid FROM pg_database WHERE datname = current_database())::text"
 )
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from agentops.runtime.tools import executor_for_kind
+from agentops.runtime.tools import ToolError, executor_for_kind
 from agentops.runtime.tools.sql import (
     SqlCall,
     Target,
@@ -164,12 +164,15 @@ def test_the_own_database_behind_a_secret_is_refused_at_call_time(monkeypatch):
 @postgres_only
 @suite_db
 @pytest.mark.usefixtures("suite_ledger")
-def test_the_server_is_asked_who_it_is_before_the_statement_is_sent():
+@pytest.mark.parametrize("options", [{}, {"options": "-c TimeZone=Asia/Tokyo"}])
+def test_the_server_is_asked_who_it_is_before_the_statement_is_sent(options):
     # Whatever a name resolved to when it was checked, the server that answers says who
-    # it is: a connection that reached the own database runs nothing.
-    target = Target("postgresql", dict(own_entry()), "the database under test")
+    # it is: a connection that reached the own database runs nothing. (In another time
+    # zone too: the answer must not depend on the session's settings.)
+    entry = {**own_entry(), "OPTIONS": {**own_entry().get("OPTIONS", {}), **options}}
+    target = Target("postgresql", entry, "the database under test")
     call = SqlCall(query=f"DELETE FROM {TABLE}", parameters={}, read=False, row_limit=1, timeout=5)
-    with pytest.raises(Exception, match=REFUSAL):
+    with pytest.raises(ToolError, match=REFUSAL):
         postgres_run(target, call)
     assert len(suite_rows(f"SELECT * FROM {TABLE}")) == len(INVOICES)
 
