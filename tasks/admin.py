@@ -5,7 +5,7 @@ import math
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.db import models
+from django.db import models, transaction
 from django.forms.models import BaseInlineFormSet
 from django.http import HttpResponseRedirect
 from django.urls import reverse
@@ -41,6 +41,20 @@ def governed_request(form: forms.Form) -> dict:
     if not hasattr(form, "governed"):
         form.governed = {}
     return form.governed
+
+
+def governed_submit(request, submit, **arguments) -> governance.Submission:
+    """Hand the save to the governance service and tell the person what waits. A refusal
+    the form could not foresee (another save won a race) is shown, and nothing of this
+    save is applied."""
+    try:
+        with transaction.atomic():
+            submission = submit(user=request.user, **arguments)
+    except governance.GovernanceError as error:
+        messages.error(request, f"Nothing of this save was applied: {error}.")
+        return governance.Submission()
+    governed_report(request, submission)
+    return submission
 
 
 def governed_report(request, submission: governance.Submission) -> None:
@@ -152,22 +166,23 @@ class ToolGrantAdmin(admin.ModelAdmin):
         governed = governed_request(form)
         grant = form.instance
         if change:
-            submission = governance.task_change_submit(
+            governed_submit(
+                request,
+                governance.task_change_submit,
                 task=grant.task,
-                user=request.user,
                 rules_added=governed.get("rules_added", ()),
                 rules_changed=governed.get("rules_changed", ()),
                 rules_removed=governed.get("rules_removed", ()),
             )
         else:
-            submission = governance.task_change_submit(
+            submission = governed_submit(
+                request,
+                governance.task_change_submit,
                 task=grant.task,
-                user=request.user,
                 grants_added=[(grant.tool, governed.get("new_rules", []))],
             )
             if submission.new_grants:
                 grant.pk = submission.new_grants[0].pk
-        governed_report(request, submission)
         version = task_version_current(task=grant.task, user=request.user)
         self.message_user(request, f"{grant.task.name} is now at version {version.number}.")
 
@@ -318,10 +333,9 @@ class TaskAdmin(admin.ModelAdmin):
 
     def save_related(self, request, form, formsets, change):
         super().save_related(request, form, formsets, change)
-        submission = governance.task_change_submit(
-            task=form.instance, user=request.user, **governed_request(form)
+        governed_submit(
+            request, governance.task_change_submit, task=form.instance, **governed_request(form)
         )
-        governed_report(request, submission)
         # Taken after the grants, which are saved with the inlines.
         version = task_version_current(task=form.instance, user=request.user)
         self.message_user(request, f"{form.instance.name} is now at version {version.number}.")
@@ -427,16 +441,16 @@ class ToolAdmin(admin.ModelAdmin):
             super().save_model(request, obj, form, change)
             governance.object_created(target=obj, user=request.user)
             return
-        submission = governance.tool_change_submit(
+        governed_submit(
+            request,
+            governance.tool_change_submit,
             tool=obj,
-            user=request.user,
             values={
                 name: form.cleaned_data[name]
                 for name in form.fields
                 if name in governance.TOOL_FIELDS and name in form.cleaned_data
             },
         )
-        governed_report(request, submission)
 
     def delete_model(self, request, obj):
         governance.object_deleted(target=obj, user=request.user)

@@ -870,7 +870,13 @@ def config_change_decide(
                 payload={"change": change.pk, "reason": change.reason},
             )
             return change
-        if change.requested_by_id is not None and change.requested_by_id == user.pk:
+        if change.requested_by_id is None:
+            # Whoever asked has no account now, so a second person cannot be told apart.
+            raise GovernanceError(
+                "the person who asked for it has no account any more, so no second person "
+                "can be told apart from them: reject it, and ask again"
+            )
+        if change.requested_by_id == user.pk:
             raise GovernanceError("a second person must confirm: you asked for this change")
         for op in change.operations:
             stale = op_staleness(target, op)

@@ -770,3 +770,37 @@ def test_a_write_by_the_deployment_s_code_is_recorded_in_the_tool_s_trail(make_t
     response = bob.get(reverse("tasks:tool_trail", args=[tool.name]))
     assert response.status_code == 303
     assert response["Location"] == reverse("runs:lineage:run", args=[tool_trail_uuid(tool)])
+
+
+def test_a_new_task_is_made_at_once_and_a_read_tool_granted_with_it_waits(make_task, alice):
+    make_task([])  # the code tools are synced
+    url = reverse("admin:tasks_task_add")
+    data = form_data(alice.get(url))
+    echo, send = Tool.objects.get(name="test_echo"), Tool.objects.get(name="test_send")
+    data.update(
+        {
+            "name": "Summarise",
+            "slug": "summarise",
+            "objective_template": "Summarise the day.",
+            "model": "scripted:invoice-reconcile",
+            "grants-TOTAL_FORMS": "2",
+            "grants-0-tool": str(echo.pk),
+            "grants-1-tool": str(send.pk),
+        }
+    )
+    response = alice.post(url, data, follow=True)
+    assert any("grant test_echo (granted at 1 · Supervised" in m for m in page_messages(response))
+    task = Task.objects.get(slug="summarise")
+    assert list(task.grants.values_list("tool__name", flat=True)) == ["test_send"]
+    kinds = [event.kind for event in trail(task_trail_uuid(task))]
+    assert kinds == ["config.created", "config.changed", "config.requested"]
+
+
+def test_a_change_whose_requester_is_gone_cannot_be_confirmed(make_task, alice, bob):
+    task = make_task([], four_eyes=True)
+    admin_post(alice, task_url(task), four_eyes=False)
+    change = pending()
+    User.objects.filter(username="alice").delete()
+    response = decide(bob, change, "confirm")
+    assert any("has no account any more" in m for m in page_messages(response))
+    assert Task.objects.get(pk=task.pk).four_eyes is True
