@@ -12,6 +12,10 @@ class RunStartForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 4, "spellcheck": "false", "class": "mono"}),
         required=False,
         help_text="The run's input, a JSON object matching the task's input schema.",
+        error_messages={
+            "null_characters_not_allowed": "The input holds a NUL character, which cannot "
+            "be stored: remove it."
+        },
     )
 
     def clean_input(self) -> dict:

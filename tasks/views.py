@@ -10,6 +10,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import trigger_client_event
 
+from agentops.bad_input import bad_request, id_refusal, text_refusal
 from agentops.http import see_other
 from agentops.states import InvalidTransition
 from tasks import selectors
@@ -66,6 +67,34 @@ def _task_page(
         "trail": task_trail_uuid(task),
     }
     return render(request, "tasks/detail.html", context, status=status)
+
+
+def _posted_text(request: HttpRequest, name: str, *, limit: int) -> tuple[str, str]:
+    """A free-text field of the POST, and why it cannot be taken ("" if it can): text
+    that cannot be stored (a NUL) or longer than ``limit`` is refused, not cut."""
+    value = request.POST.get(name, "")
+    refusal = text_refusal(value, field=name)
+    if not refusal and len(value) > limit:
+        refusal = f"{name}: longer than {limit:,} characters ({len(value):,})"
+    return value, refusal
+
+
+# The widest a reason or a note is taken: a paragraph, not a document.
+TEXT_LIMIT = 2000
+
+
+def _task_refused(request: HttpRequest, task: Task, said: str) -> HttpResponse:
+    """The task page again, with why the request changed nothing: a 400."""
+    messages.error(request, said)
+    form = RunStartForm(initial={"input": json.dumps(task.example_input or {}, indent=2)})
+    return _task_page(request, task, form, status=400)
+
+
+def _run_refused(request: HttpRequest, run: Run, said: str) -> HttpResponse:
+    """The run page again, with why the request changed nothing: a 400."""
+    messages.error(request, said)
+    context = {"run": run, "steps": selectors.steps_for_run(run)}
+    return render(request, "runs/detail.html", context, status=400)
 
 
 @require_POST
@@ -128,8 +157,11 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
 @permission_required("tasks.cancel_run", raise_exception=True)
 def run_cancel_view(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
+    why, refusal = _posted_text(request, "why", limit=300)
+    if refusal:
+        return _run_refused(request, run, f"The run was not cancelled: {refusal}.")
     try:
-        run_cancel(run=run, user=request.user, why=request.POST.get("why", "")[:300])
+        run_cancel(run=run, user=request.user, why=why)
     except InvalidTransition as error:
         messages.error(request, f"The run was not cancelled: {error}.")
     else:
@@ -146,6 +178,9 @@ def tool_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 @login_required
 def tool_detail(request: HttpRequest, name: str) -> HttpResponse:
+    refusal = text_refusal(name, field="tool name")
+    if refusal:  # a NUL would reach the query: PostgreSQL refuses it, a 500
+        return bad_request(refusal)
     try:
         tool = selectors.tool_for_detail(name)
     except Tool.DoesNotExist:
@@ -164,15 +199,18 @@ def tool_detail(request: HttpRequest, name: str) -> HttpResponse:
 def task_autonomy(request: HttpRequest, slug: str) -> HttpResponse:
     task = _task_or_404(slug)
     try:
+        # int() takes " 2", "²" is refused, and a 5,000-digit number is a ValueError too.
         level = AutonomyLevel(int(request.POST.get("level", "")))
     except ValueError:
         levels = ", ".join(label for _, label in AutonomyLevel.choices)
-        messages.error(request, f"The dial did not move: choose one of its levels: {levels}.")
-        return see_other("tasks:detail", slug=task.slug)
-    try:
-        change = autonomy_request(
-            task=task, to_level=level, user=request.user, reason=request.POST.get("reason", "")
+        return _task_refused(
+            request, task, f"The dial did not move: choose one of its levels: {levels}."
         )
+    reason, refusal = _posted_text(request, "reason", limit=TEXT_LIMIT)
+    if refusal:
+        return _task_refused(request, task, f"The dial did not move: {refusal}.")
+    try:
+        change = autonomy_request(task=task, to_level=level, user=request.user, reason=reason)
     except DialError as error:
         messages.error(request, f"The dial did not move: {error}.")
     else:
@@ -191,6 +229,9 @@ def task_autonomy(request: HttpRequest, slug: str) -> HttpResponse:
 @login_required
 @permission_required("tasks.change_task", raise_exception=True)
 def autonomy_change_decide(request: HttpRequest, change_id: int) -> HttpResponse:
+    out_of_range = id_refusal(change_id, what="change id")
+    if out_of_range:
+        return out_of_range
     try:
         change = AutonomyChange.objects.select_related("task").get(pk=change_id)
     except AutonomyChange.DoesNotExist:
@@ -211,8 +252,11 @@ def autonomy_change_decide(request: HttpRequest, change_id: int) -> HttpResponse
 @permission_required("tasks.add_incident", raise_exception=True)
 def run_incident(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
+    note, refusal = _posted_text(request, "note", limit=TEXT_LIMIT)
+    if refusal:
+        return _run_refused(request, run, f"Not flagged: {refusal}.")
     try:
-        incident_flag(run=run, user=request.user, note=request.POST.get("note", ""))
+        incident_flag(run=run, user=request.user, note=note)
     except DialError as error:
         messages.error(request, f"Not flagged: {error}.")
     else:
