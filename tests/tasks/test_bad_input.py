@@ -154,3 +154,39 @@ def test_urls_that_name_nothing_are_a_4xx_never_a_500(operator_client, path, sta
 def test_a_tool_name_holding_nul_says_so(operator_client):
     response = operator_client.get("/tools/a%00b/")
     assert "tool name: a NUL character" in page(response)
+
+
+# The admin's JSON boxes (StrictJSONFormField) ----------------------------------------
+# Django's admin answers a refused form with the form again (200): the point here is no
+# 500, the field named, nothing saved.
+
+
+@pytest.mark.parametrize(
+    ("config", "why"),
+    [
+        ('{"url": ' + "[" * 150 + "]" * 150 + "}", "nesting deeper than 100 levels"),
+        ("[" * 100_000, "nesting deeper than 100 levels"),
+        ('{"url": "https://a.example/\\ud800"}', "an unpaired surrogate"),
+        ('{"url": "https://a.example/\\u0000"}', "a NUL character (\\u0000) cannot be stored"),
+    ],
+)
+def test_a_tool_config_that_cannot_be_stored_is_refused_in_the_admin(admin_client, config, why):
+    from tasks.models import Tool
+    from tests.tasks.test_admin_validation import http_tool_data
+
+    response = admin_client.post("/admin/tasks/tool/add/", http_tool_data(config=config))
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors["config"]
+    assert any(why in error for error in errors), errors
+    assert not Tool.objects.filter(name="items_create").exists()
+
+
+def test_an_example_input_nested_too_deep_is_refused_in_the_admin(demo_task, admin_client):
+    from tests.tasks.test_admin_validation import task_post
+
+    response = task_post(admin_client, demo_task, example_input="[" * 5000 + "]" * 5000)
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors["example_input"]
+    assert any("nesting deeper than 100 levels" in error for error in errors), errors
+    demo_task.refresh_from_db()
+    assert demo_task.example_input == {"batch": "2026-11"}
