@@ -456,3 +456,40 @@ def test_mcp_import_skips_a_tool_whose_schema_refers_outside_itself(local_file):
     assert "refers to" in schema_problem(ref_schema(local_file.as_uri()))
     assert schema_problem(ref_schema("http://127.0.0.1:1/s")).startswith("its input schema refers")
     assert schema_problem(ref_schema("#/$defs/x")) == ""
+
+
+# Upgrading: the tools saved before the fence ------------------------------------------
+
+
+def test_tools_check_lists_each_stored_tool_a_call_would_refuse_and_why():
+    http_tool(
+        "https://api.example.com/x",
+        save=True,
+        allow_private=False,
+        allowed_hosts=["api.example.com"],
+        headers={"Authorization": "{secret:TICKETS_TOKEN}"},
+    )
+    Tool.objects.create(
+        name="shell",
+        kind="mcp",
+        side_effect="irreversible",
+        config={"server": {"transport": "stdio", "command": ["sh", "-c", "id"]}, "tool": "x"},
+    )
+    out = StringIO()
+    with pytest.raises(CommandError, match=r"^2 of \d+ tools would be refused when called"):
+        call_command("tools_check", stdout=out)
+    report = out.getvalue()
+    assert "the secret TICKETS_TOKEN is not one a tool may read" in report
+    assert "shell (mcp):\n  - config: server: command: `sh -c id` is not a command" in report
+
+    Tool.objects.filter(name="shell").delete()
+    Tool.objects.filter(kind="http").update(
+        config={
+            "method": "GET",
+            "url": "https://api.example.com/x",
+            "allowed_hosts": ["api.example.com"],
+        }
+    )
+    out = StringIO()
+    call_command("tools_check", stdout=out)
+    assert f"All {Tool.objects.count()} tools pass the checks." in out.getvalue()
