@@ -53,7 +53,13 @@ from django.utils.module_loading import import_string
 from lineage.merkle import leaf_hash, tree_root
 from lineage.models import GENESIS_HASH, LineageEvent
 from lineage.services import json_canonical
-from lineage.verification import ROW_COLUMNS, TERMINAL_KINDS, Anchor, chain_check
+from lineage.verification import (
+    TERMINAL_KINDS,
+    Anchor,
+    chain_check,
+    row_columns,
+    rows_normalised,
+)
 
 logger = logging.getLogger("agentops.lineage")
 
@@ -360,10 +366,12 @@ def chain_entry(run_uuid: str, hashes: list[str], kinds: set[str]) -> dict[str, 
     }
 
 
-def statement_append(*, chains: list[dict[str, Any]], reason: str, complete: bool) -> dict:
+def statement_append(
+    *, chains: list[dict[str, Any]], reason: str, complete: bool, sink: FileSink | None = None
+) -> dict:
     """Sign and write one statement over ``chains``; returns its line."""
     key = signing_key()
-    sink = sink_configured()
+    sink = sink or sink_configured()
     chains = sorted(chains, key=lambda entry: entry["run"])
     root = tree_root(leaf_hash(json_canonical(entry).encode()) for entry in chains)
 
@@ -397,7 +405,7 @@ class CheckpointResult:
 
 
 def chains_read(run_uuids: list[str] | None) -> Iterator[tuple[uuid.UUID, list[tuple]]]:
-    """(run, rows) for the given chains (all, if None), rows as ``ROW_COLUMNS``."""
+    """(run, rows) for the given chains (all, if None), rows as ``row_columns``."""
     connection = connections["default"]
     table = connection.ops.quote_name(LineageEvent._meta.db_table)
     field_ = LineageEvent._meta.get_field("run_uuid")
@@ -407,13 +415,13 @@ def chains_read(run_uuids: list[str] | None) -> Iterator[tuple[uuid.UUID, list[t
         else [run_uuids[i : i + 500] for i in range(0, len(run_uuids), 500)]
     )
     for batch in batches:
-        sql, params = f"SELECT {ROW_COLUMNS} FROM {table}", []
+        sql, params = f"SELECT {row_columns(connection.vendor)} FROM {table}", []
         if batch is not None:
             sql += f" WHERE run_uuid IN ({', '.join('%s' for _ in batch)})"
             params = [field_.get_db_prep_value(uuid.UUID(run), connection) for run in batch]
         with connection.cursor() as cursor:
             cursor.execute(sql + " ORDER BY run_uuid, seq", params)
-            rows = cursor.fetchall()
+            rows = rows_normalised(cursor.fetchall(), connection.vendor)
         for run, chain_rows in itertools.groupby(rows, key=lambda row: row[1]):
             yield uuid.UUID(str(run)), list(chain_rows)
 
