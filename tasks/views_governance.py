@@ -10,6 +10,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 
+from agentops.bad_input import bad_request, id_refusal, text_refusal
 from agentops.http import see_other
 from tasks import selectors
 from tasks.autonomy import task_trail_uuid
@@ -22,7 +23,8 @@ from tasks.governance import (
 )
 from tasks.models import ConfigChange, Task, Tool
 
-REASON_MAX = 500
+# The widest a reason is taken (refused past it, not cut), as the dial's is.
+REASON_MAX = 2000
 
 
 def _change_or_404(change_id: int) -> ConfigChange:
@@ -36,6 +38,9 @@ def _change_or_404(change_id: int) -> ConfigChange:
 @login_required
 def config_changes_waiting(request: HttpRequest) -> HttpResponse:
     tool = request.GET.get("tool", "")
+    refusal = text_refusal(tool, field="tool")
+    if refusal:  # a NUL would reach the query: PostgreSQL refuses it, a 500
+        return bad_request(refusal)
     changes = selectors.config_changes_waiting(tool_name=tool)
     return render(request, "tasks/changes.html", {"changes": changes, "tool": tool})
 
@@ -62,7 +67,13 @@ def task_config_changes(request: HttpRequest, slug: str) -> HttpResponse:
 @require_GET
 @login_required
 def config_change_detail(request: HttpRequest, change_id: int) -> HttpResponse:
-    change = _change_or_404(change_id)
+    out_of_range = id_refusal(change_id, what="change id")
+    if out_of_range:
+        return out_of_range
+    return _change_page(request, _change_or_404(change_id))
+
+
+def _change_page(request: HttpRequest, change: ConfigChange, status: int = 200) -> HttpResponse:
     trail = task_trail_uuid(change.task) if change.task_id else tool_trail_uuid(change.tool_id)
     context = {
         "change": change,
@@ -72,23 +83,29 @@ def config_change_detail(request: HttpRequest, change_id: int) -> HttpResponse:
         "permissions": decide_permissions(change),
         "trail": trail,
     }
-    return render(request, "tasks/change.html", context)
+    return render(request, "tasks/change.html", context, status=status)
 
 
 @require_POST
 @login_required
 def config_change_decide_view(request: HttpRequest, change_id: int) -> HttpResponse:
+    out_of_range = id_refusal(change_id, what="change id")
+    if out_of_range:
+        return out_of_range
     change = _change_or_404(change_id)
     decision = request.POST.get("decision", "")
+    reason = request.POST.get("reason", "")
+    refusal = text_refusal(reason, field="reason")
+    if not refusal and len(reason) > REASON_MAX:
+        refusal = f"reason: longer than {REASON_MAX:,} characters ({len(reason):,})"
     if decision not in ("confirm", "reject"):
-        messages.error(request, "Not decided: choose confirm or reject.")
-        return see_other("tasks:config_change", change_id=change.pk)
+        refusal = "decision: choose confirm or reject"
+    if refusal:
+        messages.error(request, f"Not decided: {refusal.rstrip('.')}.")
+        return _change_page(request, change, status=400)
     try:
         change = config_change_decide(
-            change=change,
-            user=request.user,
-            confirm=decision == "confirm",
-            reason=request.POST.get("reason", "")[:REASON_MAX],
+            change=change, user=request.user, confirm=decision == "confirm", reason=reason
         )
     except PermissionDenied:
         raise
@@ -106,6 +123,9 @@ def config_change_decide_view(request: HttpRequest, change_id: int) -> HttpRespo
 @login_required
 def tool_trail(request: HttpRequest, name: str) -> HttpResponse:
     """A tool's trail: every change made to it, on the trail's own page."""
+    refusal = text_refusal(name, field="tool name")
+    if refusal:
+        return bad_request(refusal)
     tool = Tool.objects.filter(name=name).only("pk").first()
     if tool is None:
         raise Http404(f"no tool {name!r}")

@@ -621,9 +621,22 @@ def test_a_bad_decision_changes_nothing(make_task, alice, bob):
     admin_post(alice, task_url(task), four_eyes=False)
     change = pending()
     response = decide(bob, change, "apply")
-    assert "Not decided: choose confirm or reject." in page_messages(response)
+    assert response.status_code == 400
+    assert "Not decided: decision: choose confirm or reject." in page_messages(response)
+    response = decide(bob, change, "reject", reason="a\x00b")
+    assert response.status_code == 400
+    assert page_messages(response) == [
+        "Not decided: reason: a NUL character cannot be stored or searched for; remove it."
+    ]
+    response = decide(bob, change, "reject", reason="x" * 2001)
+    assert page_messages(response) == ["Not decided: reason: longer than 2,000 characters (2,001)."]
     missing = bob.post(reverse("tasks:config_change_decide", args=[change.pk + 100]))
     assert missing.status_code == 404
+    huge = bob.post(reverse("tasks:config_change_decide", args=[2**63]))
+    assert huge.status_code == 400
+    assert bob.get(reverse("tasks:config_change", args=[2**63])).status_code == 400
+    assert bob.get(reverse("tasks:config_changes"), {"tool": "a\x00"}).status_code == 400
+    assert bob.get(reverse("tasks:tool_trail", args=["a\x00"])).status_code == 400
     assert pending() == change
 
 
