@@ -414,12 +414,17 @@ def conninfo_for(connection: Any) -> dict[str, Any]:
 
 
 def trail_verify(
-    *, ledger: Any = None, workers: int | None = None, using: str = "default"
+    *,
+    ledger: Any = None,
+    workers: int | None = None,
+    using: str = "default",
+    conninfo: dict[str, Any] | None = None,
 ) -> TrailReport:
     """Every chain, checked against the checkpoint log. On PostgreSQL the table is read
     in run order in ``workers`` processes at once, each a range of run UUIDs through a
     server-side cursor; elsewhere (SQLite, or inside a transaction, whose rows other
-    connections cannot see) in this process, in one ordered pass."""
+    connections cannot see) in this process, in one ordered pass. ``conninfo`` names
+    another PostgreSQL database to read (the benchmark's scratch one)."""
     from lineage.anchoring import ledger_load
 
     ledger = ledger if ledger is not None else ledger_load()
@@ -427,7 +432,7 @@ def trail_verify(
     report = TrailReport(log_problems=list(ledger.problems))
     workers = workers or os.cpu_count() or 1
     table = connection.ops.quote_name(LineageEvent._meta.db_table)
-    parallel = (
+    parallel = conninfo is not None or (
         connection.vendor == "postgresql"
         and workers > 1
         and not transaction.get_connection(using).in_atomic_block
@@ -456,7 +461,10 @@ def trail_verify(
         )
         return report
     ranges = uuid_ranges(workers * 4)
-    conninfo = conninfo_for(connection)
+    if conninfo is None:
+        conninfo = conninfo_for(connection)
+        # Forked workers would inherit this process's open connection: they open their own.
+        connection.close()
     # Each worker gets the anchors of its range only: one bisect per anchor.
     lows = [low.int for low, _ in ranges[1:]]
     shares_anchors: list[dict[str, Anchor]] = [{} for _ in ranges]
@@ -468,8 +476,6 @@ def trail_verify(
     ]
     import multiprocessing
 
-    # Forked workers would inherit this process's open connection: they open their own.
-    connection.close()
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("fork")
     ) as pool:

@@ -228,3 +228,20 @@ def test_verify_lineage_reports_every_broken_chain_by_run():
     assert f"run {cut}, event #4: truncated" in message
     assert f"run {rewritten}, event #6: rewritten" in message
     assert str(intact) not in message
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_parallel_reading_of_postgresql_reports_every_broken_chain():
+    if connection.vendor != "postgresql":
+        pytest.skip("the trail is read by several processes on PostgreSQL only")
+    from lineage.verification import trail_verify
+
+    chains = [finished_run(6) for _ in range(12)]
+    cut, changed = chains[3], chains[8]
+    tamper("DELETE FROM lineage_lineageevent WHERE run_uuid = %s AND seq > 2", [run_param(cut)])
+    event = LineageEvent.objects.get(run_uuid=changed, seq=4)
+    tamper("UPDATE lineage_lineageevent SET actor = 'mallory' WHERE id = %s", [event.pk])
+    report = trail_verify(workers=2)
+    assert (report.events, report.chains, report.anchored) == (12 * 6 - 4, 12, 12)
+    found = {str(chain.run_uuid): [f.what for f in chain.findings] for chain in report.broken}
+    assert found == {str(cut): ["truncated"], str(changed): ["changed"]}

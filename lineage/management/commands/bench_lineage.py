@@ -16,16 +16,15 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 
 from lineage.anchoring import FileSink, chain_entry, ledger_load, statement_append
 from lineage.models import GENESIS_HASH, HASH_CANONICAL, LineageEvent
 from lineage.services import event_document, json_canonical
-from lineage.triggers import triggers_install
-from lineage.verification import trail_verify
-
-ALIAS = "lineage_bench"
+from lineage.triggers import POSTGRES_INSTALL
+from lineage.verification import conninfo_for, trail_verify
 
 
 class Command(BaseCommand):
@@ -58,22 +57,33 @@ class Command(BaseCommand):
         quoted = default.ops.quote_name(scratch)
         with default._nodb_cursor() as cursor:
             cursor.execute(f"CREATE DATABASE {quoted}")
-        connections.settings[ALIAS] = {**default.settings_dict, "NAME": scratch}
+        conninfo = {**conninfo_for(default), "dbname": scratch}
         try:
-            with tempfile.TemporaryDirectory() as directory:
-                self.bench(events, chains, workers, FileSink(f"{directory}/checkpoints.jsonl"))
+            with (
+                tempfile.TemporaryDirectory() as directory,
+                psycopg.connect(**conninfo, autocommit=True) as db,
+            ):
+                sink = FileSink(f"{directory}/checkpoints.jsonl")
+                self.bench(db, conninfo, events, chains, workers, sink)
         finally:
-            connections[ALIAS].close()
-            del connections[ALIAS]
-            connections.settings.pop(ALIAS, None)
             with default._nodb_cursor() as cursor:
                 cursor.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
 
-    def bench(self, events: int, chains: int, workers: int, sink: FileSink) -> None:
-        db = connections[ALIAS]
-        with db.schema_editor() as editor:
+    def bench(
+        self,
+        db: psycopg.Connection,
+        conninfo: dict,
+        events: int,
+        chains: int,
+        workers: int,
+        sink: FileSink,
+    ) -> None:
+        # The table as migrations make it, and its triggers: the statements Django
+        # would run, run on the scratch database.
+        with connections["default"].schema_editor(collect_sql=True, atomic=False) as editor:
             editor.create_model(LineageEvent)
-        triggers_install(db)
+        for statement in [*editor.collected_sql, *POSTGRES_INSTALL]:
+            db.execute(statement)
         started = time.perf_counter()
         entries = self.seed(db, events, chains)
         seeded = time.perf_counter() - started
@@ -89,7 +99,7 @@ class Command(BaseCommand):
             f"signed and read back a checkpoint of {chains:,} chains in {signed:.1f} s"
         )
         started = time.perf_counter()
-        report = trail_verify(ledger=ledger, workers=workers, using=ALIAS)
+        report = trail_verify(ledger=ledger, workers=workers, conninfo=conninfo)
         seconds = time.perf_counter() - started
         if report.events != events or report.chains != chains or not report.intact:
             raise CommandError(
@@ -104,7 +114,7 @@ class Command(BaseCommand):
             )
         )
 
-    def seed(self, db, events: int, chains: int) -> list[dict]:
+    def seed(self, db: psycopg.Connection, events: int, chains: int) -> list[dict]:
         """COPY the chains in, each with real hashes over real canonical text; returns
         the checkpoint entries for them."""
         base = datetime(2026, 1, 1, tzinfo=UTC)
@@ -113,9 +123,8 @@ class Command(BaseCommand):
         columns = (
             "run_uuid, seq, at, kind, actor, payload, prev_hash, hash, canonical, hash_version"
         )
-        db.ensure_connection()
         with (
-            db.connection.cursor() as cursor,
+            db.cursor() as cursor,
             cursor.copy(f"COPY lineage_lineageevent ({columns}) FROM STDIN") as copy,
         ):
             for number in range(chains):
@@ -155,7 +164,5 @@ class Command(BaseCommand):
                     hashes.append(digest)
                     kinds.add(kind)
                 entries.append(chain_entry(str(run_uuid), hashes, kinds))
-        db.connection.commit()
-        with db.cursor() as cursor:
-            cursor.execute("ANALYZE lineage_lineageevent")
+        db.execute("ANALYZE lineage_lineageevent")
         return entries
