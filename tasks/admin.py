@@ -11,6 +11,7 @@ from django.http import HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from agentops.bad_input import BadInput, id_parse
 from agentops.runtime.tools import executor_for_kind
 from agentops.runtime.tools.base import reserved_schema_errors, schema_errors
 from agentops.strict_json import StrictJSONFormField
@@ -72,6 +73,28 @@ def governed_report(request, submission: governance.Submission) -> None:
             format_html_join("; ", "{}", ((line,) for line in submission.held_lines)),
         ),
     )
+
+
+def governed_waiting_notice(request, **target) -> None:
+    """On the change page: what of this object waits for a second person, linked, so
+    nobody edits it unaware (a save touching the same field supersedes it)."""
+    if request.method != "GET":
+        return
+    try:  # the admin answers an id that is not one itself
+        target = {key: id_parse(value, field="id", what="an id") for key, value in target.items()}
+    except BadInput:
+        return
+    waiting = ConfigChange.objects.filter(status=ConfigChange.Status.PENDING, **target)
+    for change in waiting.order_by("created_at", "pk"):
+        messages.info(
+            request,
+            format_html(
+                '<a href="{}">Change #{}</a> waits for a second person: {}',
+                reverse("tasks:config_change", args=[change.pk]),
+                change.pk,
+                "; ".join(change.summary.splitlines()),
+            ),
+        )
 
 
 class ToolGrantInlineFormSet(BaseInlineFormSet):
@@ -311,6 +334,10 @@ class TaskAdmin(admin.ModelAdmin):
         # second person and every turn is recorded in the task's trail.
         return ["autonomy_level"] if obj is not None else []
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        governed_waiting_notice(request, task_id=object_id)
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def save_model(self, request, obj, form, change):
         if not change:
             # A new task is at most Supervised (TaskForm) and grants nothing yet: made at
@@ -434,6 +461,10 @@ class ToolAdmin(admin.ModelAdmin):
                 "timeout_seconds",
             ]
         return []
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        governed_waiting_notice(request, tool_id=object_id)
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def save_model(self, request, obj, form, change):
         if not change:

@@ -817,3 +817,16 @@ def test_a_change_whose_requester_is_gone_cannot_be_confirmed(make_task, alice, 
     response = decide(bob, change, "confirm")
     assert any("has no account any more" in m for m in page_messages(response))
     assert Task.objects.get(pk=task.pk).four_eyes is True
+
+
+def test_the_admin_page_of_a_task_says_what_of_it_waits(make_task, alice, bob):
+    task = make_task([], four_eyes=True)
+    admin_post(alice, task_url(task), four_eyes=False)
+    change = pending()
+    page = bob.get(task_url(task))
+    assert page_messages(page) == [
+        f'<a href="/tasks/changes/{change.pk}/">Change #{change.pk}</a> waits for a second '
+        "person: Four eyes: on -&gt; off (four eyes turned off: whoever started a run may "
+        "approve its calls)"
+    ]
+    assert bob.get(reverse("admin:tasks_task_change", args=["²"])).status_code == 302
