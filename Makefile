@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# DEBUG stays off: its error pages show the settings and the environment. The static
+# files are served by the app (agentops.static_files); .env gets a SECRET_KEY.
 demo: install
-	@test -f .env || { printf '# Written by make demo: development settings for this checkout.\nDEBUG=true\n' > .env; echo "wrote .env (DEBUG=true)"; }
+	@$(PY) -m agentops.demo_env .env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py load_demo
 	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password  (then: Tasks → Reconcile invoices → Run, and approve the email in Approvals)"

@@ -32,6 +32,7 @@ class Command(BaseCommand):
                 "serve starts a django-q2 worker; with AGENTOPS_QUEUE=celery start "
                 "`celery -A agentops worker` and `manage.py runserver` yourself"
             )
+        self.warnings_say(options["host"])
         worker = subprocess.Popen(
             [sys.executable, "manage.py", "qcluster"],
             cwd=settings.BASE_DIR,
@@ -52,6 +53,8 @@ class Command(BaseCommand):
         banner.append(f"Stop both with Ctrl-C, or SIGTERM to this process (pid {os.getpid()}).")
         self.stdout.write(self.style.SUCCESS("\n  " + "\n  ".join(banner) + "\n"))
         try:
+            # With DEBUG off, runserver serves no static files: the app does
+            # (agentops.static_files), from the finders unless they were collected.
             call_command(
                 "runserver",
                 f"{options['host']}:{options['port']}",
@@ -65,3 +68,18 @@ class Command(BaseCommand):
                 f"Stopping the worker (up to {STOP_GRACE_SECONDS} s; Ctrl-C again stops it now)"
             )
             group_stop(worker, grace=STOP_GRACE_SECONDS)
+
+    def warnings_say(self, host: str) -> None:
+        """What would make this server unsafe or unreachable, said before it starts."""
+        if settings.DEBUG:
+            self.stderr.write(
+                "Warning: DEBUG is on: an error page shows the settings and the environment "
+                "to whoever can reach this server. Turn it off (DEBUG=false in .env or the "
+                "environment) unless you are debugging; static files are served either way."
+            )
+        hosts = settings.ALLOWED_HOSTS
+        if "*" not in hosts and host.strip("[]") not in [h.strip("[]") for h in hosts]:
+            self.stderr.write(
+                f"Warning: {host} is not in ALLOWED_HOSTS ({', '.join(hosts)}): requests "
+                f"to http://{host}/ will be refused with a 400. Add it to ALLOWED_HOSTS."
+            )
