@@ -14,7 +14,7 @@ What widens, and why, is in ``task_field_widening``, ``tool_field_widening``,
 ``grant_add_widening`` and ``rule_op_widening``; docs/ say it for operators. Writes made
 by the deployment's own code (``load_demo``, fixtures, ``tools_sync``, management
 commands) do not pass through here: whoever can run them can write the database anyway.
-They may record what they did with ``config_record``.
+They may record what they did (``tool_changes_record``, ``config_record``).
 """
 
 from __future__ import annotations
@@ -103,8 +103,6 @@ TOOL_FIELDS = (
 )
 RULE_FIELDS = ("position", "effect", "expression", "description")
 SIDE_EFFECT_RANK = {SideEffect.READ: 0, SideEffect.REVERSIBLE: 1, SideEffect.IRREVERSIBLE: 2}
-# Stricter to looser: a rule moved toward the front of this list holds more calls.
-EFFECT_RANK = {"deny": 2, "approve": 1, "allow": 0}
 
 
 class GovernanceError(Exception):
@@ -223,7 +221,8 @@ def task_field_widening(name: str, before: Any, after: Any) -> str:
     ):
         return f"the budget '{field_label(Task, name)}' raised or lifted"
     if name in ("loop_repeat_limit", "stall_limit") and _raised(before, after, off=0):
-        return f"the {field_label(Task, name)} raised or turned off: a loop runs longer"
+        what = Task._meta.get_field(name).verbose_name
+        return f"the {what} raised or turned off: a loop runs longer"
     return ""
 
 
@@ -283,12 +282,12 @@ def rule_op_widening(op: dict[str, Any], untouched_allows: int) -> str:
         return ""
     before, after = op["before"], op["after"]
     if before["expression"] == after["expression"]:
-        if EFFECT_RANK[after["effect"]] > EFFECT_RANK[before["effect"]] and before["effect"] != (
-            "allow"
-        ):
-            return ""
         if after["effect"] == before["effect"]:
             return ""  # position or description: neither changes which calls match
+        if (before["effect"], after["effect"]) == ("approve", "deny"):
+            return ""  # the calls it held for a person are refused now
+        # allow -> approve or deny takes the rule out of the allow set, which can leave
+        # none: every other call allowed. deny -> approve lets a person pass them.
         return f"a rule's effect changed from {before['effect']} to {after['effect']}"
     # A changed expression cannot be proved narrower by looking at it.
     return f"a {before['effect']} rule's expression changed"

@@ -830,3 +830,24 @@ def test_the_admin_page_of_a_task_says_what_of_it_waits(make_task, alice, bob):
         "approve its calls)"
     ]
     assert bob.get(reverse("admin:tasks_task_change", args=["²"])).status_code == 302
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "widens"),
+    [
+        (("deny", "args.a > 1"), ("approve", "args.a > 1"), True),  # a person may pass it
+        (("approve", "args.a > 1"), ("deny", "args.a > 1"), False),
+        (("allow", "args.a > 1"), ("deny", "args.a > 1"), True),  # may leave no allow rule
+        (("deny", "args.a > 1"), ("deny", "args.a > 2"), True),  # cannot be proved narrower
+        (("deny", "args.a > 1"), ("deny", "args.a > 0"), True),  # nor this one, looking
+        (("allow", "args.a > 1"), ("allow", "args.a > 1"), False),
+    ],
+)
+def test_a_rule_edit_widens_unless_it_provably_narrows(before, after, widens):
+    from tasks.governance import rule_op_widening
+
+    def plain(rule):
+        return {"position": 0, "effect": rule[0], "expression": rule[1], "description": ""}
+
+    op = {"op": "rule_change", "before": plain(before), "after": plain(after)}
+    assert bool(rule_op_widening(op, untouched_allows=1)) is widens
