@@ -222,14 +222,15 @@ def text_storable(text: str, *, where: str = "$") -> tuple[str, list[str]]:
     return _text_storable(text, where, notes), notes
 
 
-def json_storable(value: Any) -> tuple[Any, list[str]]:
+def json_storable(value: Any, *, depth: int = 0) -> tuple[Any, list[str]]:
     """``value`` as both databases store and read back exactly, and a note for each
     change made: NaN and the infinities become the strings "NaN", "Infinity" and
     "-Infinity"; NUL characters and unpaired surrogates in text (and in keys) become
     U+FFFD; an int too long to write becomes its text; tuples become lists; decimals,
     times and UUIDs become text, as Django's encoder writes them; anything else becomes
-    its ``repr``; nesting deeper than ``MAX_DEPTH`` is cut. A value that needs none of
-    this comes back equal, with no notes.
+    its ``repr``; nesting deeper than ``MAX_DEPTH`` is cut, counted from ``depth``
+    (where ``value`` will stand in what holds it). A value that needs none of this
+    comes back equal, with no notes.
 
     For what a tool or a model sent, which must be recorded whatever it holds: a call
     that took effect must not lose its outcome to a value the database refuses."""
@@ -275,4 +276,4 @@ def json_storable(value: Any) -> tuple[Any, list[str]]:
             notes.append(f"{path}: a {type(item).__name__} is not JSON; stored as its repr")
             return _text_storable(repr(item), path, notes)
 
-    return walk(value, "$", 0), notes
+    return walk(value, "$", depth), notes

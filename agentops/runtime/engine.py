@@ -996,6 +996,8 @@ def tool_message_made(step: Step) -> str:
 
 # Values from the far side ------------------------------------------------------------
 
+# How deep a call's result stands in its event's payload: payload, "result", "value".
+OUTCOME_DEPTH = 3
 # Step.gate and Approval.gate hold 300 characters (PostgreSQL refuses more).
 GATE_CHARS = 300
 
@@ -1582,7 +1584,9 @@ def call_fire(ctx: Context, step: Step, tool: Tool) -> Outcome:
     # record says how: the result becomes {"value": ..., "normalised": [...]}, an error
     # ends with the notes. Normalised first, so redaction walks a bounded value.
     if result.ok:
-        value, notes = json_storable(result.value)
+        # Counted from where the value stands in the event's payload ({"result":
+        # {"value": ...}}), so the event's copy is cut nowhere the step's is not.
+        value, notes = json_storable(result.value, depth=OUTCOME_DEPTH)
         if notes:
             value = {"value": value, "normalised": notes}
         result = ToolResult(ok=True, value=value)

@@ -65,8 +65,9 @@ def odd_run(make_task, operator, name: str, text: str) -> Run:
         ("long_int", "[an integer too long to store]", "an integer of more than 3900 digits"),
         ("key", {"k\ufffd": 1, "k\ufffd (again)": 2}, "one was renamed"),
         ("set", "{1, 2}", "a set is not JSON; stored as its repr"),
-        # 2,000 levels: kept to the limit (the tool's own dict counts), then cut.
-        ("deep", cut(MAX_DEPTH - 1), f"nested deeper than {MAX_DEPTH} levels"),
+        # 2,000 levels: kept to the limit, counted from where the value stands in the
+        # event's payload (three levels down; the tool's own dict is one more), then cut.
+        ("deep", cut(MAX_DEPTH - 4), f"nested deeper than {MAX_DEPTH} levels"),
     ],
 )
 def test_a_tool_result_no_database_stores_is_recorded_normalised_with_a_note(
