@@ -35,7 +35,7 @@ from django.utils.text import capfirst
 from agentops.runtime.gates import Verdict, gate_decide
 from agentops.states import Transitions
 from lineage.services import event_append
-from tasks.autonomy import TRAIL_NAMESPACE, task_trail_uuid
+from tasks.autonomy import TRAIL_NAMESPACE, requests_withdraw, task_trail_uuid
 from tasks.models import (
     AutonomyLevel,
     ConfigChange,
@@ -603,6 +603,7 @@ def _submit(
             submission.new_grants.append(grant)
         submission.applied.append(op)
     if at_once:
+        withdrawn = dial_requests_withdraw(target, at_once)
         event_append(
             run_uuid=trail,
             kind="config.changed",
@@ -612,6 +613,7 @@ def _submit(
                 "changes": _ops_recorded(at_once),
                 "summary": [op_line(model, op) for op in at_once],
                 **({"note": note} if note else {}),
+                **({"dial_requests_withdrawn": withdrawn} if withdrawn else {}),
             },
         )
     keys = {op_key(op) for op in widening}
@@ -639,6 +641,16 @@ def _submit(
     if model is Task and at_once:
         task_version_current(task=target, user=user)
     return submission
+
+
+def dial_requests_withdraw(target: Task | Tool, ops: list[dict[str, Any]]) -> list[int]:
+    """A grant is judged at the task's level now; a request to raise the dial, waiting,
+    was asked of the toolset as it was. Confirming it after a tool was granted would let
+    the new tool run unattended at a level its second person never saw with it: so a
+    grant withdraws the task's waiting dial requests. Returns their ids."""
+    if not isinstance(target, Task) or not any(op["op"] == "grant_add" for op in ops):
+        return []
+    return requests_withdraw(target)
 
 
 def _target_label(target: Task | Tool) -> str:
@@ -886,6 +898,7 @@ def config_change_decide(
                 )
         for op in change.operations:
             op_apply(target, op)
+        withdrawn = dial_requests_withdraw(target, change.operations)
         _status_move(change, to=ConfigChange.Status.APPLIED, user=user)
         event_append(
             run_uuid=trail,
@@ -897,6 +910,7 @@ def config_change_decide(
                 "requested_by": actor_for(change.requested_by) if change.requested_by_id else None,
                 "changes": change.operations,
                 "summary": change.summary.splitlines(),
+                **({"dial_requests_withdrawn": withdrawn} if withdrawn else {}),
             },
         )
         if target_model is Task:

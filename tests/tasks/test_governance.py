@@ -851,3 +851,29 @@ def test_a_rule_edit_widens_unless_it_provably_narrows(before, after, widens):
 
     op = {"op": "rule_change", "before": plain(before), "after": plain(after)}
     assert bool(rule_op_widening(op, untouched_allows=1)) is widens
+
+
+def test_a_tool_granted_while_a_dial_raise_waits_withdraws_the_raise(make_task, alice, bob):
+    """Otherwise: ask to raise the dial with harmless tools, grant a reversible tool at
+    Supervised (where it waits for a person, so at once), and the second person's
+    confirmation of the dial would let it run unattended at Guarded."""
+    from tasks.autonomy import autonomy_request
+    from tasks.models import AutonomyChange
+
+    task = make_task([], tools=["test_echo"])
+    alice_user = User.objects.get(username="alice")
+    raise_request = autonomy_request(task=task, to_level=2, user=alice_user, reason="clean")
+    note = Tool.objects.get(name="test_note")
+    data = form_data(alice.get(task_url(task)))
+    data.update({"grants-1-tool": str(note.pk), "grants-1-task": str(task.pk)})
+    alice.post(task_url(task), data)
+    assert sorted(task.grants.values_list("tool__name", flat=True)) == ["test_echo", "test_note"]
+    raise_request.refresh_from_db()
+    assert raise_request.status == AutonomyChange.Status.WITHDRAWN
+    changed = [e for e in trail(task_trail_uuid(task)) if e.kind == "config.changed"][-1]
+    assert changed.payload["dial_requests_withdrawn"] == [raise_request.pk]
+    response = bob.post(
+        reverse("tasks:autonomy_decide", args=[raise_request.pk]), {"decision": "confirm"}
+    )
+    assert Task.objects.get(pk=task.pk).autonomy_level == 1
+    assert response.status_code in (303, 400)
