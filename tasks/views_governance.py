@@ -93,6 +93,10 @@ def config_change_decide_view(request: HttpRequest, change_id: int) -> HttpRespo
     if out_of_range:
         return out_of_range
     change = _change_or_404(change_id)
+    if not may_decide(change, request.user):  # the service checks it again, locked
+        raise PermissionDenied(
+            "deciding this change takes " + ", ".join(decide_permissions(change))
+        )
     decision = request.POST.get("decision", "")
     reason = request.POST.get("reason", "")
     refusal = text_refusal(reason, field="reason")
@@ -107,8 +111,6 @@ def config_change_decide_view(request: HttpRequest, change_id: int) -> HttpRespo
         change = config_change_decide(
             change=change, user=request.user, confirm=decision == "confirm", reason=reason
         )
-    except PermissionDenied:
-        raise
     except GovernanceError as error:
         messages.error(request, f"Not decided: {error}.")
     else:
