@@ -185,6 +185,15 @@ class FileSink:
                 f"the last line of the checkpoint file {self.path} is not JSON"
             ) from None
 
+    def holds(self, offset: int, line: bytes) -> bool:
+        """Whether ``line`` still ends at ``offset`` (the file was not rewritten)."""
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(offset - len(line))
+                return handle.read(len(line)) == line
+        except (FileNotFoundError, OSError, ValueError):
+            return False
+
     def lines(self, offset: int = 0) -> Iterator[tuple[int, bytes]]:
         """(offset after it, line) for each whole line from ``offset``."""
         try:
@@ -318,8 +327,10 @@ def statement_digest(line: dict) -> str:
     return hashlib.sha256(json_canonical(line["signed"]).encode()).hexdigest()
 
 
-# Parsed logs, by file: a log only grows, so each read takes in the lines added since.
-_ledgers: dict[tuple[str, str], tuple[int, int, Ledger]] = {}
+# Parsed logs, by file and key: (inode, offset read to, the last line read, the ledger).
+# A log only grows, so each read takes in the lines added since; if the line before the
+# offset is not the one read there, the file was rewritten, and it is read from the top.
+_ledgers: dict[tuple[str, str], tuple[int, int, bytes, Ledger]] = {}
 
 
 def ledger_load(*, sink: FileSink | None = None, key: Ed25519PublicKey | None = None) -> Ledger:
@@ -338,18 +349,18 @@ def ledger_load(*, sink: FileSink | None = None, key: Ed25519PublicKey | None = 
             return ledger
     cache_key = (str(sink.path), key_id(key))
     try:
-        stat = sink.path.stat()
-        inode, size = stat.st_ino, stat.st_size
+        inode = sink.path.stat().st_ino
     except FileNotFoundError:
-        inode, size = 0, 0
-    cached_inode, offset, ledger = _ledgers.get(cache_key, (inode, 0, None))
-    if ledger is None or cached_inode != inode or offset > size:
-        offset, ledger = 0, Ledger()
+        inode = 0
+    cached = _ledgers.get(cache_key)
+    if cached is None or cached[0] != inode or not sink.holds(cached[1], cached[2]):
+        cached = (inode, 0, b"", Ledger())
+    _, offset, last_raw, ledger = cached
     ledger.grace = grace
     for number, (after, raw) in enumerate(sink.lines(offset), start=ledger.statements + 1):
         ledger.read(raw, key, f"line {number} of {sink.path.name}")
-        offset = after
-    _ledgers[cache_key] = (inode, offset, ledger)
+        offset, last_raw = after, raw
+    _ledgers[cache_key] = (inode, offset, last_raw, ledger)
     return ledger
 
 
