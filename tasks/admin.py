@@ -418,6 +418,10 @@ class ToolForm(forms.ModelForm):
             self.add_error("kind", "Python tools are declared in code with @tool, not here.")
         if kind == Tool.Kind.EMAIL and cleaned.get("side_effect") == "read":
             self.add_error("side_effect", "Sending email is never read-only.")
+        for message in validation.tool_side_effect_errors(
+            kind=kind, config=cleaned.get("config") or {}, side_effect=cleaned.get("side_effect")
+        ):
+            self.add_error("side_effect", message)
         return cleaned
 
     def sql_clean(self, cleaned: dict) -> None:

@@ -421,11 +421,6 @@ def test_a_tool_schema_that_refers_to_a_file_is_refused_and_nothing_saved(admin_
     assert not Tool.objects.filter(name="items_create").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs ToolForm.clean to call tasks.validation.tool_side_effect_errors "
-    "(tasks/admin.py is H3's; the one-line edit is in /work/notes/H2.md)",
-)
 def test_a_post_tool_declared_read_is_refused_and_nothing_saved(admin_client):
     response = admin_client.post("/admin/tasks/tool/add/", http_tool_data(side_effect="read"))
     assert errors_on(response, "side_effect") == [
