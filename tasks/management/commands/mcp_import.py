@@ -298,11 +298,18 @@ class Command(BaseCommand):
         return line
 
     def write(self, decisions: list[Decision]) -> int:
+        """Write the tools, and record in each tool's trail what the import changed (the
+        deployment's own command, so nothing waits for a second person)."""
+        from tasks.governance import tool_changes_record, tool_name_pinned_by, tool_snapshot
+
         written = 0
         with transaction.atomic():
             for decision in decisions:
                 if decision.skip:
                     continue
+                if decision.existing is None and (why := tool_name_pinned_by(decision.name)):
+                    raise CommandError(f"{decision.name}: {why}; nothing was imported")
+                before = tool_snapshot(decision.existing) if decision.existing else None
                 row = decision.existing or Tool(
                     name=decision.name,
                     kind=Tool.Kind.MCP,
@@ -323,5 +330,6 @@ class Command(BaseCommand):
                     row.save()
                 else:  # the operator's own fields are not written back
                     row.save(update_fields=[*SERVER_FIELDS, "updated_at"])
+                tool_changes_record(tool=row, before=before, actor="command:mcp_import")
                 written += 1
         return written

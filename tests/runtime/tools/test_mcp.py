@@ -17,7 +17,9 @@ from agentops.runtime.engine import Outcome
 from agentops.runtime.tools import ToolContext, executor_for_kind
 from agentops.runtime.tools.mcp import McpExecutor
 from lineage.models import LineageEvent
-from tasks.models import Run, RunStatus, StepStatus, Tool
+from lineage.services import chain_verify
+from tasks.governance import tool_trail_uuid
+from tasks.models import Run, RunStatus, StepStatus, TaskVersion, Tool
 from tasks.services import run_start
 from tests.conftest import run_until_rest
 from tests.peers.mcp_server import McpPeer, free_port
@@ -295,6 +297,38 @@ def test_reimport_keeps_what_the_operator_set(mcp_peer):
     assert "update srv_add: schema, description and config from the server" in out
     assert "side effect irreversible kept (the operator's; a new import would choose read" in out
     assert Tool.objects.filter(kind="mcp").count() == 5
+
+
+def test_an_import_is_recorded_in_each_tools_trail(mcp_peer):
+    mcp_import("srv", "--url", mcp_peer.url)
+    add = Tool.objects.get(name="srv_add")
+    Tool.objects.filter(pk=add.pk).update(description="edited")
+
+    mcp_import("srv", "--url", mcp_peer.url)
+
+    trail = list(LineageEvent.objects.filter(run_uuid=tool_trail_uuid(add)).order_by("seq"))
+    assert [(event.kind, event.actor) for event in trail] == [
+        ("config.created", "command:mcp_import"),
+        ("config.changed", "command:mcp_import"),
+    ]
+    [change] = trail[1].payload["changes"]
+    assert (change["field"], change["before"], change["after"]) == (
+        "description",
+        "edited",
+        "Add two integers.",
+    )
+    assert chain_verify(tool_trail_uuid(add)).intact
+
+
+def test_a_new_tool_may_not_take_a_name_a_task_version_calls(mcp_peer, make_task):
+    task = make_task([])
+    TaskVersion.objects.create(
+        task=task, number=1, definition={"tools": ["srv_add"]}, digest="0" * 64
+    )
+
+    with pytest.raises(CommandError, match=r"srv_add: .* v1 names a tool 'srv_add'"):
+        mcp_import("srv", "--url", mcp_peer.url)
+    assert not Tool.objects.filter(kind="mcp").exists()
 
 
 def test_a_dry_run_writes_nothing(mcp_peer):
