@@ -55,9 +55,7 @@ def events_of(run: Run) -> int:
 
 
 @pytest.mark.parametrize("value", [HUGE, str(2**63), "-1", "²", "abc", "1.5", "0x1", " "])
-def test_bulk_approve_refuses_an_id_that_is_not_one_naming_it(
-    waiting_run, operator_client, value
-):
+def test_bulk_approve_refuses_an_id_that_is_not_one_naming_it(waiting_run, operator_client, value):
     approval = Approval.objects.get(run=waiting_run)
     before = events_of(waiting_run)
     response = operator_client.post(
@@ -147,9 +145,7 @@ def test_a_reassignment_to_a_group_that_cannot_be_is_refused(held, finance, oper
         reverse("approvals:reassign", args=[approval.pk]), {"group": group, "reason": "r"}
     )
     assert response.status_code == 400
-    assert "Not reassigned: choose one of the groups listed" in unescape(
-        response.content.decode()
-    )
+    assert "Not reassigned: choose one of the groups listed" in unescape(response.content.decode())
     approval.refresh_from_db()
     assert approval.group == finance and approval.status == ApprovalStatus.PENDING
     assert events_of(run) == before
