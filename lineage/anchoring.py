@@ -514,6 +514,10 @@ def run_seal_on_commit(*, run_uuid: uuid.UUID) -> None:
     def seal() -> None:
         try:
             run_checkpoint(run_uuid=run_uuid)
+        except ImproperlyConfigured as error:
+            logger.error(
+                "lineage: the trail of run %s could not be checkpointed: %s", run_uuid, error
+            )
         except Exception:
             logger.exception("lineage: the trail of run %s could not be checkpointed", run_uuid)
 
