@@ -430,11 +430,14 @@ def chains_read(run_uuids: list[str] | None) -> Iterator[tuple[uuid.UUID, list[t
         if batch is not None:
             sql += f" WHERE run_uuid IN ({', '.join('%s' for _ in batch)})"
             params = [field_.get_db_prep_value(uuid.UUID(run), connection) for run in batch]
-        with connection.cursor() as cursor:
+        # A server-side cursor on PostgreSQL: the first checkpoint reads the whole trail,
+        # which need not fit in memory; one chain at a time does.
+        with connection.chunked_cursor() as cursor:
             cursor.execute(sql + " ORDER BY run_uuid, seq", params)
-            rows = rows_normalised(cursor.fetchall(), connection.vendor)
-        for run, chain_rows in itertools.groupby(rows, key=lambda row: row[1]):
-            yield uuid.UUID(str(run)), list(chain_rows)
+            rows = itertools.chain.from_iterable(iter(lambda: cursor.fetchmany(2_000), []))
+            rows = rows_normalised(rows, connection.vendor)
+            for run, chain_rows in itertools.groupby(rows, key=lambda row: row[1]):
+                yield uuid.UUID(str(run)), list(chain_rows)
 
 
 def heads_read() -> dict[str, tuple[int, str]]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from lineage.merkle import inclusion_path, inclusion_verify, leaf_hash, tree_root
@@ -67,12 +68,7 @@ def run_export(*, run_uuid: uuid.UUID, checkpoint: bool = True) -> dict[str, Any
         )
     sink: FileSink = sink_configured()
     line = next(
-        (
-            json.loads(raw)
-            for _, raw in sink.lines()
-            if json.loads(raw)["signed"]["number"] == anchor.number
-        ),
-        None,
+        (line for line in statements(sink) if line["signed"]["number"] == anchor.number), None
     )
     if line is None:
         raise ExportRefused(f"checkpoint #{anchor.number} is not in {sink.path}")
@@ -109,6 +105,17 @@ def run_export(*, run_uuid: uuid.UUID, checkpoint: bool = True) -> dict[str, Any
         "entry_index": index,
         "entry_path": [node.hex() for node in inclusion_path(index, leaves)],
     }
+
+
+def statements(sink: Any) -> Iterator[dict[str, Any]]:
+    """The sink's statements that parse (the verifier reports the others)."""
+    for _, raw in sink.lines():
+        try:
+            line = json.loads(raw)
+            line["signed"]["number"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        yield line
 
 
 def event_text(run: str, event: dict[str, Any]) -> str:

@@ -48,7 +48,10 @@ def nested(depth: int) -> dict:
 
 payloads = st.dictionaries(text, json_values, max_size=6) | st.integers(0, 150).map(nested)
 examples = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,  # no .hypothesis directory left in the checkout
 )
 
 
