@@ -38,10 +38,53 @@ from django.utils.dateparse import parse_datetime
 
 from lineage.models import GENESIS_HASH, HASH_CANONICAL, HASH_COLUMNS, LineageEvent
 
-# The kinds that end a run, and the kinds that may follow in the commit that ends it
-# (the run's open questions withdrawn). Named here, so lineage depends on no app.
+# The kinds that end a run, and what may follow its end: the run's open questions
+# withdrawn, and the outcome of a call that was in flight when it ended (a call that
+# fired is recorded whatever became of its run), at most one per call started before
+# the end. Named here, so lineage depends on no app.
 TERMINAL_KINDS = frozenset({"run.succeeded", "run.failed", "run.halted", "run.cancelled"})
 AFTER_END_KINDS = frozenset({"approval.cancelled"})
+CALL_STARTED_KIND = "tool.started"
+LATE_OUTCOME_KINDS = frozenset({"tool.succeeded", "tool.failed", "tool.late_outcome"})
+
+
+def step_of(record: tuple[bool, Any]) -> Any:
+    """The step number an event's payload names: ``record`` is (True, its canonical
+    text) for version 1, or (False, its payload) for version 0."""
+    canonical, value = record
+    if isinstance(value, str):
+        value = json.loads(value)
+    if canonical:
+        value = value.get("payload")
+    return value.get("step") if isinstance(value, dict) else None
+
+
+def record_of(version: int, canonical: str, payload: Any) -> tuple[bool, Any]:
+    return (True, canonical) if version == HASH_CANONICAL else (False, payload)
+
+
+class RunEnd:
+    """What may follow a run's end: tracks the calls started before it (their text
+    kept, read only if an outcome after the end must be matched to one)."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[bool, Any]] = []
+        self.at: int | None = None
+        self.open: list[Any] | None = None
+
+    def allows(self, kind: str, record: tuple[bool, Any]) -> bool:
+        if kind in AFTER_END_KINDS:
+            return True
+        if kind not in LATE_OUTCOME_KINDS:
+            return False
+        if self.open is None:
+            self.open = [step_of(started) for started in self.started]
+        step = step_of(record)
+        if step is None or step not in self.open:
+            return False
+        self.open.remove(step)
+        return True
+
 
 # A chain with this many findings is reported with the first of them: past that, one
 # more line tells an auditor nothing the first did not.
@@ -157,7 +200,7 @@ def chain_check(
     run_text = str(run_uuid)
     sha256, quoted = hashlib.sha256, encode_basestring_ascii
     prev, expected, first_at, last_seq = GENESIS_HASH, 1, None, 0
-    hash_at_anchor, ended_at, seen_canonical = None, None, False
+    hash_at_anchor, seen_canonical, end = None, False, RunEnd()
     anchor_size = anchor.size if anchor else -1
     for pk, _, seq, at, kind, actor, canonical, version, payload, prev_hash, digest in rows:
         report.events += 1
@@ -196,11 +239,14 @@ def chain_check(
                 report.found("changed", seq, f"#{seq}'s content does not match its hash", pk)
         else:
             report.found("changed", seq, f"#{seq} names an unknown hash version {version}", pk)
-        if kind in TERMINAL_KINDS and ended_at is None:
-            ended_at = seq
-        elif ended_at is not None and kind not in AFTER_END_KINDS:
+        if end.at is None:
+            if kind == CALL_STARTED_KIND:
+                end.started.append(record_of(version, canonical, payload))
+            elif kind in TERMINAL_KINDS:
+                end.at = seq
+        elif not end.allows(kind, record_of(version, canonical, payload)):
             report.found(
-                "appended", seq, f"#{seq} ({kind}) was added after the run ended at #{ended_at}", pk
+                "appended", seq, f"#{seq} ({kind}) was added after the run ended at #{end.at}", pk
             )
         if seq == anchor_size:
             hash_at_anchor = digest
@@ -220,7 +266,8 @@ def chain_check(
                 f"event #{anchor.size} is not the one signed in {signed}: the events up to it"
                 " were changed, removed or reordered and their hashes recomputed",
             )
-        if anchor.final and last_seq > anchor.size:
+        # With its end in the trail, each event after it was judged above.
+        if anchor.final and last_seq > anchor.size and end.at is None:
             report.found(
                 "appended",
                 anchor.size + 1,

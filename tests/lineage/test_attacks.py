@@ -245,3 +245,28 @@ def test_the_parallel_reading_of_postgresql_reports_every_broken_chain():
     assert (report.events, report.chains, report.anchored) == (12 * 6 - 4, 12, 12)
     found = {str(chain.run_uuid): [f.what for f in chain.findings] for chain in report.broken}
     assert found == {str(cut): ["truncated"], str(changed): ["changed"]}
+
+
+def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
+    # A call that fired is recorded whatever became of its run: its outcome may arrive
+    # after the run was cancelled, and after the checkpoint that sealed the end.
+    run_uuid = uuid.uuid4()
+    with transaction.atomic():
+        events_append(
+            run_uuid=run_uuid,
+            events=[
+                ("run.queued", "olivia", {}),
+                ("tool.started", "engine", {"step": 1, "tool": "ledger.post"}),
+                ("run.cancelled", "olivia", {"from": "running"}),
+                ("approval.cancelled", "olivia", {"approval": 7}),
+            ],
+        )
+    run_checkpoint(run_uuid=run_uuid)
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
+    assert chain_verify(run_uuid).intact
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
+        event_append(run_uuid=run_uuid, kind="tool.failed", actor="engine", payload={"step": 2})
+    report = chain_verify(run_uuid)
+    assert [(f.what, f.seq) for f in report.findings] == [("appended", 6), ("appended", 7)]
