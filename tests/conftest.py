@@ -57,13 +57,18 @@ LINEAGE_TEST_KEY = "dGVzdC1vbmx5LWxpbmVhZ2Utc2lnbmluZy1rZXktMzI="
 
 
 @pytest.fixture(autouse=True)
-def lineage_checkpoints(settings, tmp_path):
+def lineage_checkpoints(monkeypatch, tmp_path):
     """Each test's checkpoints in a file of its own, signed with the tests' key: a run
-    that ends writes one (lineage.anchoring), and no test may read another's."""
-    settings.AGENTOPS_LINEAGE_CHECKPOINT_FILE = tmp_path / "lineage_checkpoints.jsonl"
-    settings.AGENTOPS_LINEAGE_SIGNING_KEY = LINEAGE_TEST_KEY
-    settings.AGENTOPS_LINEAGE_SINK = "lineage.anchoring.FileSink"
-    return settings.AGENTOPS_LINEAGE_CHECKPOINT_FILE
+    that ends writes one (lineage.anchoring), and no test may read another's. Set on
+    the settings themselves, not through pytest-django's ``settings`` (an override
+    would hide SETTINGS_MODULE, which spawned workers need)."""
+    from django.conf import settings
+
+    path = tmp_path / "lineage_checkpoints.jsonl"
+    monkeypatch.setattr(settings, "AGENTOPS_LINEAGE_CHECKPOINT_FILE", path)
+    monkeypatch.setattr(settings, "AGENTOPS_LINEAGE_SIGNING_KEY", LINEAGE_TEST_KEY)
+    monkeypatch.setattr(settings, "AGENTOPS_LINEAGE_SINK", "lineage.anchoring.FileSink")
+    return path
 
 
 @pytest.fixture
