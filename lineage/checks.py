@@ -1,12 +1,14 @@
 """System checks: the app's database role must not be able to lift the trail's
-triggers. Tagged ``database``, so they run with ``migrate`` and
-``manage.py check --database default`` (a check that queries runs only when asked)."""
+triggers (tagged ``database``, so it runs with ``migrate`` and ``manage.py check
+--database default``: a check that queries runs only when asked), and a deployment
+must have a key to sign the trail's checkpoints (``manage.py check --deploy``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.core.checks import Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 
 from lineage.models import LineageEvent
@@ -59,3 +61,24 @@ def lineage_role_check(app_configs: Any = None, databases: Any = None, **kwargs:
                 )
             )
     return problems
+
+
+@register(Tags.security, deploy=True)
+def lineage_key_check(app_configs: Any = None, **kwargs: Any) -> list:
+    """Without a signing key nothing anchors the trail: ``check --deploy`` says so, not
+    only the log of each run's end."""
+    from lineage.anchoring import public_key
+
+    try:
+        public_key()
+    except ImproperlyConfigured as error:
+        return [
+            Warning(
+                f"The trail's checkpoints cannot be signed or checked: {error}",
+                hint="Set AGENTOPS_LINEAGE_SIGNING_KEY (`manage.py lineage_checkpoint"
+                " --new-key` prints one), or AGENTOPS_LINEAGE_PUBLIC_KEY on a machine that"
+                " only verifies.",
+                id="lineage.W003",
+            )
+        ]
+    return []

@@ -283,3 +283,21 @@ def test_export_refuses_a_broken_or_unknown_trail():
         call_command("lineage_export", "nope", stdout=StringIO())
     with pytest.raises(CommandError, match="no checkpoint holds the trail"):
         call_command("lineage_export", str(uuid.uuid4()), "--no-checkpoint", stdout=StringIO())
+
+
+def test_a_missing_key_is_a_warning_at_start_up(settings, tmp_path):
+    from lineage.checks import lineage_key_check
+
+    assert lineage_key_check() == []
+    settings.AGENTOPS_LINEAGE_SIGNING_KEY = ""
+    settings.AGENTOPS_LINEAGE_SIGNING_KEY_FILE = tmp_path / "absent"
+    (warning,) = lineage_key_check()
+    assert warning.id == "lineage.W003" and "no lineage signing key" in warning.msg
+    settings.AGENTOPS_LINEAGE_PUBLIC_KEY = public_key_text(public_key_for_tests())
+    assert lineage_key_check() == []
+
+
+def public_key_for_tests():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().public_key()
