@@ -13,6 +13,7 @@ GENESIS_HASH = "0" * 64
 # ``canonical``, the exact text hashed, kept in a text column the database stores as is.
 HASH_COLUMNS = 0
 HASH_CANONICAL = 1
+UNREADABLE = "[this event's recorded text is not an event: it was changed]"
 
 
 class LineageEvent(models.Model):
@@ -53,6 +54,10 @@ class LineageEvent(models.Model):
     def body(self) -> Any:
         """The payload exactly as it was hashed: read from the canonical text when there
         is one (``payload`` is only the storable copy)."""
-        if self.hash_version == HASH_CANONICAL and self.canonical:
+        if self.hash_version != HASH_CANONICAL:
+            return self.payload
+        try:
             return json.loads(self.canonical)["payload"]
-        return self.payload
+        except (ValueError, KeyError, TypeError):
+            # Only a hand changing the table makes this; the verifier reports it.
+            return UNREADABLE

@@ -270,3 +270,14 @@ def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
         event_append(run_uuid=run_uuid, kind="tool.failed", actor="engine", payload={"step": 2})
     report = chain_verify(run_uuid)
     assert [(f.what, f.seq) for f in report.findings] == [("appended", 6), ("appended", 7)]
+
+
+def test_every_change_in_a_chain_is_reported_not_only_the_first():
+    run_uuid = finished_run(8, sealed=False)
+    second = LineageEvent.objects.get(run_uuid=run_uuid, seq=2)
+    sixth = LineageEvent.objects.get(run_uuid=run_uuid, seq=6)
+    tamper("UPDATE lineage_lineageevent SET actor = 'mallory' WHERE id = %s", [second.pk])
+    forged = sixth.canonical.replace('"n":4', '"n":40')
+    tamper("UPDATE lineage_lineageevent SET canonical = %s WHERE id = %s", [forged, sixth.pk])
+    report = chain_verify(run_uuid)
+    assert [(f.what, f.seq) for f in report.findings] == [("changed", 2), ("changed", 6)]

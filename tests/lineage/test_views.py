@@ -74,3 +74,12 @@ def test_the_page_and_the_admin_show_the_payload_as_hashed(operator_client, admi
     event = LineageEvent.objects.get(run_uuid=run_uuid)
     admin = admin_client.get(reverse("admin:lineage_lineageevent_change", args=[event.pk]))
     assert admin.status_code == 200 and "1e+20" in admin.content.decode()
+
+
+def test_a_recorded_text_that_is_not_json_is_shown_as_changed(operator_client):
+    run_uuid = finished_run(3, sealed=False)
+    event = LineageEvent.objects.get(run_uuid=run_uuid, seq=2)
+    tamper("UPDATE lineage_lineageevent SET canonical = 'garbage' WHERE id = %s", [event.pk])
+    text = page(operator_client, run_uuid)
+    assert "<strong>Changed</strong> at event #2: #2&#x27;s text does not match its hash" in text
+    assert "it was changed]" in text
