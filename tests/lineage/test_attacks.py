@@ -95,6 +95,7 @@ def test_sqlite_refuses_insert_or_replace_and_upsert():
     assert LineageEvent.objects.get(pk=event.pk).actor == "victor"
 
 
+@pytest.mark.postgres
 def test_postgres_refuses_upsert():
     if connection.vendor != "postgresql":
         pytest.skip("ON CONFLICT DO UPDATE, on PostgreSQL")
@@ -230,6 +231,7 @@ def test_verify_lineage_reports_every_broken_chain_by_run():
     assert str(intact) not in message
 
 
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_the_parallel_reading_of_postgresql_reports_every_broken_chain():
     if connection.vendor != "postgresql":

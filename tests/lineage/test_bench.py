@@ -12,6 +12,7 @@ from django.db import connection
 pytestmark = pytest.mark.django_db
 
 
+@pytest.mark.postgres
 def test_the_benchmark_seeds_verifies_and_drops_its_database():
     if connection.vendor != "postgresql":
         pytest.skip("bench_lineage measures PostgreSQL")

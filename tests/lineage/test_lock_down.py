@@ -17,7 +17,7 @@ from lineage.models import LineageEvent
 from lineage.services import chain_verify, event_append
 from lineage.verification import conninfo_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
 ATTACKS = {
     "UPDATE": "UPDATE lineage_lineageevent SET actor = 'mallory'",
