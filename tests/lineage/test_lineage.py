@@ -163,3 +163,8 @@ def test_verify_lineage_for_one_run_and_a_bad_run_argument():
         call_command("verify_lineage", "--run", "nope")
     with pytest.raises(CommandError, match="no lineage events"):
         call_command("verify_lineage", "--run", str(uuid.uuid4()))
+
+
+def test_verify_lineage_refuses_a_bad_worker_count():
+    with pytest.raises(CommandError, match="--workers 0: must be at least 1"):
+        call_command("verify_lineage", "--workers", "0")

@@ -52,7 +52,9 @@ class Command(BaseCommand):
             if not path.is_file():
                 raise CommandError(f"--checkpoints {path}: no such file")
             sink = FileSink(path)
-        workers = options["workers"] or settings.AGENTOPS_LINEAGE_VERIFY_WORKERS
+        workers = options["workers"]
+        if workers is None:
+            workers = settings.AGENTOPS_LINEAGE_VERIFY_WORKERS
         if workers < 1:
             raise CommandError(f"--workers {workers}: must be at least 1")
         try:
