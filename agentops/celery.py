@@ -29,7 +29,15 @@ def runs_reap_task() -> int:
     return runs_reap_job()
 
 
-# `celery -A agentops worker --beat` (or a separate `celery -A agentops beat`) runs it.
+@app.task(name="agentops.trail_checkpoint", ignore_result=True)
+def trail_checkpoint_task() -> int:
+    from agentops.runtime.dispatch import trail_checkpoint_job
+
+    return trail_checkpoint_job()
+
+
+# `celery -A agentops worker --beat` (or a separate `celery -A agentops beat`) runs them.
 app.conf.beat_schedule = {
     "agentops-reap-runs": {"task": "agentops.runs_reap", "schedule": 60.0},
+    "agentops-trail-checkpoint": {"task": "agentops.trail_checkpoint", "schedule": 300.0},
 }

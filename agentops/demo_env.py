@@ -2,7 +2,9 @@
 
 The demo runs with DEBUG off, as a deployment does: Django's debug pages print the
 settings and the environment, and the demo's are reachable by anyone who can reach its
-port. DEBUG off needs a SECRET_KEY, so one is generated and kept in the file.
+port. DEBUG off needs a SECRET_KEY, so one is generated and kept in the file, and so
+is the key that signs the trail's checkpoints (AGENTOPS_LINEAGE_SIGNING_KEY: outside the
+database, as lineage.anchoring needs it; with DEBUG off none is made on first use).
 
 A file this command wrote earlier (it starts with MARKER) is brought up to date: the
 ``DEBUG=true`` that earlier versions wrote is turned off, in a comment that says why.
@@ -14,6 +16,7 @@ Plain Python, no Django: settings cannot load before the file has its key.
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 MARKER = "# Written by make demo"
 DEBUG_ON = re.compile(r"\s*(export\s+)?DEBUG\s*=\s*['\"]?(1|true|yes|on)['\"]?\s*", re.IGNORECASE)
 SECRET_KEY = re.compile(r"\s*(export\s+)?SECRET_KEY\s*=")
+SIGNING_KEY = re.compile(r"\s*(export\s+)?AGENTOPS_LINEAGE_SIGNING_KEY(_FILE)?\s*=")
 
 
 def demo_env(path: Path) -> list[str]:
@@ -39,6 +43,11 @@ def demo_env(path: Path) -> list[str]:
             else:
                 kept.append(line)
         lines = kept
+        if not any(SIGNING_KEY.match(line) for line in lines):
+            # An Ed25519 seed, as `manage.py lineage_checkpoint --new-key` prints one.
+            seed = base64.b64encode(secrets.token_bytes(32)).decode()
+            lines.append(f"AGENTOPS_LINEAGE_SIGNING_KEY={seed}")
+            changes.append("wrote a key for the trail's checkpoints")
     if not any(SECRET_KEY.match(line) for line in lines):
         lines.append(f"SECRET_KEY={secrets.token_urlsafe(50)}")
         changes.append("wrote a SECRET_KEY")

@@ -182,14 +182,23 @@ def test_serve_without_debug_serves_static_files_and_shows_no_environment_on_a_5
 
 def test_make_demo_env_turns_off_the_debug_it_wrote_and_keeps_a_persons_own(tmp_path):
     from agentops.demo_env import MARKER, demo_env
+    from lineage.anchoring import key_decode
 
     ours = tmp_path / "ours.env"
     ours.write_text(f"{MARKER}: development settings for this checkout.\nDEBUG=true\n")
-    assert demo_env(ours) == ["turned DEBUG off", "wrote a SECRET_KEY"]
+    assert demo_env(ours) == [
+        "turned DEBUG off",
+        "wrote a key for the trail's checkpoints",
+        "wrote a SECRET_KEY",
+    ]
     text = ours.read_text()
     assert "\nDEBUG=true" not in text and "# DEBUG=true was turned off by make demo" in text
     key = [line for line in text.splitlines() if line.startswith("SECRET_KEY=")]
     assert len(key) == 1 and len(key[0]) > 40
+    [signing] = [line for line in text.splitlines() if line.startswith("AGENTOPS_LINEAGE_")]
+    name, seed = signing.split("=", 1)
+    assert name == "AGENTOPS_LINEAGE_SIGNING_KEY"
+    assert len(key_decode(name, seed)) == 32  # a key lineage.anchoring signs with
     assert demo_env(ours) == [] and ours.read_text() == text  # a second run changes nothing
 
     theirs = tmp_path / "theirs.env"
@@ -197,5 +206,5 @@ def test_make_demo_env_turns_off_the_debug_it_wrote_and_keeps_a_persons_own(tmp_
     assert demo_env(theirs) == [] and theirs.read_text() == "DEBUG=true\nSECRET_KEY=mine\n"
 
     fresh = tmp_path / "fresh.env"
-    assert demo_env(fresh) == ["wrote a SECRET_KEY"]
+    assert demo_env(fresh) == ["wrote a key for the trail's checkpoints", "wrote a SECRET_KEY"]
     assert fresh.read_text().startswith(MARKER) and "DEBUG" not in fresh.read_text()

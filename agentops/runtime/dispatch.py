@@ -48,3 +48,12 @@ def runs_reap_job() -> int:
 
     approvals_expire()
     return len(runs_reap())
+
+
+def trail_checkpoint_job() -> int:
+    """The periodic job (a django-q2 schedule, or Celery beat): sign every lineage chain
+    that grew since its last checkpoint, outside the database (``lineage.anchoring``).
+    Returns how many chains were sealed anew."""
+    from lineage.anchoring import trail_checkpoint
+
+    return trail_checkpoint().anchored

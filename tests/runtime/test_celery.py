@@ -186,6 +186,14 @@ def test_the_reaper_is_on_celery_beats_schedule_every_minute():
     assert "agentops.runs_reap" in app.tasks  # registered, so a worker can run it
 
 
+def test_the_trail_checkpoint_is_on_celery_beats_schedule_every_five_minutes():
+    entries = [
+        e for e in app.conf.beat_schedule.values() if e["task"] == "agentops.trail_checkpoint"
+    ]
+    assert [entry["schedule"] for entry in entries] == [300]
+    assert "agentops.trail_checkpoint" in app.tasks
+
+
 @pytest.mark.django_db
 def test_the_reaper_task_returns_how_many_runs_it_sent_again(make_task, operator):
     assert runs_reap_task() == 0  # called directly, it runs here, as beat's worker runs it

@@ -8,6 +8,7 @@ import pytest
 from django.utils import timezone
 from django_q.models import OrmQ, Schedule
 
+from agentops.runtime.dispatch import trail_checkpoint_job
 from agentops.runtime.engine import Outcome, lease_claim
 from agentops.runtime.scheduler import REAPER_SCHEDULE_NAME, runs_reap
 from tasks.models import Run, RunStatus
@@ -62,3 +63,16 @@ def test_migrate_schedules_the_reaper_every_minute():
     schedule = Schedule.objects.get(name=REAPER_SCHEDULE_NAME)
     assert schedule.func == "agentops.runtime.dispatch.runs_reap_job"
     assert (schedule.schedule_type, schedule.minutes, schedule.repeats) == ("I", 1, -1)
+
+
+def test_migrate_schedules_the_trail_checkpoint_every_five_minutes():
+    schedule = Schedule.objects.get(func="agentops.runtime.dispatch.trail_checkpoint_job")
+    assert (schedule.schedule_type, schedule.minutes, schedule.repeats) == ("I", 5, -1)
+
+
+def test_the_checkpoint_job_signs_the_chains_that_grew(make_task, operator, lineage_checkpoints):
+    run = run_start(task=make_task([{"content": "ok"}]), run_input={}, user=operator)
+    assert trail_checkpoint_job() == 1  # the run's chain, started and not yet ended
+    assert trail_checkpoint_job() == 0  # nothing grew since
+    statements = lineage_checkpoints.read_text().splitlines()
+    assert len(statements) == 2 and str(run.pk) in statements[0]
