@@ -16,23 +16,26 @@ from django.contrib import admin
 from django.http import HttpRequest
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """An admin page to look at: no add, change, delete or action. For what only the
+    runtime and the services write (runs, approvals, versions, the trail, pending
+    changes) and for django-q2's pages."""
+
+    actions = None
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 def read_only(model_admin: type[admin.ModelAdmin]) -> type[admin.ModelAdmin]:
-    """``model_admin`` with no add, change, delete or action: a page to look at."""
-
-    class ReadOnly(model_admin):  # type: ignore[misc, valid-type]
-        actions = None
-
-        def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
-            return False
-
-        def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-            return False
-
-        def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-            return False
-
-    ReadOnly.__name__ = f"ReadOnly{model_admin.__name__}"
-    return ReadOnly
+    """``model_admin`` (django-q2's own) made read-only."""
+    return type(f"ReadOnly{model_admin.__name__}", (ReadOnlyAdmin, model_admin), {})
 
 
 def django_q_read_only() -> None:

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from agentops.admin import ReadOnlyAdmin
 from approvals.models import Approval
 
 
 @admin.register(Approval)
-class ApprovalAdmin(admin.ModelAdmin):
+class ApprovalAdmin(ReadOnlyAdmin):
     """Decisions are taken in the inbox, where they are checked and recorded."""
 
     list_display = ["id", "kind", "tool_name", "status", "created_at", "decided_by"]
@@ -14,12 +15,3 @@ class ApprovalAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in Approval._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

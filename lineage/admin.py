@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from django.contrib import admin
 
+from agentops.admin import ReadOnlyAdmin
 from lineage.models import LineageEvent
 from lineage.views import json_shown
 
 
 @admin.register(LineageEvent)
-class LineageEventAdmin(admin.ModelAdmin):
+class LineageEventAdmin(ReadOnlyAdmin):
     """Read-only: the trail is written by the runtime and never edited. The payload shown
     is the one hashed (read from the canonical text), not the jsonb copy."""
 
@@ -31,12 +32,3 @@ class LineageEventAdmin(admin.ModelAdmin):
     @admin.display(description="payload")
     def exact_payload(self, obj: LineageEvent) -> str:
         return json_shown(obj.body)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -11,6 +11,7 @@ from django.http import HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from agentops.admin import ReadOnlyAdmin
 from agentops.bad_input import BadInput, id_parse
 from agentops.runtime.tools import executor_for_kind
 from agentops.runtime.tools.base import reserved_schema_errors, schema_errors
@@ -497,7 +498,7 @@ class ToolAdmin(admin.ModelAdmin):
 
 
 @admin.register(ConfigChange)
-class ConfigChangeAdmin(admin.ModelAdmin):
+class ConfigChangeAdmin(ReadOnlyAdmin):
     """Changes that wait for a second person. Read here, decided on their own page (or by
     the actions below), never edited: what was asked is what gets confirmed."""
 
@@ -521,15 +522,6 @@ class ConfigChangeAdmin(admin.ModelAdmin):
     def target_label(self, obj: ConfigChange) -> str:
         return f"task {obj.task.slug}" if obj.task_id else f"tool {obj.tool.name}"
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
     def decide(self, request, queryset, *, confirm: bool) -> None:
         # Offered to whoever may view the list: the service checks, change by change,
         # who may decide it.
@@ -552,18 +544,9 @@ class ConfigChangeAdmin(admin.ModelAdmin):
 
 
 @admin.register(TaskVersion)
-class TaskVersionAdmin(admin.ModelAdmin):
+class TaskVersionAdmin(ReadOnlyAdmin):
     list_display = ["task", "number", "created_at", "created_by"]
     readonly_fields = ["task", "number", "definition", "digest", "created_at", "created_by"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class StepInline(admin.TabularInline):
@@ -579,7 +562,7 @@ class StepInline(admin.TabularInline):
 
 
 @admin.register(Run)
-class RunAdmin(admin.ModelAdmin):
+class RunAdmin(ReadOnlyAdmin):
     """Runs change only through the runtime and the pages; the admin shows them."""
 
     list_display = ["id", "task", "status", "created_at", "steps_used"]
@@ -588,15 +571,6 @@ class RunAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in Run._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(ModelPrice)
