@@ -134,9 +134,16 @@ def env_secret_names(name: str) -> list[str]:
     return names
 
 
+# An entry of AGENTOPS_MCP_COMMANDS that starts with this allows its command exactly, with
+# no further arguments; it is kept as the entry's first word.
+EXACT_COMMAND_MARK = "="
+
+
 def env_commands(name: str) -> list[list[str]]:
     """A comma-separated list of commands, each split into words as a shell would (so
-    quote a word that holds a space or a comma: each entry is read with shlex)."""
+    quote a word that holds a space or a comma: each entry is read with shlex). An entry
+    that starts with ``=`` (``=npx -y @x/server /data``) allows that command exactly; it
+    comes back with ``=`` as a word of its own before the command."""
     commands = []
     for item in env_list(name, []):
         try:
@@ -145,6 +152,11 @@ def env_commands(name: str) -> list[list[str]]:
             raise ImproperlyConfigured(
                 f"{name}: {item!r} cannot be split into words: {error}"
             ) from None
+        if words and words[0].startswith(EXACT_COMMAND_MARK):
+            rest = words[0][len(EXACT_COMMAND_MARK) :]
+            words = [EXACT_COMMAND_MARK, *([rest] if rest else []), *words[1:]]
+            if len(words) == 1:
+                raise ImproperlyConfigured(f"{name}: the entry {item!r} names no command")
         if not words:
             raise ImproperlyConfigured(f"{name}: an entry names no command")
         commands.append(words)

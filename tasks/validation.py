@@ -125,8 +125,9 @@ def new_task_autonomy_errors(level: int) -> list[str]:
 
 def tool_side_effect_errors(*, kind: str, config: Any, side_effect: str) -> list[str]:
     """A tool declared read-only runs without a person at every autonomy level, so it
-    must be one that cannot change anything: an http tool only with GET or HEAD (the
-    executor refuses the call too, whatever saved it). For the forms that save a tool."""
+    must be one that cannot change anything: an http tool only with GET or HEAD, and no
+    header or query parameter that asks for another method (the executor refuses the call
+    too, whatever saved it). For the forms that save a tool."""
     if kind != "http":
         return []
     from agentops.runtime.tools.http import side_effect_errors

@@ -21,6 +21,9 @@ Routes (any method):
 - ``/text``: 200, ``text/plain; charset=utf-8``.
 - ``/redirect``: 302 to ``/items/moved``.
 - ``/answer?body=TEXT``: 200, ``application/json``, TEXT verbatim (JSON or not).
+- ``/fail-echo/<pad>``: 400, ``text/plain``, ``pad`` characters (``x``, or spaces with
+  ``?fill=space``), then the ``Authorization`` token received: a secret at the place
+  where an error's excerpt, or the error body itself, is cut.
 
 It runs in a thread of the test process; ``with HttpService() as service:`` starts it
 and stops it, releasing any handler still waiting.
@@ -155,6 +158,10 @@ class HttpService:
                     # would write (NaN, 1e999, "\\ud800"), as some servers do.
                     body = received.query.get("body", [""])[0]
                     self.answer(200, "application/json", body.encode())
+                elif head == "fail-echo":
+                    token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    fill = " " if received.query.get("fill") == ["space"] else "x"
+                    self.answer(400, "text/plain", (fill * int(rest) + token).encode())
                 elif head == "redirect":
                     self.send_response(302)
                     self.send_header("Location", "/items/moved")

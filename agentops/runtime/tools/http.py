@@ -39,12 +39,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from agentops.runtime.secrets import (
     PREFIX,
     SecretMissing,
     config_resolve,
+    excerpt_redacted,
     redact,
     secret_errors,
 )
@@ -57,6 +58,11 @@ METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 # The methods that only read (RFC 9110's safe methods that carry no body): a tool with any
 # other may not be declared read-only, or it would run without a person at every level.
 READ_METHODS = ("GET", "HEAD")
+# Headers and query parameters that ask a server (or a framework in front of it) to take
+# a request as another method: on a GET they can turn a read into a DELETE. Refused on a
+# read tool only; on any other tool the gate already treats the call as a change.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+METHOD_OVERRIDE_PARAMETERS = ("_method",)
 CONFIG_KEYS = (
     "method",
     "url",
@@ -210,14 +216,41 @@ class HttpExecutor:
 
 def side_effect_errors(config: Any, side_effect: str) -> list[str]:
     """A tool declared read-only runs without a person at every autonomy level, so only
-    a method that reads may be: anything else is refused when saved and when called."""
-    method = config.get("method") if isinstance(config, dict) else None
-    if side_effect != "read" or method in READ_METHODS or method not in METHODS:
+    a request that reads may be: a method other than GET or HEAD, or a header or query
+    parameter that asks the server to take the request as another method, is refused
+    when saved and when called."""
+    if side_effect != "read" or not isinstance(config, dict):
         return []
-    return [
-        f"a {method} request can change what it is sent to, so the tool cannot be read-only "
-        f"(only {' or '.join(READ_METHODS)} can be): declare it reversible or irreversible"
-    ]
+    method = config.get("method")
+    if method not in READ_METHODS and method in METHODS:
+        return [
+            f"a {method} request can change what it is sent to, so the tool cannot be "
+            f"read-only (only {' or '.join(READ_METHODS)} can be): declare it reversible or "
+            "irreversible"
+        ]
+    errors = []
+    headers = config.get("headers")
+    for name in headers if isinstance(headers, dict) else ():
+        if isinstance(name, str) and name.lower() in METHOD_OVERRIDE_HEADERS:
+            errors.append(
+                f"the header {name} asks the server to take the request as another method "
+                "(such as DELETE), so a read-only tool may not send it: remove it, or "
+                "declare the tool reversible or irreversible"
+            )
+    query = config.get("query")
+    names = list(query) if isinstance(query, dict) else []
+    url = config.get("url")
+    if isinstance(url, str):
+        with contextlib.suppress(ValueError):
+            names += [name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
+    for name in dict.fromkeys(names):
+        if isinstance(name, str) and name.lower() in METHOD_OVERRIDE_PARAMETERS:
+            errors.append(
+                f"the query parameter {name} asks the server to take the request as another "
+                "method, so a read-only tool may not send it: remove it, or declare the tool "
+                "reversible or irreversible"
+            )
+    return errors
 
 
 def allowed_hosts_errors(allowed: Any) -> list[str]:
@@ -434,20 +467,13 @@ def request_send(
     if request.host not in {host.lower() for host in allowed_hosts}:
         raise ToolError(f"refused: {request.host} is not in the tool's allowed_hosts")
     deadline = Deadline(timeout)
-    addresses = host_resolve(request, deadline)
-    if not allow_private:
-        for _, (address, *_) in addresses:
-            reason = address_refusal(address)
-            if reason:
-                subject = (
-                    request.host
-                    if address == request.host
-                    else f"{request.host} resolves to {address}, which"
-                )
-                raise ToolError(
-                    f"refused: {subject} is {reason}; this tool may reach only public "
-                    "addresses (its allow_private is off)"
-                )
+    addresses = addresses_checked(
+        request.host,
+        request.port,
+        label=request.label,
+        allow_private=allow_private,
+        deadline=deadline,
+    )
     connection = connection_open(request, addresses, deadline)
     try:
         with Watchdog(connection, deadline):
@@ -456,14 +482,37 @@ def request_send(
         connection.close()
 
 
-def host_resolve(request: HttpRequest, deadline: Deadline) -> list[tuple[int, tuple]]:
+def addresses_checked(
+    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) ``host`` resolves to, each one checked: unless
+    ``allow_private``, a host that resolves to any address that is not public is refused
+    (``ToolError``, permanent). The caller connects only to these addresses, so a second
+    lookup cannot answer differently (DNS rebinding). ``label`` names the call in
+    messages. Shared by the http tool and the MCP http transport."""
+    addresses = host_resolve(host, port, label=label, deadline=deadline)
+    if not allow_private:
+        for _, (address, *_) in addresses:
+            reason = address_refusal(address)
+            if reason:
+                subject = host if address == host else f"{host} resolves to {address}, which"
+                raise ToolError(
+                    f"refused: {subject} is {reason}; this tool may reach only public "
+                    "addresses (its allow_private is off)"
+                )
+    return addresses
+
+
+def host_resolve(
+    host: str, port: int, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
     """Every (family, socket address) the host resolves to, within the deadline. The
     system resolver has no timeout of its own, so it runs in a thread we stop waiting for."""
     answer: list[Any] = []
 
     def lookup() -> None:
         try:
-            answer.append(socket.getaddrinfo(request.host, request.port, type=socket.SOCK_STREAM))
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
         except (OSError, UnicodeError) as error:
             answer.append(error)
 
@@ -472,15 +521,12 @@ def host_resolve(request: HttpRequest, deadline: Deadline) -> list[tuple[int, tu
     thread.join(deadline.remaining())
     if not answer:
         raise ToolError(
-            f"{request.label}: looking up {request.host} took longer than the tool's "
-            f"timeout of {deadline.seconds:g} s",
+            f"{label}: looking up {host} took longer than the {deadline.seconds:g} s allowed",
             transient=True,
         )
     if isinstance(answer[0], Exception):
         # Nothing was sent, so trying again cannot repeat an effect.
-        raise ToolError(
-            f"{request.label}: could not look up {request.host}: {answer[0]}", transient=True
-        )
+        raise ToolError(f"{label}: could not look up {host}: {answer[0]}", transient=True)
     seen, addresses = set(), []
     for family, _, _, _, sockaddr in answer[0]:
         if sockaddr[0] not in seen:
@@ -648,7 +694,7 @@ def exchange(
         ) from None
     if more and success:
         raise ToolError(f"{request.label}: the response was larger than {max_bytes} bytes; cut off")
-    return response_judge(request, response, data, repeatable)
+    return response_judge(request, response, data, repeatable, cut=more)
 
 
 def body_read(
@@ -676,7 +722,12 @@ def body_read(
 
 
 def response_judge(
-    request: HttpRequest, response: http.client.HTTPResponse, data: bytes, repeatable: bool
+    request: HttpRequest,
+    response: http.client.HTTPResponse,
+    data: bytes,
+    repeatable: bool,
+    *,
+    cut: bool = False,
 ) -> dict:
     status = response.status
     headers = {
@@ -693,10 +744,14 @@ def response_judge(
             f"{said}, a redirect to {headers.get('location', '(no Location)')}; redirects are "
             "not followed, so a call cannot leave the allowed hosts"
         )
-    excerpt = body if isinstance(body, str) else json.dumps(body)
-    excerpt = " ".join(excerpt.split())
-    if len(excerpt) > EXCERPT_CHARS:
-        excerpt = excerpt[:EXCERPT_CHARS] + "…"
+    # Redacted before it is cut: a secret straddling the cut would otherwise be stored
+    # half shown. ``cut``: the body itself was cut at ERROR_BODY_BYTES.
+    excerpt = excerpt_redacted(
+        body if isinstance(body, str) else json.dumps(body, ensure_ascii=False),
+        request.secrets,
+        limit=EXCERPT_CHARS,
+        cut=cut,
+    )
     message = f"{said}: {excerpt}" if excerpt else said
     if status == 429 or status >= 500:
         if not repeatable and status >= 500:

@@ -7,8 +7,11 @@ A row's config names the server and the server's own name for the tool:
      "tool": "get_current_time",
      "annotations": {"read_only_hint": true, ...}}   # as listed at import, for the record
 
-or ``{"transport": "http", "url": "http://127.0.0.1:8765/mcp", "headers": {"Authorization":
-"Bearer {secret:TOKEN}"}}`` for a streamable HTTP server. Rows are made by
+or ``{"transport": "http", "url": "https://mcp.example.com/mcp", "headers": {"Authorization":
+"Bearer {secret:TOKEN}"}, "allowed_hosts": ["mcp.example.com"], "allow_private": false}``
+for a streamable HTTP server, fenced as an http tool is: the url's host must be one of
+``allowed_hosts``; every address it resolves to must be public unless ``allow_private``;
+the connection goes to the address that was checked (``PinnedBackend``). Rows are made by
 ``manage.py mcp_import``; each call opens its own session (a stdio server is started for
 the call and stopped after it), so a worker keeps no connection between steps.
 
@@ -24,6 +27,7 @@ import asyncio
 import math
 import re
 import shlex
+import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -34,15 +38,25 @@ from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import httpcore2
 import httpx2
 from django.conf import settings
+from httpcore2._backends.auto import AutoBackend
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, PaginatedRequestParams
 
-from agentops.runtime.secrets import PREFIX, SecretMissing, config_resolve, secret_errors
-from agentops.runtime.tools.base import ToolContext, ToolResult, arguments_errors
+from agentops.config import EXACT_COMMAND_MARK
+from agentops.runtime.secrets import (
+    PREFIX,
+    SecretMissing,
+    config_resolve,
+    excerpt_redacted,
+    secret_errors,
+)
+from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
+from agentops.runtime.tools.http import Deadline, addresses_checked, allowed_hosts_errors
 
 if TYPE_CHECKING:
     from tasks.models import Tool
@@ -51,7 +65,10 @@ STDIO = "stdio"
 HTTP = "http"
 TRANSPORTS = (STDIO, HTTP)
 CONFIG_KEYS = {"server", "tool", "annotations"}
-SERVER_KEYS = {STDIO: {"transport", "command", "env"}, HTTP: {"transport", "url", "headers"}}
+SERVER_KEYS = {
+    STDIO: {"transport", "command", "env"},
+    HTTP: {"transport", "url", "headers", "allowed_hosts", "allow_private"},
+}
 # A first word that means "the Python running this worker": the server then runs with
 # the worker's own interpreter and packages, whatever python is first on PATH.
 PYTHON_WORDS = ("python", "python3")
@@ -73,14 +90,66 @@ LOADER_ENV_PREFIXES = (
     "PIP_",
     "GIT_",
     "BASH_FUNC_",
+    # Code loaded by libraries every program links (OpenSSL engines, glibc's iconv
+    # modules and locales, its tunables and malloc), where traffic goes and whom TLS
+    # trusts, and where programs find their configuration and temporary files.
+    "OPENSSL_",
+    "SSL_",
+    "SSLKEYLOG",
+    "GLIBC_",
+    "MALLOC_",
+    "XDG_",
+    "CARGO_",
+    "RUSTUP_",
+    "DENO_",
+    "BUN_",
+    "GEM_",
+    "BUNDLE_",
 )
-LOADER_ENV_NAMES = {"PATH", "HOME", "BASH_ENV", "ENV", "SHELLOPTS", "PS4", "IFS", "CLASSPATH"}
+LOADER_ENV_SUFFIXES = ("_PROXY", "_CA_BUNDLE", "_CA_CERTS")
+LOADER_ENV_NAMES = {
+    "PATH",
+    "HOME",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "PS4",
+    "IFS",
+    "CLASSPATH",
+    "GCONV_PATH",
+    "LOCPATH",
+    "NLSPATH",
+    "TMPDIR",
+    "TMP",
+    "TEMP",
+    "TZDIR",
+    "HOSTALIASES",
+    "RES_OPTIONS",
+    "LOCALDOMAIN",
+    "TERMINFO",
+    "SHELL",
+    "EDITOR",
+    "VISUAL",
+    "PAGER",
+    "BROWSER",
+    "NETRC",
+    "GOFLAGS",
+    "GOPROXY",
+    "GOROOT",
+    "GOPATH",
+    "GOENV",
+    "GOTOOLCHAIN",
+}
+# A stdio server's env names: upper-case letters, digits and underscores. Lower-case
+# names (https_proxy, npm_config_*) are how many programs read the same settings.
+ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 # Starting a stdio server (an interpreter and its imports) takes a second or two; one
 # that has not finished the handshake in this long is taken as down. Not part of the
 # tool's timeout_seconds, which bounds the call itself.
 CONNECT_SECONDS = 15.0
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STDERR_TAIL = 500
+STDERR_READ = 65536
 # Where the idempotency key goes in the request's _meta, for servers that dedupe on it.
 IDEMPOTENCY_META_KEY = "agentops/idempotency-key"
 
@@ -154,9 +223,29 @@ def server_errors(server: Any) -> list[str]:
             problems += command_errors(command)
         problems += string_map_errors(server, "env")
         problems += loader_env_errors(server.get("env"))
+        problems += env_value_errors(server.get("env"))
     else:
         problems += url_errors(server.get("url"))
         problems += string_map_errors(server, "headers")
+        problems += address_fence_errors(server)
+    return problems
+
+
+def address_fence_errors(server: dict) -> list[str]:
+    """The http tool's fence, with its names: ``allowed_hosts`` (required, the exact host
+    names the server may be reached at; the url's host must be one) and
+    ``allow_private`` (default false: every address the host resolves to must be
+    public, checked when the call connects)."""
+    allowed = server.get("allowed_hosts")
+    problems = [f"{problem}" for problem in allowed_hosts_errors(allowed)]
+    if not isinstance(server.get("allow_private", False), bool):
+        problems.append("allow_private must be true or false")
+    url = server.get("url")
+    if problems or not isinstance(url, str) or url_errors(url):
+        return problems
+    host = urlsplit(url).hostname
+    if host not in {name.lower() for name in allowed}:
+        problems.append(f"the url's host {host} is not in allowed_hosts ({', '.join(allowed)})")
     return problems
 
 
@@ -170,12 +259,17 @@ def command_key(words: list[str]) -> list[str]:
 
 def command_allowed(command: list[str]) -> bool:
     """Whether the deployment lets workers run ``command``: it starts with one of
-    AGENTOPS_MCP_COMMANDS, word for word (later words are the server's arguments)."""
+    AGENTOPS_MCP_COMMANDS, word for word (later words are the server's arguments), or it
+    is one marked exact (first word ``=``), word for word with nothing after."""
     key = command_key(command)
-    return any(
-        allowed and key[: len(allowed)] == command_key(allowed)
-        for allowed in settings.AGENTOPS_MCP_COMMANDS
-    )
+    for allowed in settings.AGENTOPS_MCP_COMMANDS:
+        exact = bool(allowed) and allowed[0] == EXACT_COMMAND_MARK
+        words = command_key(allowed[1:] if exact else allowed)
+        if not words:
+            continue
+        if key == words if exact else key[: len(words)] == words:
+            return True
+    return False
 
 
 def command_errors(command: list[str]) -> list[str]:
@@ -190,14 +284,46 @@ def command_errors(command: list[str]) -> list[str]:
 
 
 def loader_env_errors(env: Any) -> list[str]:
+    """A stdio server's env names: upper case (``ENV_NAME``), and none that steers what
+    a program loads or runs, where its traffic goes or whom it trusts. A net under
+    ``env_value_errors``, which is the fence: a name's value is always the deployment's."""
+    if not isinstance(env, dict):
+        return []
+    problems = []
+    for name in env:
+        if not isinstance(name, str):
+            continue
+        upper = name.upper()
+        if (
+            upper in LOADER_ENV_NAMES
+            or upper.startswith(LOADER_ENV_PREFIXES)
+            or upper.endswith(LOADER_ENV_SUFFIXES)
+        ):
+            problems.append(
+                f"env.{name}: a stdio server's environment may not set {name}, which changes "
+                "what the program loads or runs, where its traffic goes or what it trusts"
+            )
+        elif not ENV_NAME.fullmatch(name):
+            problems.append(
+                f"env.{name}: a stdio server's env names are upper-case letters, digits and "
+                "underscores, starting with a letter"
+            )
+    return problems
+
+
+def env_value_errors(env: Any) -> list[str]:
+    """Every value of a stdio server's env is a secret, ``secret:NAME``: a value the
+    deployment set in the worker's environment. A plain value would be the tool's author
+    telling an allowed server what to do (a root directory, a proxy, a config file), as
+    an argument after an exact command would."""
     if not isinstance(env, dict):
         return []
     return [
-        f"env.{name}: a stdio server's environment may not set {name}, which changes what "
-        "the program loads or runs"
-        for name in env
-        if isinstance(name, str)
-        and (name.upper() in LOADER_ENV_NAMES or name.upper().startswith(LOADER_ENV_PREFIXES))
+        f"env.{name}: {value!r} is not a secret: a stdio server's env takes only "
+        "secret:NAME values, read from the worker's environment (put a plain setting there "
+        "as a TOOL_SECRET_… variable and name it)"
+        for name, value in env.items()
+        if isinstance(value, str) and not value.startswith(PREFIX)
     ]
 
 
@@ -239,7 +365,8 @@ def server_describe(server: dict) -> str:
 
 def stdio_parameters(server: dict) -> StdioServerParameters:
     command = list(server["command"])
-    # The last door before a process starts, whatever path led here.
+    # The last door before a process starts, whatever path led here. (Its env is
+    # resolved by now: the values were checked to be secrets with the stored config.)
     for problem in command_errors(command) + loader_env_errors(server.get("env")):
         raise McpUnavailable(problem)
     if command[0] in PYTHON_WORDS:
@@ -250,23 +377,96 @@ def stdio_parameters(server: dict) -> StdioServerParameters:
 # Sessions ----------------------------------------------------------------------------
 
 
+class McpRefused(McpUnavailable):
+    """The server's address is one the tool may not reach: nothing was sent, and trying
+    again would not help."""
+
+
+Addresses = list[tuple[int, tuple]]
+
+
+def server_addresses(server: dict, *, seconds: float) -> Addresses:
+    """The addresses an http server's host resolves to, each checked as an http tool's
+    are (``addresses_checked``): raises McpRefused for one the config does not allow,
+    McpUnavailable if the name cannot be looked up."""
+    parts = urlsplit(server["url"])
+    try:
+        return addresses_checked(
+            parts.hostname or "",
+            parts.port or (443 if parts.scheme == "https" else 80),
+            label=f"the MCP server {server_describe(server)}",
+            allow_private=server.get("allow_private", False),
+            deadline=Deadline(seconds),
+        )
+    except ToolError as error:
+        raise (McpUnavailable if error.transient else McpRefused)(str(error)) from None
+
+
+class PinnedBackend(AutoBackend):
+    """httpcore's network backend, connecting only to the addresses already checked for
+    the server's host, never looking the name up again (a second answer could be a
+    private address: DNS rebinding). The Host header and the TLS certificate check still
+    use the name: httpcore passes it to ``start_tls`` itself."""
+
+    def __init__(self, host: str, addresses: Addresses) -> None:
+        super().__init__()
+        self.host = host.lower()
+        self.addresses = addresses
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> Any:
+        if host.strip("[]").lower() != self.host:
+            raise httpcore2.ConnectError(f"refused: {host} is not the server's checked host")
+        failure: Exception | None = None
+        for _, sockaddr in self.addresses:
+            try:
+                return await super().connect_tcp(
+                    sockaddr[0], port, timeout, local_address, socket_options
+                )
+            except (httpcore2.ConnectError, httpcore2.ConnectTimeout) as error:
+                failure = error
+        raise failure or httpcore2.ConnectError(f"{host}: no address to connect to")
+
+
 @asynccontextmanager
-async def http_streams(server: dict) -> AsyncIterator[tuple[Any, Any]]:
+async def http_streams(server: dict, addresses: Addresses) -> AsyncIterator[tuple[Any, Any]]:
     # The mcp package takes headers through the HTTP client it is given; it leaves
-    # closing a client it did not create to the caller.
+    # closing a client it did not create to the caller. No proxy or certificate from the
+    # environment (trust_env off: a proxy would make the checked address moot); the
+    # system's trust store, as the http tool has it.
+    transport = httpx2.AsyncHTTPTransport(verify=ssl.create_default_context(), trust_env=False)
+    # httpx2 takes no network backend; its pool reads this one for every connection
+    # (tests/runtime/tools/test_mcp.py proves the pin holds).
+    transport._pool._network_backend = PinnedBackend(
+        urlsplit(server["url"]).hostname or "", addresses
+    )
     async with (
         httpx2.AsyncClient(
-            headers=server.get("headers") or {}, timeout=httpx2.Timeout(30.0, read=300.0)
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+            headers=server.get("headers") or {},
+            timeout=httpx2.Timeout(30.0, read=300.0),
         ) as client,
         streamable_http_client(server["url"], http_client=client) as streams,
     ):
         yield streams
 
 
-def transport_open(server: dict, errlog: TextIO) -> AbstractAsyncContextManager:
+def transport_open(
+    server: dict, errlog: TextIO, addresses: Addresses | None
+) -> AbstractAsyncContextManager:
     if server["transport"] == STDIO:
         return stdio_client(stdio_parameters(server), errlog=errlog)
-    return http_streams(server)
+    if addresses is None:  # a caller that skipped the check reaches nothing
+        raise McpRefused("the MCP server's address was not checked; nothing was sent")
+    return http_streams(server, addresses)
 
 
 @dataclass
@@ -279,6 +479,7 @@ class Attempt:
     error: BaseException | None = None
     timed_out: bool = False
     stderr: str = field(default="", repr=False)
+    stderr_cut: bool = False  # stderr is the end of a longer text
 
 
 async def session_run(
@@ -287,10 +488,12 @@ async def session_run(
     *,
     connect_seconds: float,
     work_seconds: float,
+    addresses: Addresses | None = None,
 ) -> Attempt:
     """Open a session with a resolved server config, initialise it, and run ``work``;
     the handshake and the work each have their own deadline. Never raises for the
-    server's sake: the Attempt says what happened."""
+    server's sake: the Attempt says what happened. An http server is reached only at
+    ``addresses`` (``server_addresses``)."""
     attempt = Attempt()
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
         # One scope whose deadline moves from the handshake to the work: a scope of
@@ -299,7 +502,9 @@ async def session_run(
             scope.deadline = anyio.current_time() + connect_seconds
             try:
                 async with AsyncExitStack() as stack:
-                    read, write = await stack.enter_async_context(transport_open(server, errlog))
+                    read, write = await stack.enter_async_context(
+                        transport_open(server, errlog, addresses)
+                    )
                     session = await stack.enter_async_context(ClientSession(read, write))
                     await session.initialize()
                     attempt.phase = "work"
@@ -315,8 +520,11 @@ async def session_run(
             scope.cancel_called or scope.cancelled_caught
         )
         if server["transport"] == STDIO:
-            errlog.seek(0)
-            attempt.stderr = errlog.read()[-STDERR_TAIL:].strip()
+            # The tail only, cut again once redacted (``unavailable_message``).
+            size = errlog.seek(0, 2)
+            errlog.seek(max(0, size - STDERR_READ))
+            attempt.stderr = errlog.read()
+            attempt.stderr_cut = size > STDERR_READ
     return attempt
 
 
@@ -338,8 +546,11 @@ def error_text(error: BaseException | None) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def unavailable_message(server: dict, attempt: Attempt, connect_seconds: float) -> str:
-    """Why a session never got as far as asking the server anything."""
+def unavailable_message(
+    server: dict, attempt: Attempt, connect_seconds: float, secrets: dict[str, str]
+) -> str:
+    """Why a session never got as far as asking the server anything, with the end of
+    what a stdio server printed, redacted before it is cut (``excerpt_redacted``)."""
     where = server_describe(server)
     if attempt.timed_out:
         message = (
@@ -351,8 +562,11 @@ def unavailable_message(server: dict, attempt: Attempt, connect_seconds: float) 
         message = f"the MCP server {where} did not start a session: {error_text(attempt.error)}"
     else:
         message = f"could not reach the MCP server {where}: {error_text(attempt.error)}"
-    if attempt.stderr:
-        message += f" (its stderr: {' '.join(attempt.stderr.split())})"
+    stderr = excerpt_redacted(
+        attempt.stderr, secrets, limit=STDERR_TAIL, from_end=True, cut=attempt.stderr_cut
+    )
+    if stderr:
+        message += f" (its stderr: {stderr})"
     return message
 
 
@@ -369,10 +583,16 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, Attempt]]) -> Attempt:
 
 
 def tools_list(
-    server: dict, *, timeout: float, describe_as: dict | None = None
+    server: dict,
+    *,
+    timeout: float,
+    describe_as: dict | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> list[ServerTool]:
     """The tools a server lists, every page. ``server`` is resolved (secrets filled
-    in); ``describe_as`` is the stored form used in messages. Raises McpUnavailable."""
+    in, their values in ``secrets``); ``describe_as`` is the stored form used in
+    messages. Raises McpRefused for an address the config does not allow,
+    McpUnavailable for a server that cannot be reached or does not list."""
 
     async def listing(session: ClientSession) -> list[Any]:
         tools, cursor = [], None
@@ -385,12 +605,15 @@ def tools_list(
             if not cursor:
                 return tools
 
-    attempt = run_sync(
-        lambda: session_run(server, listing, connect_seconds=timeout, work_seconds=timeout)
-    )
     shown = describe_as or server
+    addresses = server_addresses(server, seconds=timeout) if server["transport"] == HTTP else None
+    attempt = run_sync(
+        lambda: session_run(
+            server, listing, connect_seconds=timeout, work_seconds=timeout, addresses=addresses
+        )
+    )
     if attempt.phase == "connect":
-        raise McpUnavailable(unavailable_message(shown, attempt, timeout))
+        raise McpUnavailable(unavailable_message(shown, attempt, timeout, secrets or {}))
     if attempt.phase == "work":
         why = f"no answer within {timeout:g} s" if attempt.timed_out else error_text(attempt.error)
         raise McpUnavailable(
@@ -449,9 +672,19 @@ class McpExecutor:
             )
         stored = tool.config["server"]
         try:
-            server, _ = config_resolve(stored)
+            server, secrets = config_resolve(stored)
         except SecretMissing as error:
             return ToolResult(ok=False, error=f"{tool.name} cannot be called: {error}")
+        addresses = None
+        if server["transport"] == HTTP:
+            try:
+                addresses = server_addresses(server, seconds=CONNECT_SECONDS)
+            except McpUnavailable as error:
+                return ToolResult(
+                    ok=False,
+                    error=f"{error}; nothing was called",
+                    transient=not isinstance(error, McpRefused),
+                )
         name = tool.config["tool"]
         meta = {IDEMPOTENCY_META_KEY: context.idempotency_key}
 
@@ -460,13 +693,17 @@ class McpExecutor:
 
         attempt = run_sync(
             lambda: session_run(
-                server, call, connect_seconds=CONNECT_SECONDS, work_seconds=tool.timeout_seconds
+                server,
+                call,
+                connect_seconds=CONNECT_SECONDS,
+                work_seconds=tool.timeout_seconds,
+                addresses=addresses,
             )
         )
         if attempt.phase == "connect":
             return ToolResult(
                 ok=False,
-                error=unavailable_message(stored, attempt, CONNECT_SECONDS)
+                error=unavailable_message(stored, attempt, CONNECT_SECONDS, secrets)
                 + "; nothing was called",
                 transient=True,
             )

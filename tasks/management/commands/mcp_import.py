@@ -1,12 +1,17 @@
-"""``manage.py mcp_import PREFIX (--stdio "COMMAND ARGS" | --url URL)``: list a Model
-Context Protocol server's tools and make one Tool row per tool, named ``PREFIX_<tool>``,
-so that each can be granted (and gated) on its own.
+"""``manage.py mcp_import PREFIX (--stdio "COMMAND ARGS" | --url URL [--allow-private])``:
+list a Model Context Protocol server's tools and make one Tool row per tool, named
+``PREFIX_<tool>``, so that each can be granted (and gated) on its own.
 
 A tool is imported as read-only only when the server's annotations say so *and* the
 operator agrees with ``--accept-read-only``: annotations are the server's claim, not a
 guarantee. Everything else is irreversible until the operator lowers it in the admin.
 Re-importing updates a row's schema, description and config and keeps what the operator
 set: side effect, idempotency, always-approve, timeout and retries.
+
+A server at a URL is fenced as an http tool is: its rows name the URL's host as their
+only ``allowed_hosts``, and a host that resolves to a private, loopback or other
+non-public address is refused unless ``--allow-private`` is given (the rows then carry
+``allow_private``), here and at every call.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -31,6 +37,7 @@ from agentops.runtime.tools.base import (
 from agentops.runtime.tools.mcp import (
     HTTP,
     STDIO,
+    McpRefused,
     McpUnavailable,
     ServerTool,
     config_errors,
@@ -102,6 +109,14 @@ def schema_problem(schema: dict) -> str:
     return ""
 
 
+def url_host(url: str) -> str:
+    """The host of ``url``, or "" if it has none (server_errors then says what is wrong)."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
 def pairs_parse(values: list[str], option: str, example: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for value in values:
@@ -147,6 +162,13 @@ class Command(BaseCommand):
             "from the worker's environment at call time (repeatable)",
         )
         parser.add_argument(
+            "--allow-private",
+            action="store_true",
+            help="with --url: let the tools reach a server whose host is a private, loopback "
+            "or other non-public address (as an http tool's allow_private); without it such a "
+            "server is refused",
+        )
+        parser.add_argument(
             "--accept-read-only",
             action="store_true",
             help="import tools the server marks read-only as read (they then run without a "
@@ -172,11 +194,16 @@ class Command(BaseCommand):
             raise CommandError(f"--timeout must be a positive number, not {options['timeout']:g}")
         server = self.server_config(options)
         try:
-            resolved, _ = config_resolve(server)
+            resolved, secrets = config_resolve(server)
         except SecretMissing as error:
             raise CommandError(f"cannot reach the server: {error}") from None
         try:
-            listed = tools_list(resolved, timeout=options["timeout"], describe_as=server)
+            listed = tools_list(
+                resolved, timeout=options["timeout"], describe_as=server, secrets=secrets
+            )
+        except McpRefused as error:
+            hint = "" if options["allow_private"] else "; to import it, pass --allow-private"
+            raise CommandError(f"{error}{hint}; nothing was imported") from None
         except McpUnavailable as error:
             raise CommandError(f"{error}; nothing was imported") from None
         if not listed:
@@ -204,6 +231,8 @@ class Command(BaseCommand):
         if options["stdio"] is not None:
             if headers:
                 raise CommandError("--header goes with --url; a stdio server takes --env")
+            if options["allow_private"]:
+                raise CommandError("--allow-private goes with --url; a stdio server has no address")
             try:
                 command = shlex.split(options["stdio"])
             except ValueError as error:
@@ -219,6 +248,11 @@ class Command(BaseCommand):
             server = {"transport": HTTP, "url": options["url"]}
             if headers:
                 server["headers"] = headers
+            host = url_host(options["url"])
+            if host:
+                server["allowed_hosts"] = [host]
+            if options["allow_private"]:
+                server["allow_private"] = True
         problems = server_errors(server) + secret_errors(server)
         if problems:
             raise CommandError("; ".join(problems).replace("url: ", "--url: "))

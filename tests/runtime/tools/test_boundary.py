@@ -362,7 +362,7 @@ def test_a_stdio_server_env_may_not_change_what_the_program_loads(name):
         "server": {
             "transport": "stdio",
             "command": ["python", "-m", "mcp_server_time"],
-            "env": {name: "/tmp/x"},
+            "env": {name: "secret:TOOL_SECRET_X"},
         },
         "tool": "get_current_time",
     }
@@ -493,3 +493,188 @@ def test_tools_check_lists_each_stored_tool_a_call_would_refuse_and_why():
     out = StringIO()
     call_command("tools_check", stdout=out)
     assert f"All {Tool.objects.count()} tools pass the checks." in out.getvalue()
+
+
+# Second review of issue 11 -------------------------------------------------------------
+
+REVIEW_SECRET = "s3cr3t-Tok3n-ABCDEFGH-0123456789"
+
+
+def review_echoes() -> dict[str, str]:
+    import base64
+
+    data = REVIEW_SECRET.encode()
+    return {
+        "json-escaped": "".join(f"\\u{ord(c):04x}" for c in REVIEW_SECRET),
+        "json-escaped-upper": "".join(f"\\u{ord(c):04X}" for c in REVIEW_SECRET),
+        "json-escaped-some": REVIEW_SECRET[:5] + "\\u0074" + REVIEW_SECRET[6:],
+        "html-decimal": "".join(f"&#{ord(c)};" for c in REVIEW_SECRET),
+        "html-hex": "".join(f"&#x{ord(c):x};" for c in REVIEW_SECRET),
+        "url-every-character": "".join(f"%{b:02X}" for b in data),
+        "base32": base64.b32encode(data).decode(),
+        "base32-unpadded-lower": base64.b32encode(data).decode().rstrip("=").lower(),
+        "base32-inside-longer": base64.b32encode(b"user:" + data).decode(),
+    }
+
+
+@pytest.mark.parametrize("encoding", list(review_echoes()))
+def test_a_secret_echoed_escaped_or_in_base32_is_redacted(encoding):
+    echo = review_echoes()[encoding]
+    out = redact({"body": f"token={echo};"}, {"TOOL_SECRET_T": REVIEW_SECRET})
+    assert "[secret:TOOL_SECRET_T]" in out["body"], out
+    assert REVIEW_SECRET[4:12].lower() not in out["body"].lower()
+
+
+def test_a_short_secret_is_redacted_only_as_it_is():
+    out = redact("code=&#97;&#98;&#99; and ABC", {"TOOL_SECRET_PIN": "abc"})
+    assert out == "code=&#97;&#98;&#99; and [secret:TOOL_SECRET_PIN]"
+
+
+def test_a_secret_inside_another_is_redacted_as_the_longer():
+    secrets = {"TOOL_SECRET_PW": "hunter22-long", "TOOL_SECRET_URL": "pg://u:hunter22-long@db/x"}
+    assert redact("at pg://u:hunter22-long@db/x", secrets) == "at [secret:TOOL_SECRET_URL]"
+
+
+@pytest.mark.parametrize("from_end", [False, True])
+def test_an_excerpt_of_a_cut_text_drops_what_may_hold_part_of_a_secret(from_end):
+    from agentops.runtime.secrets import excerpt_redacted
+
+    # What a far side sent was cut mid-secret (at the end, or at the start of a tail).
+    piece = REVIEW_SECRET[:12] if not from_end else REVIEW_SECRET[-12:]
+    text = "ok " * 40 + piece if not from_end else piece + " ok" * 40
+    out = excerpt_redacted(
+        text, {"TOOL_SECRET_T": REVIEW_SECRET}, limit=300, from_end=from_end, cut=True
+    )
+    assert piece not in out and "ok" not in out  # the margin is 12 characters a character
+    assert excerpt_redacted(text, {}, limit=300, from_end=from_end, cut=True).count(piece) == 1
+
+
+def test_an_exact_mcp_command_allows_no_further_argument(settings):
+    entry = ["=", "npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/data"]
+    settings.AGENTOPS_MCP_COMMANDS = [entry, ["python", "-m", "mcp_server_time"]]
+    assert command_allowed(entry[1:])
+    for wider in ([*entry[1:], "/"], [*entry[1:4], "/"], entry[1:4]):
+        assert not command_allowed(wider), wider
+    # A prefix entry still allows the server's arguments.
+    assert command_allowed(["python", "-m", "mcp_server_time", "--local-timezone", "UTC"])
+
+
+def test_the_reviewers_filesystem_entry_made_exact_refuses_the_whole_disk(settings):
+    from agentops.runtime.tools.mcp import command_errors
+
+    settings.AGENTOPS_MCP_COMMANDS = [["=", "npx", "-y", "@modelcontextprotocol/server-filesystem"]]
+    [error] = command_errors(["npx", "-y", "@modelcontextprotocol/server-filesystem", "/"])
+    assert "is not a command MCP servers may run" in error
+
+
+def test_exact_entries_are_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv(
+        "AGENTOPS_MCP_COMMANDS",
+        "=npx -y @x/fs /data, = python -m srv --ro, python -m mcp_server_time",
+    )
+    assert env_commands("AGENTOPS_MCP_COMMANDS") == [
+        ["=", "npx", "-y", "@x/fs", "/data"],
+        ["=", "python", "-m", "srv", "--ro"],
+        ["python", "-m", "mcp_server_time"],
+    ]
+    monkeypatch.setenv("AGENTOPS_MCP_COMMANDS", "python -m x, =")
+    with pytest.raises(ImproperlyConfigured, match=r"AGENTOPS_MCP_COMMANDS: the entry '=' names"):
+        env_commands("AGENTOPS_MCP_COMMANDS")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "OPENSSL_CONF",
+        "GCONV_PATH",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "ALL_PROXY",
+        "https_proxy",
+        "SSL_CERT_FILE",
+        "XDG_CONFIG_HOME",
+        "TMPDIR",
+        "LOCPATH",
+        "GLIBC_TUNABLES",
+        "REQUESTS_CA_BUNDLE",
+        "npm_config_registry",
+    ],
+)
+def test_a_stdio_server_env_may_not_steer_the_process(name):
+    from agentops.runtime.tools.mcp import loader_env_errors
+
+    [error] = loader_env_errors({name: "secret:TOOL_SECRET_X"})
+    assert error.startswith(f"env.{name}: ")
+
+
+def test_a_stdio_server_env_takes_only_secrets():
+    config = {
+        "server": {
+            "transport": "stdio",
+            "command": ["python", "-m", "mcp_server_time"],
+            "env": {"API_KEY": "secret:TOOL_SECRET_TZ", "ROOT": "/", "MODE": "Bearer {secret:X}"},
+        },
+        "tool": "get_current_time",
+    }
+    errors = executor_for_kind("mcp").config_errors(config)
+    assert [error.split(": ")[1] for error in errors if "is not a secret" in error] == [
+        "env.ROOT",
+        "env.MODE",
+    ]
+    assert not any("API_KEY" in error for error in errors)
+
+
+def test_a_stdio_tool_saved_with_a_plain_env_value_is_refused_at_the_call():
+    stored = Tool(
+        name="time_rooted",
+        kind="mcp",
+        side_effect="read",
+        input_schema={"type": "object"},
+        config={
+            "server": {
+                "transport": "stdio",
+                "command": ["python", "-m", "mcp_server_time"],
+                "env": {"TZ": "UTC"},
+            },
+            "tool": "get_current_time",
+        },
+    )
+    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
+    result = executor_for_kind("mcp").execute(stored, {}, context)
+    assert not result.ok and not result.transient
+    assert "env.TZ: 'UTC' is not a secret" in result.error
+
+
+def test_the_admin_refuses_a_read_get_tool_with_a_method_override_header(admin_client):
+    config = {
+        "method": "GET",
+        "url": "https://api.example.com/items",
+        "allowed_hosts": ["api.example.com"],
+        "headers": {"X-HTTP-Method-Override": "DELETE"},
+    }
+    assert tool_side_effect_errors(kind="http", config=config, side_effect="read") == [
+        "The header X-HTTP-Method-Override asks the server to take the request as another "
+        "method (such as DELETE), so a read-only tool may not send it: remove it, or declare "
+        "the tool reversible or irreversible."
+    ]
+    response = admin_client.post(
+        "/admin/tasks/tool/add/",
+        {
+            "name": "items_list",
+            "kind": "http",
+            "description": "List items.",
+            "input_schema": json.dumps({"type": "object"}),
+            "side_effect": "read",
+            "idempotency": "none",
+            "retry_max_attempts": "3",
+            "retry_backoff_seconds": "0.5",
+            "timeout_seconds": "5",
+            "available": "on",
+            "config": json.dumps(config),
+        },
+    )
+    assert response.status_code == 200
+    assert "X-HTTP-Method-Override asks the server" in str(
+        response.context["adminform"].form.errors["side_effect"]
+    )
+    assert not Tool.objects.filter(name="items_list").exists()

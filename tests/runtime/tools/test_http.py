@@ -17,7 +17,7 @@ import pytest
 
 from agentops.runtime.engine import Outcome
 from agentops.runtime.tools import ToolContext, executor_for_kind
-from agentops.runtime.tools.http import HttpExecutor, address_refusal
+from agentops.runtime.tools.http import HttpExecutor, address_refusal, side_effect_errors
 from lineage.models import LineageEvent
 from tasks.models import Run, RunStatus, Step, StepStatus, Tool
 from tasks.services import run_start
@@ -610,3 +610,77 @@ def test_https_refuses_an_untrusted_certificate(tls_service, monkeypatch, tmp_pa
     assert not result.ok and not result.transient
     assert "the server's TLS certificate was refused" in result.error
     assert tls_service.hits() == 0
+
+
+# Redaction before the cut (issue 11 review) ----------------------------------------------
+
+CUT_SECRET = "s3cr3t-Tok3n-ABCDEFGH-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("path", "description"),
+    [
+        ("/fail-echo/290", "the token straddles the 300-character excerpt's cut"),
+        (
+            f"/fail-echo/{16384 - 14}?fill=space",
+            "the token straddles the 16,384-byte cut of the error body, and the spaces "
+            "before it collapse, bringing its first part into the excerpt",
+        ),
+    ],
+)
+def test_an_error_excerpt_is_redacted_before_it_is_cut(service, monkeypatch, path, description):
+    monkeypatch.setenv("TOOL_SECRET_CUT", CUT_SECRET)
+    tool = http_tool(
+        service.url + path, config_headers={"Authorization": "Bearer {secret:TOOL_SECRET_CUT}"}
+    )
+
+    result = call(tool)
+
+    assert not result.ok and "answered 400" in result.error
+    for piece in (CUT_SECRET[:6], CUT_SECRET[-6:]):
+        assert piece not in result.error, description
+    assert service.received()[0].headers["authorization"] == f"Bearer {CUT_SECRET}"
+
+
+# Method overrides on a read tool (issue 11 review) ---------------------------------------
+
+
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "x-http-method", "X-METHOD-OVERRIDE"])
+def test_a_read_tool_may_not_send_a_method_override_header(header):
+    config = {
+        "method": "GET",
+        "url": "https://api.example.com/items/{id}",
+        "allowed_hosts": ["api.example.com"],
+        "headers": {header: "DELETE"},
+    }
+    [error] = side_effect_errors(config, "read")
+    assert error.startswith(f"the header {header} asks the server to take the request as")
+    # Any other side effect already puts a person at the gate: the header is the tool's.
+    assert side_effect_errors(config, "reversible") == []
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"url": "https://api.example.com/items?_method=DELETE"},
+        {"url": "https://api.example.com/items", "query": {"_METHOD": "{verb}"}},
+    ],
+)
+def test_a_read_tool_may_not_send_a_method_override_parameter(where):
+    config = {"method": "GET", "allowed_hosts": ["api.example.com"], **where}
+    [error] = side_effect_errors(config, "read")
+    assert "asks the server to take the request as another method" in error
+
+
+def test_a_read_tool_saved_with_an_override_header_is_refused_at_the_call(service):
+    tool = http_tool(
+        service.url + "/items/{id}",
+        config_headers={"X-HTTP-Method-Override": "{verb}"},
+        side_effect="read",
+    )
+
+    result = call(tool, {"id": "7", "verb": "DELETE"})
+
+    assert not result.ok and not result.transient
+    assert "X-HTTP-Method-Override asks the server" in result.error
+    assert service.hits() == 0

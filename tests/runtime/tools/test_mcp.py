@@ -22,6 +22,7 @@ from tasks.governance import tool_trail_uuid
 from tasks.models import Run, RunStatus, StepStatus, TaskVersion, Tool
 from tasks.services import run_start
 from tests.conftest import run_until_rest
+from tests.peers.http_service import HttpService
 from tests.peers.mcp_server import McpPeer, free_port
 
 pytestmark = pytest.mark.django_db
@@ -147,7 +148,7 @@ def test_a_stdio_server_that_exits_says_what_it_printed(settings):
 
 
 def test_http_tools_import_with_names_made_to_fit(mcp_peer):
-    out = mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    out = mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
 
     assert set(Tool.objects.filter(kind="mcp").values_list("name", flat=True)) == {
         "srv_add",
@@ -158,7 +159,12 @@ def test_http_tools_import_with_names_made_to_fit(mcp_peer):
     }
     add = Tool.objects.get(name="srv_add")
     assert (add.side_effect, add.idempotency) == ("read", "key")
-    assert add.config["server"] == {"transport": "http", "url": mcp_peer.url}
+    assert add.config["server"] == {
+        "transport": "http",
+        "url": mcp_peer.url,
+        "allowed_hosts": ["127.0.0.1"],
+        "allow_private": True,
+    }
     assert add.config["annotations"] == {"read_only_hint": True, "idempotent_hint": True}
     fail = Tool.objects.get(name="srv_fail")
     assert (fail.side_effect, fail.idempotency) == ("irreversible", "none")
@@ -168,7 +174,7 @@ def test_http_tools_import_with_names_made_to_fit(mcp_peer):
 
 
 def test_add_runs_through_the_engine(mcp_peer, make_task, operator):
-    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
 
     run = run_one_call(make_task, operator, "srv_add", {"a": 2, "b": 3})
 
@@ -179,7 +185,7 @@ def test_add_runs_through_the_engine(mcp_peer, make_task, operator):
 
 
 def test_a_tool_error_is_a_failed_step_with_the_servers_text(mcp_peer, make_task, operator):
-    mcp_import("srv", "--url", mcp_peer.url)
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
 
     run = run_one_call(make_task, operator, "srv_fail", {"reason": "the ledger is closed"})
 
@@ -191,7 +197,7 @@ def test_a_tool_error_is_a_failed_step_with_the_servers_text(mcp_peer, make_task
 
 
 def test_arguments_are_checked_against_the_imported_schema(mcp_peer, make_task, operator):
-    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
 
     run = run_one_call(make_task, operator, "srv_add", {"a": "two"})
 
@@ -204,12 +210,12 @@ def test_arguments_are_checked_against_the_imported_schema(mcp_peer, make_task, 
 def test_an_unreachable_server_fails_the_import_and_writes_nothing():
     url = f"http://127.0.0.1:{free_port()}/mcp"
     with pytest.raises(CommandError, match=rf"could not reach the MCP server at {url}"):
-        mcp_import("srv", "--url", url)
+        mcp_import("srv", "--url", url, "--allow-private")
     assert not Tool.objects.filter(kind="mcp").exists()
 
 
 def test_an_unreachable_server_is_a_transient_failure_retried(mcp_peer, make_task, operator):
-    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
     tool = Tool.objects.get(name="srv_add")
     tool.config["server"]["url"] = f"http://127.0.0.1:{free_port()}/mcp"
     tool.retry_backoff_seconds = 0.0
@@ -234,7 +240,7 @@ def test_an_unreachable_server_is_a_transient_failure_retried(mcp_peer, make_tas
 def test_a_call_that_times_out_is_retried_only_if_the_tool_is_idempotent(
     mcp_peer, make_task, operator, idempotency, retries, says
 ):
-    mcp_import("srv", "--url", mcp_peer.url)
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
     Tool.objects.filter(name="srv_slow").update(
         timeout_seconds=0.5, idempotency=idempotency, retry_backoff_seconds=0.0
     )
@@ -255,6 +261,7 @@ def test_a_secret_header_is_sent_and_kept_out_of_the_record(
         "srv",
         "--url",
         mcp_peer.url,
+        "--allow-private",
         "--header",
         "Authorization=Bearer {secret:MCP_TEST_TOKEN}",
         "--accept-read-only",
@@ -274,12 +281,19 @@ def test_a_secret_header_is_sent_and_kept_out_of_the_record(
 def test_a_missing_secret_stops_the_import(mcp_peer, monkeypatch):
     monkeypatch.delenv("MCP_TEST_TOKEN", raising=False)
     with pytest.raises(CommandError, match="the secret MCP_TEST_TOKEN is not set"):
-        mcp_import("srv", "--url", mcp_peer.url, "--header", "X-Token=secret:MCP_TEST_TOKEN")
+        mcp_import(
+            "srv",
+            "--url",
+            mcp_peer.url,
+            "--allow-private",
+            "--header",
+            "X-Token=secret:MCP_TEST_TOKEN",
+        )
     assert not Tool.objects.filter(kind="mcp").exists()
 
 
 def test_reimport_keeps_what_the_operator_set(mcp_peer):
-    mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
     Tool.objects.filter(name="srv_add").update(
         side_effect="irreversible",
         always_approve=True,
@@ -288,7 +302,7 @@ def test_reimport_keeps_what_the_operator_set(mcp_peer):
         available=False,
     )
 
-    out = mcp_import("srv", "--url", mcp_peer.url, "--accept-read-only")
+    out = mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--accept-read-only")
 
     add = Tool.objects.get(name="srv_add")
     assert (add.side_effect, add.always_approve) == ("irreversible", True)
@@ -300,11 +314,11 @@ def test_reimport_keeps_what_the_operator_set(mcp_peer):
 
 
 def test_an_import_is_recorded_in_each_tools_trail(mcp_peer):
-    mcp_import("srv", "--url", mcp_peer.url)
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
     add = Tool.objects.get(name="srv_add")
     Tool.objects.filter(pk=add.pk).update(description="edited")
 
-    mcp_import("srv", "--url", mcp_peer.url)
+    mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
 
     trail = list(LineageEvent.objects.filter(run_uuid=tool_trail_uuid(add)).order_by("seq"))
     assert [(event.kind, event.actor) for event in trail] == [
@@ -327,12 +341,12 @@ def test_a_new_tool_may_not_take_a_name_a_task_version_calls(mcp_peer, make_task
     )
 
     with pytest.raises(CommandError, match=r"srv_add: .* v1 names a tool 'srv_add'"):
-        mcp_import("srv", "--url", mcp_peer.url)
+        mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
     assert not Tool.objects.filter(kind="mcp").exists()
 
 
 def test_a_dry_run_writes_nothing(mcp_peer):
-    out = mcp_import("srv", "--url", mcp_peer.url, "--dry-run")
+    out = mcp_import("srv", "--url", mcp_peer.url, "--allow-private", "--dry-run")
 
     assert "would create srv_add: irreversible" in out
     assert "Dry run: nothing was written." in out
@@ -342,7 +356,7 @@ def test_a_dry_run_writes_nothing(mcp_peer):
 def test_a_name_taken_by_another_kind_of_tool_stops_the_import(mcp_peer):
     Tool.objects.create(name="srv_add", kind="python", side_effect="read")
     with pytest.raises(CommandError, match="a python function tool is already named 'srv_add'"):
-        mcp_import("srv", "--url", mcp_peer.url)
+        mcp_import("srv", "--url", mcp_peer.url, "--allow-private")
     assert not Tool.objects.filter(kind="mcp").exists()
 
 
@@ -450,6 +464,8 @@ def test_good_configs_have_no_errors():
                     "transport": "http",
                     "url": "http://127.0.0.1:8765/mcp",
                     "headers": {"Authorization": "Bearer {secret:TOKEN}"},
+                    "allowed_hosts": ["127.0.0.1"],
+                    "allow_private": True,
                 },
                 "tool": "add",
                 "annotations": {"read_only_hint": True},
@@ -486,3 +502,149 @@ def test_a_missing_secret_at_call_time_is_named(monkeypatch):
     result = McpExecutor().execute(tool, {}, context)
     assert not result.ok
     assert "the secret MCP_ABSENT_TOKEN is not set" in result.error
+
+
+# The http transport's address fence (issue 11 review) ------------------------------------
+
+
+def http_mcp_tool(url: str, **server) -> Tool:
+    return Tool(
+        name="m",
+        kind="mcp",
+        side_effect="read",
+        input_schema={"type": "object"},
+        timeout_seconds=5,
+        config={
+            "server": {
+                "transport": "http",
+                "url": url,
+                "allowed_hosts": [url.split("//")[1].split("/")[0].rsplit(":", 1)[0].strip("[]")],
+                **server,
+            },
+            "tool": "add",
+        },
+    )
+
+
+def call_mcp(tool: Tool, arguments: dict | None = None):
+    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
+    return McpExecutor().execute(tool, arguments or {}, context)
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is a link-local address"),
+        ("http://127.0.0.1:5432/", "127.0.0.1 is a loopback address"),
+        ("http://[::1]:6379/", "::1 is a loopback address"),
+        ("http://10.1.2.3/mcp", "10.1.2.3 is a private address"),
+    ],
+)
+def test_an_http_server_at_a_private_address_is_refused_and_nothing_sent(url, says):
+    result = call_mcp(http_mcp_tool(url))
+    assert not result.ok and not result.transient
+    assert result.error.startswith(f"refused: {says}; this tool may reach only public addresses")
+    assert result.error.endswith("nothing was called")
+
+
+def test_a_name_that_resolves_to_loopback_is_refused_and_the_server_sees_nothing():
+    with HttpService() as service:
+        result = call_mcp(http_mcp_tool(f"http://localhost:{service.port}/mcp"))
+        assert not result.ok and not result.transient
+        assert result.error.startswith("refused: localhost resolves to ")
+        assert service.hits() == 0
+
+
+def test_allow_private_lets_the_tool_reach_the_local_server(mcp_peer):
+    result = call_mcp(http_mcp_tool(mcp_peer.url, allow_private=True), {"a": 2, "b": 3})
+    assert result.ok, result.error
+    assert result.value["content"] == ["5"]
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(mcp_peer, monkeypatch):
+    """DNS rebinding: the name is looked up once, checked, and connected to at that
+    address. Later lookups of the name here answer 127.0.0.2, where nothing listens; the
+    call still succeeds, and the name was looked up once. (A resolver that changes its
+    answer between lookups cannot run here, so getaddrinfo stands in for it.)"""
+    import socket
+
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "localhost":
+            lookups.append(host)
+            address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+            return real(address, port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://localhost:{mcp_peer.port}/mcp"
+
+    result = call_mcp(http_mcp_tool(url, allow_private=True), {"a": 1, "b": 1})
+
+    assert result.ok, result.error
+    assert lookups == ["localhost"]
+
+
+@pytest.mark.parametrize(
+    ("server", "says"),
+    [
+        ({"url": "http://h/mcp"}, "server: allowed_hosts is required"),
+        (
+            {"url": "http://h/mcp", "allowed_hosts": ["other"]},
+            "server: the url's host h is not in allowed_hosts (other)",
+        ),
+        (
+            {"url": "http://h/mcp", "allowed_hosts": ["h"], "allow_private": "yes"},
+            "server: allow_private must be true or false",
+        ),
+    ],
+)
+def test_the_address_fence_is_checked_when_saved(server, says):
+    errors = McpExecutor().config_errors({"server": {"transport": "http", **server}, "tool": "x"})
+    assert any(says in error for error in errors), errors
+
+
+def test_the_import_refuses_a_private_server_without_allow_private(mcp_peer):
+    with pytest.raises(CommandError) as refused:
+        mcp_import("srv", "--url", mcp_peer.url)
+    message = str(refused.value)
+    assert message.startswith("refused: 127.0.0.1 is a loopback address")
+    assert "pass --allow-private" in message and message.endswith("nothing was imported")
+    assert not Tool.objects.filter(kind="mcp").exists()
+
+
+def test_allow_private_goes_with_url_only():
+    with pytest.raises(CommandError, match="--allow-private goes with --url"):
+        mcp_import("srv", "--stdio", "python -m mcp_server_time", "--allow-private")
+
+
+def test_a_stdio_servers_stderr_is_redacted_before_it_is_cut(settings, monkeypatch):
+    secret = "s3cr3t-Tok3n-ABCDEFGH-0123456789"
+    monkeypatch.setenv("TOOL_SECRET_LICENCE", secret)
+    # The secret, then 480 characters: the 500-character tail starts inside it.
+    script = "import os, sys; sys.exit(os.environ['LICENCE'] + ' after' * 96)"
+    words = [sys.executable, "-c", script]
+    settings.AGENTOPS_MCP_COMMANDS = [["=", *words]]
+    stored = Tool(
+        name="licenced",
+        kind="mcp",
+        side_effect="read",
+        input_schema={"type": "object"},
+        config={
+            "server": {
+                "transport": "stdio",
+                "command": words,
+                "env": {"LICENCE": "secret:TOOL_SECRET_LICENCE"},
+            },
+            "tool": "x",
+        },
+    )
+
+    result = call_mcp(stored)
+
+    assert not result.ok and "did not start a session" in result.error
+    assert "after after" in result.error
+    for piece in (secret[-8:], secret[12:20]):
+        assert piece not in result.error
