@@ -11,9 +11,10 @@ describes them: a task's changes (grants and rules included) in the task's trail
 (``tasks.autonomy.task_trail_uuid``), a tool's in the tool's (``tool_trail_uuid``).
 
 What widens, and why, is in ``task_field_widening``, ``tool_field_widening``,
-``grant_add_widening`` and ``rule_op_widening``; docs/ say it for operators. Writes made
-by the deployment's own code (``load_demo``, fixtures, ``tools_sync``, management
-commands) do not pass through here: whoever can run them can write the database anyway.
+``grant_add_widening`` (with ``grant_rules_missing``) and ``rule_op_widening``; docs/
+say it for operators. Writes made by the deployment's own code (``load_demo``, fixtures,
+``tools_sync``, management commands) do not pass through here: whoever can run them can
+write the database anyway.
 They may record what they did (``tool_changes_record``, ``config_record``).
 """
 
@@ -34,6 +35,7 @@ from django.utils.text import capfirst
 
 from agentops.runtime.gates import Verdict, gate_decide
 from agentops.states import Transitions
+from lineage.models import LineageEvent
 from lineage.services import event_append
 from tasks.autonomy import TRAIL_NAMESPACE, requests_withdraw, task_trail_uuid
 from tasks.models import (
@@ -247,21 +249,96 @@ def tool_field_widening(name: str, before: Any, after: Any) -> str:
     return ""
 
 
-def grant_add_widening(task: Task, tool: Tool) -> str:
-    """Granting a tool widens when some call of it would run without a person at the
-    task's level (read-only calls run at every level). It is judged whatever the level,
-    not only at Guarded and above: otherwise removing a grant (narrowing, at once) and
-    granting the tool again would drop the grant's rules with no second person."""
+def grant_add_widening(task: Task, tool: Tool, rules: Sequence[dict[str, Any]] = ()) -> str:
+    """Why granting ``tool`` to ``task`` with ``rules`` lets more run without a person
+    ("" when it does not). Two ways:
+
+    - some call of it would run without a person at the task's level (read-only calls
+      run at every level; judged whatever the level, not only at Guarded and above);
+    - the tool was granted to the task before, and the new grant carries fewer rules
+      than the last grant had when it was removed (``grant_rules_missing``). Removing a
+      grant narrows and applies at once; without this, granting the tool again with no
+      rules would drop a deny or approve rule with no second person, which removing the
+      rule itself never does.
+
+    A first grant of a tool that does not run unattended applies at once: it lets no
+    call through that a rule ever stopped."""
+    reasons = []
     decision = gate_decide(
         autonomy_level=task.autonomy_level,
         side_effect=tool.side_effect,
         always_approve=tool.always_approve,
         confidence=1.0,
     )
-    if decision.verdict is not Verdict.RUN:
-        return ""
-    level = AutonomyLevel(task.autonomy_level).label
-    return f"granted at {level}, where its {tool.side_effect} calls run without a person"
+    if decision.verdict is Verdict.RUN:
+        level = AutonomyLevel(task.autonomy_level).label
+        reasons.append(
+            f"granted at {level}, where its {tool.side_effect} calls run without a person"
+        )
+    removed = grant_rules_last_removed(task=task, tool=tool)
+    if removed is not None:
+        missing = grant_rules_missing(before=removed, after=rules)
+        if missing:
+            reasons.append("granted again with less than its last grant: " + "; ".join(missing))
+    return "; ".join(reasons)
+
+
+def grant_rules_last_removed(*, task: Task, tool: Tool) -> list[dict[str, Any]] | None:
+    """The rules the task's last grant of the tool carried when it was removed, read
+    back from the task's trail (the ``grant_remove`` operation records them); None when
+    the task never had a grant of it removed. The trail, not a table: grants and rules
+    are deleted with the grant, and the trail is what no one can change. A grant of
+    another tool by the same name counts too: runs find their tools by name, and a
+    tool deleted and made again is a new row (at worst a grant waits that need not)."""
+    events = LineageEvent.objects.filter(
+        run_uuid=task_trail_uuid(task), kind="config.changed"
+    ).order_by("-seq")
+    for event in events.only("payload", "canonical", "hash_version").iterator():
+        body = event.body
+        if not isinstance(body, dict):
+            body = event.payload
+        for op in reversed(body.get("changes") or []):
+            if (
+                isinstance(op, dict)
+                and op.get("op") == "grant_remove"
+                and (op.get("tool") == tool.pk or op.get("tool_name") == tool.name)
+            ):
+                return [rule_plain(rule) for rule in op.get("rules") or []]
+    return None
+
+
+def grant_rules_missing(
+    *, before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]]
+) -> list[str]:
+    """What a grant with rules ``after`` lets through that one with ``before`` did not,
+    judged by effect and expression as written (an expression cannot be proved
+    narrower by looking at it, as in ``rule_op_widening``): a deny rule not carried
+    over; an approve rule carried over as neither approve nor deny; allow rules dropped
+    (every call then allowed) or an allow rule that was not there (more calls match).
+    Positions and descriptions do not change which calls match. Empty: no wider."""
+
+    def expressions(rules: Sequence[dict[str, Any]], *effects: str) -> set[str]:
+        return {rule["expression"] for rule in rules if rule["effect"] in effects}
+
+    missing = [
+        f"deny `{expression}`"
+        for expression in sorted(expressions(before, "deny") - expressions(after, "deny"))
+    ]
+    missing += [
+        f"approve `{expression}`"
+        for expression in sorted(
+            expressions(before, "approve") - expressions(after, "approve", "deny")
+        )
+    ]
+    allows_before, allows_after = expressions(before, "allow"), expressions(after, "allow")
+    if allows_before and not allows_after:
+        missing.append("its allow rules (every call is allowed without them)")
+    elif allows_before:
+        missing += [
+            f"allow `{expression}` added (more calls match one)"
+            for expression in sorted(allows_after - allows_before)
+        ]
+    return missing
 
 
 def rule_op_widening(op: dict[str, Any], untouched_allows: int) -> str:
@@ -712,7 +789,7 @@ def task_change_submit(
                     "rules": [draft.plain() for draft in drafts],
                     "side_effect": tool.side_effect,
                     "always_approve": tool.always_approve,
-                    "why": grant_add_widening(task, tool),
+                    "why": grant_add_widening(task, tool, [draft.plain() for draft in drafts]),
                 }
             )
         ops += _rule_ops(

@@ -386,6 +386,177 @@ def test_a_read_tool_granted_again_after_its_grant_was_removed_waits(make_task, 
     assert pending().summary.startswith("grant test_echo (granted at 1 · Supervised")
 
 
+def grant_on_its_own_page(
+    client: Client, task: Task, tool: Tool, rules: list[tuple[str, str]] = ()
+) -> Any:
+    """Grant ``tool`` to ``task`` on the grant's add page, with rules (effect, expression)."""
+    data = {
+        "task": task.pk,
+        "tool": tool.pk,
+        "rules-TOTAL_FORMS": str(len(rules)),
+        "rules-INITIAL_FORMS": "0",
+    }
+    for index, (effect, expression) in enumerate(rules):
+        data.update(
+            {
+                f"rules-{index}-position": str(index),
+                f"rules-{index}-effect": effect,
+                f"rules-{index}-expression": expression,
+                f"rules-{index}-description": "",
+            }
+        )
+    return client.post(reverse("admin:tasks_toolgrant_add"), data, follow=True)
+
+
+def grant_remove_in_the_admin(client: Client, grant: ToolGrant) -> None:
+    client.post(reverse("admin:tasks_toolgrant_delete", args=[grant.pk]), {"post": "yes"})
+    assert not ToolGrant.objects.filter(pk=grant.pk).exists()  # narrowing: at once
+
+
+@pytest.mark.parametrize(
+    ("autonomy_level", "tool_name"), [(1, "test_pay"), (1, "test_send"), (2, "test_send")]
+)
+def test_a_deny_rule_is_not_dropped_by_removing_the_grant_and_granting_again(
+    make_task, alice, bob, autonomy_level, tool_name
+):
+    """The review's side door: removing the grant narrows (at once), and a tool that
+    would wait for a person at the task's level was granted again at once, without the
+    deny rule. The grant's rules are part of what it allows: granted again with fewer,
+    it waits for a second person, and no version pins the tool meanwhile."""
+    task = make_task([], tools=[tool_name], autonomy_level=autonomy_level)
+    grant = ToolGrant.objects.get(task=task)
+    GrantRule.objects.create(grant=grant, expression="args.amount > 1000", effect="deny")
+    grant_remove_in_the_admin(alice, grant)
+
+    data = form_data(alice.get(task_url(task)))
+    data.update({"grants-0-tool": str(grant.tool_id), "grants-0-task": str(task.pk)})
+    response = alice.post(task_url(task), data, follow=True)
+    assert any("waits for a second person" in m for m in page_messages(response))
+    assert not task.grants.exists()
+    assert task.versions.order_by("-number").first().definition["tools"] == []
+    change = pending()
+    assert change.summary == (
+        f"grant {tool_name} (granted again with less than its last grant: "
+        "deny `args.amount > 1000`)"
+    )
+
+    refused = decide(alice, change, "confirm")
+    assert "a second person must confirm" in " ".join(page_messages(refused))
+    assert not task.grants.exists()
+    decide(bob, change, "confirm")
+    grant = ToolGrant.objects.get(task=task)
+    assert not grant.rules.exists()
+    assert task.versions.order_by("-number").first().definition["tools"] == [tool_name]
+    assert chain_verify(task_trail_uuid(task)).intact
+
+
+def test_a_tool_granted_again_with_the_rules_it_had_applies_at_once(make_task, alice):
+    task = make_task([], tools=["test_pay"])
+    grant = ToolGrant.objects.get(task=task)
+    GrantRule.objects.create(grant=grant, expression="args.amount > 1000", effect="deny")
+    GrantRule.objects.create(grant=grant, expression="args.to == 'x'", effect="approve")
+    grant_remove_in_the_admin(alice, grant)
+
+    # The same rules, the approve one made a deny (stricter), and one rule more.
+    response = grant_on_its_own_page(
+        alice,
+        task,
+        grant.tool,
+        [("deny", "args.amount > 1000"), ("deny", "args.to == 'x'"), ("approve", "true")],
+    )
+    assert not any("waits" in m for m in page_messages(response))
+    assert not ConfigChange.objects.exists()
+    regrant = ToolGrant.objects.get(task=task)
+    assert sorted(regrant.rules.values_list("effect", "expression")) == [
+        ("approve", "true"),
+        ("deny", "args.amount > 1000"),
+        ("deny", "args.to == 'x'"),
+    ]
+    assert task.versions.order_by("-number").first().definition["tools"] == ["test_pay"]
+
+    # Removed with those rules, the tool granted again with less waits: each rule counts.
+    grant_remove_in_the_admin(alice, regrant)
+    grant_on_its_own_page(alice, task, grant.tool, [("deny", "args.amount > 1000")])
+    assert not task.grants.exists()
+    assert pending().summary == (
+        "grant test_pay with rules: deny `args.amount > 1000` (granted again with less "
+        "than its last grant: deny `args.to == 'x'`; approve `true`)"
+    )
+
+
+def test_a_tool_deleted_and_made_again_by_its_name_keeps_the_rules_it_had(make_task, alice):
+    """Runs find their tools by name: a new tool under the old name is granted again."""
+    task = make_task([])
+    items = http_tool()
+    grant = ToolGrant.objects.create(task=task, tool=items)
+    GrantRule.objects.create(grant=grant, expression="args.id == 1", effect="deny")
+    grant_remove_in_the_admin(alice, grant)
+    alice.post(reverse("admin:tasks_tool_delete", args=[items.pk]), {"post": "yes"})
+    assert not Tool.objects.filter(pk=items.pk).exists()
+
+    again = http_tool()
+    grant_on_its_own_page(alice, task, again)
+    assert not task.grants.exists()
+    assert "deny `args.id == 1`" in pending().summary
+
+
+def test_a_first_grant_and_a_grant_that_had_no_rules_apply_at_once(make_task, alice):
+    """Only rules a grant carried are carried over: an ordinary grant at Supervised of a
+    tool that waits for a person there is not held, first time or again."""
+    task = make_task([], tools=["test_pay"])
+    send = Tool.objects.get(name="test_send")
+    grant_on_its_own_page(alice, task, send)
+    grant_remove_in_the_admin(alice, ToolGrant.objects.get(task=task, tool__name="test_pay"))
+    grant_on_its_own_page(alice, task, Tool.objects.get(name="test_pay"))
+    assert sorted(task.grants.values_list("tool__name", flat=True)) == ["test_pay", "test_send"]
+    assert not ConfigChange.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "widens"),
+    [
+        ([("deny", "a")], [("deny", "a")], False),
+        ([("deny", "a")], [("approve", "a")], True),  # a person may pass it now
+        ([("deny", "a")], [("deny", "a "), ("deny", "b")], True),  # not provably the same
+        ([("approve", "a")], [("deny", "a")], False),  # refused instead of held
+        ([("approve", "a")], [], True),
+        ([("allow", "a"), ("allow", "b")], [("allow", "a")], False),  # fewer calls match
+        ([("allow", "a")], [], True),  # every call allowed
+        ([("allow", "a")], [("allow", "a"), ("allow", "c")], True),
+        ([], [("allow", "a"), ("deny", "b")], False),
+    ],
+)
+def test_a_grant_s_rules_are_compared_with_the_last_removed_one_s(before, after, widens):
+    from tasks.governance import grant_rules_missing
+
+    def plain(rules):
+        return [{"effect": e, "expression": x, "position": 0, "description": ""} for e, x in rules]
+
+    assert bool(grant_rules_missing(before=plain(before), after=plain(after))) is widens
+
+
+def test_a_pending_rule_change_goes_with_its_grant(make_task, alice, bob):
+    """A change waiting for one of a grant's rules is closed when the grant is removed:
+    it cannot be confirmed later, onto the grant as it is then or onto a new grant."""
+    task, grant, _rule = deny_rule_task(make_task)
+    admin_post(alice, grant_url(grant), **{"rules-0-DELETE": "on"})
+    waiting = pending()
+    grant_remove_in_the_admin(alice, grant)
+    waiting.refresh_from_db()
+    assert waiting.status == "superseded"
+    assert waiting.reason == "the rule deny `args.amount > 100` of test_pay is gone"
+
+    grant_on_its_own_page(alice, task, grant.tool, [("deny", "args.amount > 100")])
+    regrant = ToolGrant.objects.get(task=task)
+    response = decide(bob, waiting, "confirm")
+    assert "Not decided: this change was already superseded." in page_messages(response)
+    assert list(regrant.rules.values_list("effect", "expression")) == [
+        ("deny", "args.amount > 100")
+    ]
+    superseded = [e for e in trail(task_trail_uuid(task)) if e.kind == "config.superseded"]
+    assert [e.payload["change"] for e in superseded] == [waiting.pk]
+
+
 # Rules: what narrows, what widens -----------------------------------------------------
 
 
