@@ -11,7 +11,8 @@ One line per statement::
 
     {"signed": {"format", "number", "previous", "at", "reason", "complete", "size",
                 "root"},
-     "chains": [{"run", "size", "head", "root", "final"}, ...],
+     "chains": [{"run", "size", "head", "root", "final"}
+               | {"run", "size", "head", "finding", "broken": true}, ...],
      "key": "<key id>", "signature": "<base64 Ed25519 over the canonical signed part>"}
 
 ``signed.root`` is the Merkle root over the ``chains`` entries (each entry's canonical
@@ -20,7 +21,9 @@ without the rest (``lineage.export``). ``previous`` is the SHA-256 of the previo
 statement's signed part: statements cut from the middle of the log are found. A
 statement is ``complete`` when, with the statements before it, it lists every chain as
 the database held them when it was made (the periodic checkpoint); a run's end writes
-one for that run alone.
+one for that run alone. A chain a checkpoint found broken is not sealed: it is listed
+with ``broken: true`` and the first finding, and from then on the log says so for good,
+whatever the chain later holds (a repair after the fact is a forgery).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,12 +53,13 @@ from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from lineage.afterend import TERMINAL_KINDS
 from lineage.merkle import leaf_hash, tree_root
 from lineage.models import GENESIS_HASH, LineageEvent
 from lineage.services import json_canonical
 from lineage.verification import (
-    TERMINAL_KINDS,
     Anchor,
+    ChainReport,
     chain_check,
     row_columns,
     rows_normalised,
@@ -261,17 +265,33 @@ def sink_configured() -> FileSink:
 # Reading the log -------------------------------------------------------------------
 
 
+# The periodic checkpoint runs every five minutes (agentops.settings' schedule): a log
+# whose last complete statement is older than this has stopped being written, and says
+# so, once it holds a complete statement at all (a deployment that never ran the
+# periodic checkpoint is not told it stopped).
+CHECKPOINT_MAX_AGE = 900.0
+
+
 @dataclass
 class Ledger:
-    """What the checkpoint log says: the latest anchor of each chain, and the problems
-    with the log itself (a bad signature, a statement missing)."""
+    """What the checkpoint log says: the longest anchor of each chain (a later, shorter
+    one is kept beside it, as ``Anchor.earlier``), the chains a checkpoint saw broken,
+    and the problems with the log itself (a bad signature, a statement missing, an
+    unfinished last line, no complete statement for too long)."""
 
     anchors: dict[str, Anchor] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    broken: dict[str, str] = field(default_factory=dict)  # run -> what the checkpoint saw
+    statement_problems: list[str] = field(default_factory=list)
+    tail_problems: list[str] = field(default_factory=list)  # remade at each load
     statements: int = 0
     last: dict | None = None
     complete_at: datetime | None = None
+    complete_number: int = 0
     grace: float = 0.0
+
+    @property
+    def problems(self) -> list[str]:
+        return [*self.statement_problems, *self.tail_problems]
 
     @property
     def unanchored_before(self) -> datetime | None:
@@ -286,12 +306,12 @@ class Ledger:
             signed, chains = line["signed"], line["chains"]
             number = signed["number"]
         except (ValueError, KeyError, TypeError):
-            self.problems.append(f"{where} is not a checkpoint statement")
+            self.statement_problems.append(f"{where} is not a checkpoint statement")
             return
         try:
             key.verify(base64.b64decode(line["signature"]), json_canonical(signed).encode())
         except (InvalidSignature, KeyError, ValueError, TypeError):
-            self.problems.append(
+            self.statement_problems.append(
                 f"checkpoint #{number} ({where}) does not carry a valid signature by key"
                 f" {key_id(key)}: it was forged or altered, or signed by another key"
             )
@@ -299,28 +319,62 @@ class Ledger:
         expected = self.last["signed"]["number"] + 1 if self.last else 1
         previous = statement_digest(self.last) if self.last else GENESIS_HASH
         if number != expected or signed.get("previous") != previous:
-            self.problems.append(
+            self.statement_problems.append(
                 f"checkpoint #{number} ({where}) does not follow #{expected - 1}: statements"
                 " between them were removed, or the log was spliced"
             )
         root = tree_root(leaf_hash(json_canonical(entry).encode()) for entry in chains)
         if root.hex() != signed.get("root") or len(chains) != signed.get("size"):
-            self.problems.append(f"checkpoint #{number} ({where}) lists chains it did not sign")
+            self.statement_problems.append(
+                f"checkpoint #{number} ({where}) lists chains it did not sign"
+            )
             return
         for entry in chains:
-            self.anchors[entry["run"]] = Anchor(
-                run_uuid=entry["run"],
-                size=entry["size"],
-                head=entry["head"],
-                root=entry["root"],
-                final=entry["final"],
-                number=number,
-                at=signed["at"],
+            if entry.get("broken"):
+                self.broken.setdefault(
+                    entry["run"],
+                    f"checkpoint #{number} of {signed['at']} saw this trail broken at"
+                    f" {entry['size']} events and refused to seal it: {entry['finding']}",
+                )
+                continue
+            self.anchor_take(
+                Anchor(
+                    run_uuid=entry["run"],
+                    size=entry["size"],
+                    head=entry["head"],
+                    root=entry["root"],
+                    final=entry["final"],
+                    number=number,
+                    at=signed["at"],
+                )
             )
         if signed.get("complete"):
             self.complete_at = datetime.fromisoformat(signed["at"])
+            self.complete_number = number
         self.last = line
         self.statements += 1
+
+    def anchor_take(self, new: Anchor) -> None:
+        """Keep the chain's longest anchor: a checkpoint that read the chain before it
+        grew may be written after one that read it later (a periodic one racing the
+        run's end), and must not lower its length nor unseal its end."""
+        old = self.anchors.get(new.run_uuid)
+        if old is None:
+            self.anchors[new.run_uuid] = new
+        elif new.size > old.size:
+            self.anchors[new.run_uuid] = replace(
+                new, final=new.final or old.final, earlier=old.earlier
+            )
+        elif new.size < old.size:
+            self.anchors[new.run_uuid] = replace(old, earlier=(*old.earlier, new))
+        elif new.head != old.head:
+            self.statement_problems.append(
+                f"checkpoints #{old.number} and #{new.number} sign run {new.run_uuid} at"
+                f" {new.size} events with different last events: one of them was made from"
+                " a changed trail"
+            )
+        elif new.final and not old.final:
+            self.anchors[new.run_uuid] = replace(new, earlier=old.earlier)
 
 
 def statement_digest(line: dict) -> str:
@@ -345,7 +399,7 @@ def ledger_load(*, sink: FileSink | None = None, key: Ed25519PublicKey | None = 
         except ImproperlyConfigured as error:
             ledger = Ledger(grace=grace)
             if sink.path.exists() and sink.path.stat().st_size:
-                ledger.problems.append(f"the checkpoints cannot be checked: {error}")
+                ledger.statement_problems.append(f"the checkpoints cannot be checked: {error}")
             return ledger
     cache_key = (str(sink.path), key_id(key))
     try:
@@ -357,11 +411,69 @@ def ledger_load(*, sink: FileSink | None = None, key: Ed25519PublicKey | None = 
         cached = (inode, 0, b"", Ledger())
     _, offset, last_raw, ledger = cached
     ledger.grace = grace
+    offset, last_raw = ledger_read_lines(ledger, sink, key, offset, last_raw)
+    if sink_tail(sink, offset):
+        # Perhaps a statement being written: wait for its writer's lock, read on.
+        with sink_shared_lock(sink):
+            offset, last_raw = ledger_read_lines(ledger, sink, key, offset, last_raw)
+            tail = sink_tail(sink, offset)
+    else:
+        tail = 0
+    _ledgers[cache_key] = (inode, offset, last_raw, ledger)
+    ledger.tail_problems = []
+    if tail:
+        ledger.tail_problems.append(
+            f"{sink.path.name} ends in an unfinished line ({tail} bytes after statement"
+            f" #{ledger.statements}): a statement was cut or its end altered, and no"
+            " checkpoint can be written after it until the file is repaired (keep a copy)"
+        )
+    max_age = float(getattr(settings, "AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE", CHECKPOINT_MAX_AGE))
+    if max_age > 0 and ledger.complete_at is not None:
+        age = (timezone.now() - ledger.complete_at).total_seconds()
+        if age > max_age:
+            ledger.tail_problems.append(
+                f"the last complete checkpoint (#{ledger.complete_number}, of"
+                f" {ledger.complete_at.isoformat()}) is {age / 60:.0f} minutes old: the"
+                " periodic checkpoint (`manage.py lineage_checkpoint`) has stopped, so"
+                " changes since then are not sealed"
+            )
+    return ledger
+
+
+def ledger_read_lines(
+    ledger: Ledger, sink: FileSink, key: Ed25519PublicKey, offset: int, last_raw: bytes
+) -> tuple[int, bytes]:
     for number, (after, raw) in enumerate(sink.lines(offset), start=ledger.statements + 1):
         ledger.read(raw, key, f"line {number} of {sink.path.name}")
         offset, last_raw = after, raw
-    _ledgers[cache_key] = (inode, offset, last_raw, ledger)
-    return ledger
+    return offset, last_raw
+
+
+def sink_tail(sink: FileSink, offset: int) -> int:
+    """How many bytes follow the last whole line read (at ``offset``)."""
+    try:
+        return max(sink.path.stat().st_size - offset, 0)
+    except FileNotFoundError:
+        return 0
+
+
+class sink_shared_lock:  # a context manager read as a phrase: with sink_shared_lock(..)
+    """A shared lock on the sink's file: FileSink.append writes under an exclusive one."""
+
+    def __init__(self, sink: FileSink) -> None:
+        self.path = sink.path
+        self.descriptor: int | None = None
+
+    def __enter__(self) -> None:
+        try:
+            self.descriptor = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        fcntl.flock(self.descriptor, fcntl.LOCK_SH)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)
 
 
 # Writing checkpoints --------------------------------------------------------------
@@ -461,8 +573,20 @@ def chains_anchor(
     is never sealed as if it were the record."""
     entries, refused = [], []
     for run_uuid, rows in chains_read(run_uuids):
-        anchor = ledger.anchors.get(str(run_uuid))
-        report = chain_check(run_uuid, rows, anchor=anchor)
+        key = str(run_uuid)
+        anchor = ledger.anchors.get(key)
+        try:
+            report = chain_check(
+                run_uuid,
+                rows,
+                anchor=anchor,
+                unanchored_before=ledger.unanchored_before,
+                seen_broken=ledger.broken.get(key, ""),
+            )
+        except Exception as error:  # one chain's content never stops the others' seal
+            logger.exception("lineage: run %s could not be checked", run_uuid)
+            report = ChainReport(run_uuid, len(rows))
+            report.found("changed", None, f"the trail could not be checked: {error!r}")
         if not report.intact:
             refused.append(report)
             logger.error(
@@ -470,6 +594,17 @@ def chains_anchor(
                 run_uuid,
                 report.problem,
             )
+            if key not in ledger.broken:
+                # Signed into the statement: the refusal is evidence, kept for good.
+                entries.append(
+                    {
+                        "run": key,
+                        "size": len(rows),
+                        "head": rows[-1][-1] if rows else GENESIS_HASH,
+                        "finding": report.problem,
+                        "broken": True,
+                    }
+                )
             continue
         entry = chain_entry(str(run_uuid), [row[-1] for row in rows], {row[4] for row in rows})
         if anchor and (anchor.size, anchor.head, anchor.final) == (
@@ -482,7 +617,7 @@ def chains_anchor(
     if not entries and not complete:
         return CheckpointResult(None, 0, refused)
     line = statement_append(chains=entries, reason=reason, complete=complete)
-    return CheckpointResult(line, len(entries), refused)
+    return CheckpointResult(line, sum(not entry.get("broken") for entry in entries), refused)
 
 
 def run_checkpoint(*, run_uuid: uuid.UUID) -> CheckpointResult:

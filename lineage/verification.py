@@ -13,7 +13,10 @@ What each finding means, in the words the pages and ``verify_lineage`` use:
 - truncated: the chain is shorter than its checkpoint counted;
 - rewritten: the chain is whole, but its event at the checkpointed length is not the
   one signed (its hashes were recomputed after a change);
-- appended: events follow the run's end (its terminal event, or its final checkpoint);
+- appended: events follow the run's end (its terminal event, or its final checkpoint)
+  that the run did not leave open (lineage.afterend);
+- broken: a signed checkpoint saw the chain broken and refused to seal it; reported for
+  good, whatever the chain holds now (a repair after the fact is a forgery);
 - unanchored: a chain that began before the last full checkpoint, which does not list
   it (made later with old dates, such as a cut tail moved to a fresh run UUID).
 """
@@ -36,55 +39,9 @@ from typing import Any
 from django.db import connections, transaction
 from django.utils.dateparse import parse_datetime
 
+# What may follow a run's end: one rule, shared with the export's verifier.
+from lineage.afterend import RunEnd, record_of
 from lineage.models import GENESIS_HASH, HASH_CANONICAL, HASH_COLUMNS, LineageEvent
-
-# The kinds that end a run, and what may follow its end: the run's open questions
-# withdrawn, and the outcome of a call that was in flight when it ended (a call that
-# fired is recorded whatever became of its run), at most one per call started before
-# the end. Named here, so lineage depends on no app.
-TERMINAL_KINDS = frozenset({"run.succeeded", "run.failed", "run.halted", "run.cancelled"})
-AFTER_END_KINDS = frozenset({"approval.cancelled"})
-CALL_STARTED_KIND = "tool.started"
-LATE_OUTCOME_KINDS = frozenset({"tool.succeeded", "tool.failed", "tool.late_outcome"})
-
-
-def step_of(record: tuple[bool, Any]) -> Any:
-    """The step number an event's payload names: ``record`` is (True, its canonical
-    text) for version 1, or (False, its payload) for version 0."""
-    canonical, value = record
-    if isinstance(value, str):
-        value = json.loads(value)
-    if canonical:
-        value = value.get("payload")
-    return value.get("step") if isinstance(value, dict) else None
-
-
-def record_of(version: int, canonical: str, payload: Any) -> tuple[bool, Any]:
-    return (True, canonical) if version == HASH_CANONICAL else (False, payload)
-
-
-class RunEnd:
-    """What may follow a run's end: tracks the calls started before it (their text
-    kept, read only if an outcome after the end must be matched to one)."""
-
-    def __init__(self) -> None:
-        self.started: list[tuple[bool, Any]] = []
-        self.at: int | None = None
-        self.open: list[Any] | None = None
-
-    def allows(self, kind: str, record: tuple[bool, Any]) -> bool:
-        if kind in AFTER_END_KINDS:
-            return True
-        if kind not in LATE_OUTCOME_KINDS:
-            return False
-        if self.open is None:
-            self.open = [step_of(started) for started in self.started]
-        step = step_of(record)
-        if step is None or step not in self.open:
-            return False
-        self.open.remove(step)
-        return True
-
 
 # A chain with this many findings is reported with the first of them: past that, one
 # more line tells an auditor nothing the first did not.
@@ -102,6 +59,9 @@ class Anchor:
     final: bool
     number: int  # the statement's number in the checkpoint log
     at: str
+    # Shorter anchors of the chain signed later (a checkpoint that read the chain before
+    # it grew): still checked, never taken for the chain's length.
+    earlier: tuple[Anchor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,10 +122,16 @@ AT_TEXT = {
 }
 
 
+# The payload as text on every driver (a raw psycopg cursor would parse jsonb, and a
+# payload that is a JSON string would then be parsed twice).
+PAYLOAD_TEXT = {"postgresql": "payload::text", "sqlite": "payload"}
+
+
 def row_columns(vendor: str) -> str:
     return (
         f"id, run_uuid, seq, {AT_TEXT[vendor]}, kind, actor, canonical, hash_version,"
-        f" CASE WHEN hash_version = {HASH_COLUMNS} THEN payload END, prev_hash, hash"
+        f" CASE WHEN hash_version = {HASH_COLUMNS} THEN {PAYLOAD_TEXT[vendor]} END,"
+        " prev_hash, hash"
     )
 
 
@@ -191,6 +157,7 @@ def chain_check(
     *,
     anchor: Anchor | None = None,
     unanchored_before: datetime | None = None,
+    seen_broken: str = "",
 ) -> ChainReport:
     """Check one chain's rows (``row_columns``, in seq order): each event against its
     own text and the one before it, then the chain against its checkpoint. Goes on past
@@ -202,6 +169,11 @@ def chain_check(
     prev, expected, first_at, last_seq = GENESIS_HASH, 1, None, 0
     hash_at_anchor, seen_canonical, end = None, False, RunEnd()
     anchor_size = anchor.size if anchor else -1
+    # Earlier, shorter checkpoints of the chain (lineage.anchoring keeps the longest):
+    # each one's event must still stand at its length.
+    earlier = {stale.size: stale for stale in anchor.earlier} if anchor else {}
+    if seen_broken:
+        report.found("broken", None, seen_broken)
     for pk, _, seq, at, kind, actor, canonical, version, payload, prev_hash, digest in rows:
         report.events += 1
         if first_at is None:
@@ -235,21 +207,29 @@ def chain_check(
                 report.found(
                     "changed", seq, f"#{seq} claims the old hash form after the new one", pk
                 )
+            if canonical:
+                report.found(
+                    "changed", seq, f"#{seq} claims the old hash form but holds new text", pk
+                )
             if not old_hash_holds(run_uuid, seq, at, kind, actor, payload, prev_hash, digest):
                 report.found("changed", seq, f"#{seq}'s content does not match its hash", pk)
         else:
             report.found("changed", seq, f"#{seq} names an unknown hash version {version}", pk)
-        if end.at is None:
-            if kind == CALL_STARTED_KIND:
-                end.started.append(record_of(version, canonical, payload))
-            elif kind in TERMINAL_KINDS:
-                end.at = seq
-        elif not end.allows(kind, record_of(version, canonical, payload)):
+        if not end.allows(seq, kind, record_of(version, canonical, payload)):
             report.found(
                 "appended", seq, f"#{seq} ({kind}) was added after the run ended at #{end.at}", pk
             )
         if seq == anchor_size:
             hash_at_anchor = digest
+        if seq in earlier and earlier[seq].head != digest:
+            stale = earlier[seq]
+            report.found(
+                "rewritten",
+                seq,
+                f"event #{seq} is not the one signed in checkpoint #{stale.number} of"
+                f" {stale.at}: the events up to it were changed and their hashes recomputed",
+                pk,
+            )
         prev, expected, last_seq = digest, seq + 1, seq
     if anchor is not None:
         signed = f"checkpoint #{anchor.number} of {anchor.at}"
@@ -337,21 +317,27 @@ def old_hash_holds(
     the columns) still matches its hash."""
     from lineage.services import event_canonical
 
-    if isinstance(payload, str):
-        payload = json.loads(payload)
-    text = event_canonical(
-        run_uuid=run_uuid,
-        seq=seq,
-        at=datetime.fromisoformat(at),
-        kind=kind,
-        actor=actor,
-        payload=payload,
-    )
+    # Row content is evidence, never trusted to parse: what does not is a mismatch.
+    try:
+        if isinstance(payload, str | bytes):
+            payload = json.loads(payload)
+        text = event_canonical(
+            run_uuid=run_uuid,
+            seq=seq,
+            at=datetime.fromisoformat(at),
+            kind=kind,
+            actor=actor,
+            payload=payload,
+        )
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return False
     return hashlib.sha256((prev_hash + text).encode()).hexdigest() == digest
 
 
-def anchor_missing(anchor: Anchor) -> ChainReport:
+def anchor_missing(anchor: Anchor, seen_broken: str = "") -> ChainReport:
     report = ChainReport(uuid.UUID(anchor.run_uuid), 0, anchor=anchor)
+    if seen_broken:
+        report.found("broken", None, seen_broken)
     report.found(
         "removed",
         1,
@@ -378,8 +364,14 @@ def run_verify(*, run_uuid: uuid.UUID, ledger: Any = None) -> ChainReport:
         )
         rows = list(rows_normalised(cursor.fetchall(), connection.vendor))
     if not rows and anchor is not None:
-        return anchor_missing(anchor)
-    return chain_check(run_uuid, rows, anchor=anchor, unanchored_before=ledger.unanchored_before)
+        return anchor_missing(anchor, ledger.broken.get(str(run_uuid), ""))
+    return chain_check(
+        run_uuid,
+        rows,
+        anchor=anchor,
+        unanchored_before=ledger.unanchored_before,
+        seen_broken=ledger.broken.get(str(run_uuid), ""),
+    )
 
 
 # The whole trail ------------------------------------------------------------------
@@ -390,16 +382,22 @@ def chains_check(
     anchors: dict[str, Anchor],
     unanchored_before: datetime | None,
     counts: dict[str, int],
+    broken: dict[str, str] | None = None,
 ) -> Iterator[ChainReport]:
     """Reports of the broken chains among ``rows`` (``row_columns``, in run and seq
     order), and of the anchored chains that never came; ``counts`` gets events, chains."""
     seen: set[str] = set()
+    broken = broken or {}
     for run_value, chain_rows in itertools.groupby(rows, key=lambda row: row[1]):
         run_uuid = run_value if isinstance(run_value, uuid.UUID) else uuid.UUID(run_value)
         key = str(run_uuid)
         seen.add(key)
         report = chain_check(
-            run_uuid, chain_rows, anchor=anchors.get(key), unanchored_before=unanchored_before
+            run_uuid,
+            chain_rows,
+            anchor=anchors.get(key),
+            unanchored_before=unanchored_before,
+            seen_broken=broken.get(key, ""),
         )
         counts["events"] += report.events
         counts["chains"] += 1
@@ -408,7 +406,12 @@ def chains_check(
             yield report
     for key, anchor in anchors.items():
         if key not in seen:
-            yield anchor_missing(anchor)
+            yield anchor_missing(anchor, broken.get(key, ""))
+    for key, text in broken.items():
+        if key not in seen and key not in anchors:
+            gone = ChainReport(uuid.UUID(key), 0)
+            gone.found("broken", None, text)
+            yield gone
 
 
 def uuid_ranges(parts: int) -> list[tuple[uuid.UUID | None, uuid.UUID | None]]:
@@ -424,6 +427,7 @@ def range_verify(
     high: uuid.UUID | None,
     anchors: dict[str, Anchor],
     unanchored_before: datetime | None,
+    broken: dict[str, str] | None = None,
 ) -> tuple[dict[str, int], list[ChainReport]]:
     """One worker process's share: the chains whose run UUID is in [low, high), read in
     order through a server-side cursor on a connection of its own."""
@@ -448,8 +452,8 @@ def range_verify(
             f"SELECT {row_columns('postgresql')} FROM {table} {clause} ORDER BY run_uuid, seq",
             params,
         )
-        broken = list(chains_check(cursor, anchors, unanchored_before, counts))
-    return counts, broken
+        reports = list(chains_check(cursor, anchors, unanchored_before, counts, broken))
+    return counts, reports
 
 
 def conninfo_for(connection: Any) -> dict[str, Any]:
@@ -499,6 +503,7 @@ def trail_verify(
                     ledger.anchors,
                     ledger.unanchored_before,
                     counts,
+                    ledger.broken,
                 )
             )
         report.events, report.chains, report.anchored = (
@@ -517,9 +522,12 @@ def trail_verify(
     shares_anchors: list[dict[str, Anchor]] = [{} for _ in ranges]
     for key, anchor in ledger.anchors.items():
         shares_anchors[bisect.bisect_right(lows, uuid.UUID(key).int)][key] = anchor
+    shares_broken: list[dict[str, str]] = [{} for _ in ranges]
+    for key, text in ledger.broken.items():
+        shares_broken[bisect.bisect_right(lows, uuid.UUID(key).int)][key] = text
     shares = [
-        (conninfo, table, low, high, share, ledger.unanchored_before)
-        for (low, high), share in zip(ranges, shares_anchors, strict=True)
+        (conninfo, table, low, high, share, ledger.unanchored_before, broken)
+        for (low, high), share, broken in zip(ranges, shares_anchors, shares_broken, strict=True)
     ]
     import multiprocessing
 

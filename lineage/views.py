@@ -24,6 +24,7 @@ FINDING_TITLES = {
     "rewritten": "Rewritten with new hashes",
     "appended": "Added after the end",
     "unanchored": "Missing from the checkpoints",
+    "broken": "Seen broken by a checkpoint",
 }
 SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -107,7 +107,15 @@ def test_a_broken_chain_is_not_checkpointed(lineage_checkpoints):
     )
     with pytest.raises(CommandError, match=f"run {run_uuid}: #2's actor shows 'mallory'"):
         call_command("lineage_checkpoint", stdout=StringIO())
-    assert str(run_uuid) not in lineage_checkpoints.read_text()
+    # Not sealed: listed as broken, with what the checkpoint found, for good.
+    (entry,) = [
+        entry
+        for line in lineage_checkpoints.read_text().splitlines()
+        for entry in json.loads(line)["chains"]
+        if entry["run"] == str(run_uuid)
+    ]
+    assert entry["broken"] is True and "#2's actor shows 'mallory'" in entry["finding"]
+    assert "root" not in entry and "final" not in entry
 
 
 def test_the_checkpoint_log_itself_is_checked(lineage_checkpoints, settings):

@@ -214,8 +214,10 @@ def test_a_chain_is_not_sealed_when_it_is_already_broken():
     run_uuid = finished_run(5)
     rewrite(run_uuid, lambda events: [*events[:2], *events[3:]])
     result = run_checkpoint(run_uuid=run_uuid)
-    assert result.line is None and result.refused
-    assert whats(run_uuid) == ["truncated"]
+    # Refused, and the refusal signed into the log: the chain is reported broken for good.
+    assert result.refused and result.anchored == 0
+    assert result.line["chains"][0]["broken"] is True
+    assert whats(run_uuid) == ["broken", "truncated"]
 
 
 def test_verify_lineage_reports_every_broken_chain_by_run():
@@ -259,6 +261,7 @@ def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
             events=[
                 ("run.queued", "olivia", {}),
                 ("tool.started", "engine", {"step": 1, "tool": "ledger.post"}),
+                ("approval.requested", "engine", {"approval": 7, "step": 2}),
                 ("run.cancelled", "olivia", {"from": "running"}),
                 ("approval.cancelled", "olivia", {"approval": 7}),
             ],
@@ -271,7 +274,7 @@ def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
         event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
         event_append(run_uuid=run_uuid, kind="tool.failed", actor="engine", payload={"step": 2})
     report = chain_verify(run_uuid)
-    assert [(f.what, f.seq) for f in report.findings] == [("appended", 6), ("appended", 7)]
+    assert [(f.what, f.seq) for f in report.findings] == [("appended", 7), ("appended", 8)]
 
 
 def test_every_change_in_a_chain_is_reported_not_only_the_first():

@@ -1,8 +1,9 @@
-"""The locked-down deployment on PostgreSQL: the app's role may only INSERT and SELECT on
-the trail, so it cannot lift the triggers that the owner could."""
+"""The locked-down deployment on PostgreSQL: the app's role may only INSERT (every column
+but id) and SELECT on the trail, so it cannot lift the triggers that the owner could."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from io import StringIO
@@ -95,6 +96,30 @@ def test_the_app_role_cannot_change_the_trail_or_lift_its_triggers(roles):
         settings_dict["USER"] = user
     assert LineageEvent.objects.filter(run_uuid=run_uuid).count() == 2
     assert chain_verify(run_uuid).intact
+
+
+def test_the_app_role_may_not_choose_the_id_of_a_row_it_inserts(roles):
+    # An id above the sequence, inserted now, would make a later append fail on the
+    # primary key: the app's INSERT covers every column but id.
+    app, owner = roles
+    call_command("lineage_lock_down", app_role=app, owner_role=owner, stdout=StringIO())
+    text = "x"
+    row = (uuid.uuid4(), 1, "0" * 64, hashlib.sha256(("0" * 64 + text).encode()).hexdigest(), text)
+    columns = "run_uuid, seq, at, kind, actor, payload, prev_hash, hash, canonical, hash_version"
+    values = "%s, %s, now(), 'run.queued', 'm', '{}', %s, %s, %s, 1"
+    with app_connection(app) as db:
+        (next_id,) = db.execute(
+            "SELECT coalesce(max(id), 0) + 1 FROM lineage_lineageevent"
+        ).fetchone()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            db.execute(
+                f"INSERT INTO lineage_lineageevent (id, {columns}) VALUES (%s, {values})",
+                [next_id + 1, *row],
+            )
+        # Without id, the sequence gives it: the app's own write path.
+        db.execute(f"INSERT INTO lineage_lineageevent ({columns}) VALUES ({values})", row)
+    with transaction.atomic():
+        event_append(run_uuid=uuid.uuid4(), kind="run.queued", actor="olivia", payload={})
 
 
 def test_the_check_warns_when_the_app_role_owns_the_table_or_is_a_superuser(roles):

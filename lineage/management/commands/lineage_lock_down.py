@@ -1,5 +1,6 @@
 """``manage.py lineage_lock_down --app-role NAME``: on PostgreSQL, make the trail's table
-belong to a role of its own, and leave the app's role only INSERT and SELECT on it.
+belong to a role of its own, and leave the app's role only SELECT on it and INSERT on
+its columns other than ``id`` (which the sequence alone gives).
 
 The triggers refuse UPDATE, DELETE and TRUNCATE, but the table's owner may disable or
 drop them: so the role the app connects as must not own the table. Run this once, as a
@@ -76,7 +77,15 @@ class Command(BaseCommand):
                 cursor.execute(f"ALTER TABLE {table} OWNER TO {quote(owner)}")
                 cursor.execute(f"ALTER FUNCTION {FUNCTION} OWNER TO {quote(owner)}")
                 cursor.execute(f"REVOKE ALL ON {table} FROM PUBLIC, {quote(app)}")
-                cursor.execute(f"GRANT SELECT, INSERT ON {table} TO {quote(app)}")
+                # INSERT on the columns only, never on id: an id given above the
+                # sequence would make later appends fail on the primary key.
+                columns = ", ".join(
+                    quote(column.column)
+                    for column in LineageEvent._meta.concrete_fields
+                    if not column.primary_key
+                )
+                cursor.execute(f"GRANT SELECT ON {table} TO {quote(app)}")
+                cursor.execute(f"GRANT INSERT ({columns}) ON {table} TO {quote(app)}")
                 cursor.execute(
                     "SELECT pg_get_serial_sequence(%s, 'id')", [LineageEvent._meta.db_table]
                 )
