@@ -30,9 +30,10 @@ def lineage_role_check(app_configs: Any = None, databases: Any = None, **kwargs:
             with connection.cursor() as cursor:
                 cursor.execute(
                     "SELECT current_user, c.relowner::regrole::text,"
-                    " pg_has_role(current_user, c.relowner, 'MEMBER'), r.rolsuper"
-                    " FROM pg_class c, pg_roles r"
-                    " WHERE c.oid = to_regclass(%s) AND r.rolname = current_user",
+                    " pg_has_role(current_user, c.relowner, 'MEMBER'), r.rolsuper,"
+                    " n.nspname, pg_has_role(current_user, n.nspowner, 'MEMBER')"
+                    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,"
+                    " pg_roles r WHERE c.oid = to_regclass(%s) AND r.rolname = current_user",
                     [LineageEvent._meta.db_table],
                 )
                 row = cursor.fetchone()
@@ -40,7 +41,7 @@ def lineage_role_check(app_configs: Any = None, databases: Any = None, **kwargs:
             continue  # no database yet: nothing to say about its roles
         if row is None:
             continue  # not migrated yet
-        role, owner, member, superuser = row
+        role, owner, member, superuser, schema, schema_member = row
         if superuser:
             problems.append(
                 Warning(
@@ -57,6 +58,19 @@ def lineage_role_check(app_configs: Any = None, databases: Any = None, **kwargs:
                     f" lineage table (its owner is {owner}): it can disable the table's"
                     " triggers and rewrite the trail.",
                     hint=HINT.format(role=role),
+                    id="lineage.W001",
+                )
+            )
+        elif schema_member:
+            # The schema's owner may drop any table in it, and make a new one of the
+            # same name without the triggers: the checkpoints catch it, nothing stops it.
+            problems.append(
+                Warning(
+                    f"The app connects to database {alias!r} as {role}, which owns the"
+                    f" schema {schema} the lineage table is in: it can drop the table and"
+                    " make a new one without its triggers.",
+                    hint=f"Give the schema to another role (ALTER SCHEMA {schema} OWNER TO"
+                    " ...), as a superuser.",
                     id="lineage.W001",
                 )
             )

@@ -141,6 +141,29 @@ def test_the_check_warns_when_the_app_role_owns_the_table_or_is_a_superuser(role
     assert f"lineage_lock_down --app-role {app}" in warning.hint
 
 
+def test_the_check_warns_when_the_app_role_owns_the_tables_schema(roles):
+    app, owner = roles
+    call_command("lineage_lock_down", app_role=app, owner_role=owner, stdout=StringIO())
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'")
+        (schema_owner,) = cursor.fetchone()
+        cursor.execute(f"ALTER SCHEMA public OWNER TO {app}")
+    settings_dict = connection.settings_dict
+    user = settings_dict["USER"]
+    connection.close()
+    settings_dict["USER"] = app
+    try:
+        (warning,) = lineage_role_check(databases=["default"])
+    finally:
+        connection.close()
+        settings_dict["USER"] = user
+        with connection.cursor() as cursor:
+            # Before the fixture's DROP OWNED BY, which would drop the schema.
+            cursor.execute(f"ALTER SCHEMA public OWNER TO {schema_owner}")
+    assert warning.id == "lineage.W001"
+    assert f"as {app}, which owns the schema public the lineage table is in" in warning.msg
+
+
 def test_the_lock_down_refuses_what_it_cannot_make_safe(roles):
     app, owner = roles
     for options, message in (
