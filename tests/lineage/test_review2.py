@@ -18,7 +18,13 @@ from django.utils import timezone
 
 from lineage import anchoring
 from lineage import export as lineage_export
-from lineage.anchoring import ledger_load, public_key, run_checkpoint, trail_checkpoint
+from lineage.anchoring import (
+    ledger_load,
+    public_key,
+    public_key_text,
+    run_checkpoint,
+    trail_checkpoint,
+)
 from lineage.models import LineageEvent
 from lineage.services import chain_verify, event_append, events_append
 from tests.lineage.forgery import rewrite, run_param, tamper
@@ -208,6 +214,27 @@ def test_a_chain_broken_then_repaired_is_never_sealed_and_stays_reported():
         call_command("verify_lineage", stdout=StringIO())
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_chain_seen_broken_is_reported_by_every_reader_even_once_deleted(workers):
+    kept, gone = uuid.uuid4(), uuid.uuid4()
+    for run_uuid in (kept, gone):
+        with transaction.atomic():
+            event_append(run_uuid=run_uuid, kind="run.queued", actor="olivia", payload={})
+        tamper(
+            "UPDATE lineage_lineageevent SET actor = 'mallory' WHERE run_uuid = %s",
+            [run_param(run_uuid)],
+        )
+    assert len(trail_checkpoint().refused) == 2
+    tamper("DELETE FROM lineage_lineageevent WHERE run_uuid = %s", [run_param(gone)])
+    with pytest.raises(CommandError) as error:
+        call_command("verify_lineage", "--workers", workers, stdout=StringIO())
+    for run_uuid in (kept, gone):
+        assert f"BROKEN: run {run_uuid}: broken: checkpoint #1 of" in str(error.value)
+    with pytest.raises(CommandError, match=f"run {gone}: broken"):
+        call_command("verify_lineage", "--run", str(gone), stdout=StringIO())
+
+
 # 4. A trail forged with old dates is refused by the periodic checkpoint -------------
 
 
@@ -385,3 +412,19 @@ def test_a_hash_version_flipped_to_0_is_changed_and_the_export_reports_it():
     )
     problems = lineage_export.export_verify(exported, key)
     assert "event #1 claims the old hash form but holds new text" in problems
+
+
+def test_an_export_of_a_run_not_ended_says_how_far_it_reaches(tmp_path, capsys):
+    run_uuid = uuid.uuid4()
+    with transaction.atomic():
+        event_append(run_uuid=run_uuid, kind="run.queued", actor="olivia", payload={})
+    output = tmp_path / "trail.json"
+    call_command("lineage_export", str(run_uuid), "--output", str(output), stdout=StringIO())
+    key = public_key_text(public_key())
+    assert lineage_export.main([str(output), "--public-key", key]) == 0
+    said = capsys.readouterr().out
+    assert "unchanged as far as checkpoint #1" in said and "complete" not in said
+    ended, output = ended_run_with_calls(1), tmp_path / "ended.json"
+    call_command("lineage_export", str(ended), "--output", str(output), stdout=StringIO())
+    assert lineage_export.main([str(output), "--public-key", key]) == 0
+    assert "complete and unchanged as checkpoint #2" in capsys.readouterr().out

@@ -70,6 +70,7 @@ class Command(BaseCommand):
             if (
                 not LineageEvent.objects.filter(run_uuid=run_uuid).exists()
                 and str(run_uuid) not in ledger.anchors
+                and str(run_uuid) not in ledger.broken
             ):
                 raise CommandError(f"no lineage events for run {run_uuid}")
             chain = run_verify(run_uuid=run_uuid, ledger=ledger)
