@@ -11,7 +11,9 @@ After the event that ends a run, only two things are recorded honestly:
   settled it);
 - ``approval.cancelled`` for an approval that was requested and not decided before the
   end (``approvals_withdraw`` closes the run's open questions), once each, matched by
-  the approval's id in the payload.
+  the approval's id in the payload;
+- ``incident.flagged``, once per incident id: a person flags an incident only on a run
+  that has ended (``tasks.autonomy.incident_flag``).
 
 Anything else after the end, or a second event for the same step or approval, was
 added later. Row content is never trusted: text that does not parse is an event that
@@ -33,6 +35,7 @@ APPROVAL_CLOSED_KINDS = frozenset(
     {"approval.approved", "approval.rejected", "approval.expired", "approval.cancelled"}
 )
 APPROVAL_WITHDRAWN_KIND = "approval.cancelled"
+INCIDENT_KIND = "incident.flagged"
 # The kinds before the end whose text the rule may need: kept (unparsed) until an
 # event follows the end, which most runs never have.
 KEPT_KINDS = frozenset(
@@ -77,6 +80,7 @@ class RunEnd:
         self.kept: list[tuple[str, tuple[bool, Any]]] = []
         self.open_steps: set[int | str] | None = None
         self.open_approvals: set[int | str] | None = None
+        self.incidents: set[int | str] = set()
 
     def allows(self, seq: int, kind: str, record: tuple[bool, Any]) -> bool:
         if self.at is None:
@@ -94,6 +98,12 @@ class RunEnd:
         elif kind == APPROVAL_WITHDRAWN_KIND:
             opened = self.open_approvals
             key = key_of(payload_of(record), "approval")
+        elif kind == INCIDENT_KIND:
+            key = key_of(payload_of(record), "incident")
+            if key is None or key in self.incidents:
+                return False
+            self.incidents.add(key)
+            return True
         else:
             return False
         if key is None or key not in opened:

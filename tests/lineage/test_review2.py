@@ -178,6 +178,31 @@ def test_what_a_run_left_open_may_follow_its_end_once_each():
     ]
 
 
+def test_an_incident_flagged_after_the_end_verifies_and_is_sealed_once_per_incident():
+    # incident_flag writes only on a run that has ended: never a finding, and since a
+    # refusal is kept for good, never a refusal either.
+    run_uuid = ended_run_with_calls(1)
+    with transaction.atomic():
+        event_append(
+            run_uuid=run_uuid,
+            kind="incident.flagged",
+            actor="user:olivia",
+            payload={"incident": 3, "note": "wrong account"},
+        )
+    assert chain_verify(run_uuid).intact
+    assert not trail_checkpoint().refused
+    assert ledger_load().anchors[str(run_uuid)].size == 5
+    with transaction.atomic():
+        for incident in (3, None):
+            event_append(
+                run_uuid=run_uuid,
+                kind="incident.flagged",
+                actor="mallory",
+                payload={"incident": incident, "note": "again"},
+            )
+    assert whats(run_uuid) == ["appended", "appended"]
+
+
 # 3. A refusal is signed, and a chain once seen broken stays reported ----------------
 
 
