@@ -229,6 +229,11 @@ AGENTOPS_LINEAGE_WEBHOOK_URL = env_str("AGENTOPS_LINEAGE_WEBHOOK_URL")
 AGENTOPS_LINEAGE_CHECKPOINT_GRACE = env_float(
     "AGENTOPS_LINEAGE_CHECKPOINT_GRACE", 300.0, minimum=0.0
 )
+# A log whose last complete checkpoint is older than this (seconds) has stopped being
+# written, and verify_lineage says so; 0 turns the check off.
+AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE = env_float(
+    "AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE", 900.0, minimum=0.0
+)
 AGENTOPS_LINEAGE_VERIFY_WORKERS = env_int(
     "AGENTOPS_LINEAGE_VERIFY_WORKERS", os.cpu_count() or 1, minimum=1
 )

@@ -265,13 +265,6 @@ def sink_configured() -> FileSink:
 # Reading the log -------------------------------------------------------------------
 
 
-# The periodic checkpoint runs every five minutes (agentops.settings' schedule): a log
-# whose last complete statement is older than this has stopped being written, and says
-# so, once it holds a complete statement at all (a deployment that never ran the
-# periodic checkpoint is not told it stopped).
-CHECKPOINT_MAX_AGE = 900.0
-
-
 @dataclass
 class Ledger:
     """What the checkpoint log says: the longest anchor of each chain (a later, shorter
@@ -427,7 +420,11 @@ def ledger_load(*, sink: FileSink | None = None, key: Ed25519PublicKey | None = 
             f" #{ledger.statements}): a statement was cut or its end altered, and no"
             " checkpoint can be written after it until the file is repaired (keep a copy)"
         )
-    max_age = float(getattr(settings, "AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE", CHECKPOINT_MAX_AGE))
+    # The periodic checkpoint runs every five minutes (tasks migration 0018, Celery
+    # beat): a log whose last complete statement is older than the setting has stopped
+    # being written, and says so once it holds a complete statement at all (a deployment
+    # that never ran the periodic checkpoint is not told it stopped).
+    max_age = settings.AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE
     if max_age > 0 and ledger.complete_at is not None:
         age = (timezone.now() - ledger.complete_at).total_seconds()
         if age > max_age:
