@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from django.conf import settings
 from django.db import transaction
+
+logger = logging.getLogger("agentops.dispatch")
 
 
 def enqueue(run_id: uuid.UUID) -> None:
@@ -14,9 +17,15 @@ def enqueue(run_id: uuid.UUID) -> None:
     transaction.on_commit(lambda: send(run_id))
 
 
-def send(run_id: uuid.UUID) -> None:
+# How many times in a row the django-q2 job puts a run back on the queue when its claim
+# cannot reach the database (each after the engine's own tries, about 8 s).
+CLAIM_RESENDS = 5
+
+
+def send(run_id: uuid.UUID, *, claim_failures: int = 0) -> None:
     """Put one message for the run on the queue now (callers outside a transaction)."""
     if settings.AGENTOPS_QUEUE == "celery":
+        # ``claim_failures`` is the django-q2 job's count; the Celery task has none yet.
         from agentops.celery import run_advance_task
 
         # No time limit in the message: the worker's own (CELERY_TASK_TIME_LIMIT, three of
@@ -25,19 +34,39 @@ def send(run_id: uuid.UUID) -> None:
     else:
         from django_q.tasks import async_task
 
+        extra = {"claim_failures": claim_failures} if claim_failures else {}
         async_task(
             "agentops.runtime.dispatch.run_advance_job",
             str(run_id),
             task_name=f"run {run_id}",
             group="runs",
+            **extra,
         )
 
 
-def run_advance_job(run_id: str) -> str:
-    """The django-q2 job: takes the id only, and lets the engine re-fetch everything."""
-    from agentops.runtime.engine import advance
+def run_advance_job(run_id: str, claim_failures: int = 0) -> str:
+    """The django-q2 job: takes the id only, and lets the engine re-fetch everything.
 
-    return advance(uuid.UUID(run_id)).value
+    A claim that cannot reach the database (a restart; the engine has tried again
+    already) puts the run back on the queue, up to ``CLAIM_RESENDS`` times in a row. A
+    failed job is not the answer: django-q2 deletes a failed job's message (``ack_failures``,
+    and ``max_attempts`` 1), and retrying through it would wait ``retry`` seconds, past
+    the job's time limit, for every job that fails. If the queue (the same database, on
+    the ORM broker) cannot be reached either, the job fails; django-q2 cannot delete its
+    message then either, so it comes again after ``retry``. Past all that, the reaper."""
+    from agentops.runtime.engine import ClaimFailed, advance
+
+    try:
+        return advance(uuid.UUID(run_id)).value
+    except ClaimFailed:
+        if claim_failures + 1 >= CLAIM_RESENDS:
+            raise
+        logger.warning(
+            "run %s: the claim could not reach the database; queued again (%d of %d)",
+            run_id, claim_failures + 1, CLAIM_RESENDS - 1,
+        )  # fmt: skip
+        send(uuid.UUID(run_id), claim_failures=claim_failures + 1)
+        return "queued_again"
 
 
 def runs_reap_job() -> int:

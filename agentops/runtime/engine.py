@@ -34,10 +34,10 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
@@ -104,6 +104,8 @@ from tasks.services import (
 )
 
 logger = logging.getLogger("agentops.engine")
+
+T = TypeVar("T")
 
 SYSTEM_PREAMBLE = (
     "You are an agent run by agentops. Work towards the objective with the tools you are "
@@ -190,7 +192,7 @@ def advance(
 ) -> Outcome:
     """Work on the run until it waits, ends, or the slice is spent."""
     owner = owner or worker_name()
-    run = lease_claim_run(run_id, owner)
+    run = lease_claim_reconnecting(run_id, owner)
     if run is None:
         return Outcome.NOT_CLAIMED
     if run.status != RunStatus.RUNNING:  # halted as it was claimed: its worker kept stopping
@@ -229,6 +231,84 @@ def lease_deadline() -> Any:
 def lease_claim(run_id: uuid.UUID, owner: str) -> bool:
     """Take the run if it is runnable and nobody holds a live lease on it."""
     return lease_claim_run(run_id, owner) is not None
+
+
+# The waits between tries of a write that met a broken or unreachable database (a
+# restart takes seconds): about 8 s in all, well inside a queue job's time limit.
+RECONNECT_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
+CONNECTION_ERRORS = (OperationalError, InterfaceError)
+
+
+class ClaimFailed(Exception):
+    """The database could not be reached to claim the run, even after reconnecting: the
+    queue's job must hand the run back to the queue, not drop its message."""
+
+
+def connection_drop() -> None:
+    """Close this thread's connection after an error, so its next query opens a fresh
+    one: Django never reconnects by itself in the middle of a job or a thread."""
+    try:
+        connection.close()
+    except DatabaseError:  # a broken connection may fail to close; it is dropped anyway
+        logger.debug("closing a broken connection failed", exc_info=True)
+
+
+def reconnecting(
+    write: Callable[[], T], *, what: str, run_id: uuid.UUID, done: Callable[[], T | None]
+) -> T:
+    """``write()``, tried again on a fresh connection after a connection-level error,
+    ``RECONNECT_DELAYS`` apart; the last error is raised. Before each new try, ``done()``
+    says whether the failed try committed after all (the reply to a COMMIT can be lost):
+    its result, or None to try again. Inside a transaction nothing is tried again: the
+    connection is not this function's to close."""
+    for delay in (*RECONNECT_DELAYS, None):
+        try:
+            return write()
+        except CONNECTION_ERRORS as error:
+            if delay is None or connection.in_atomic_block:
+                raise
+            logger.warning(
+                "run %s: %s failed (%s: %s); reconnecting in %.2f s",
+                run_id, what, type(error).__name__, str(error).strip(), delay,
+            )  # fmt: skip
+        connection_drop()
+        time.sleep(delay)
+        try:
+            already = done()
+        except CONNECTION_ERRORS:
+            connection_drop()  # still unreachable: the next try says so
+            continue
+        if already is not None:
+            return already
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def lease_claim_reconnecting(run_id: uuid.UUID, owner: str) -> Run | None:
+    """``lease_claim_run``, surviving a database restart: a claim that meets a broken or
+    unreachable database is tried again on a fresh connection (``reconnecting``), and
+    ``ClaimFailed`` is raised if it still cannot be made. An error here is outside the
+    slice's error handling, and a queue drops a job that fails: without this a run
+    whose message came during a restart would wait for the reaper.
+
+    A claim whose reply was lost may have committed: the run then carries this
+    worker's name (unique to this call), and is taken as claimed."""
+
+    def claimed_already() -> Run | None:
+        return (
+            Run.objects.select_related("task_version").filter(pk=run_id, lease_owner=owner).first()
+        )
+
+    try:
+        return reconnecting(
+            lambda: lease_claim_run(run_id, owner),
+            what="the lease claim",
+            run_id=run_id,
+            done=claimed_already,
+        )
+    except CONNECTION_ERRORS as error:
+        if not connection.in_atomic_block:
+            connection_drop()  # whoever handles this starts on a fresh connection
+        raise ClaimFailed(f"run {run_id}: the lease claim failed: {error}") from error
 
 
 def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
@@ -1652,7 +1732,10 @@ def call_outcome_record(
     worker lost the run meanwhile (the call happened), and then stops the slice with
     ``LeaseLost``. If another worker took the run over and marked the step ``unknown``
     (this worker looked dead), the late outcome settles it: the person's pending
-    question is withdrawn and the run goes on."""
+    question is withdrawn and the run goes on.
+
+    The call has happened, so its outcome outlives a database restart: a write that
+    meets a broken connection is tried again on a fresh one (``reconnecting``)."""
     status, event = (
         (StepStatus.SUCCEEDED, "tool.succeeded")
         if result.ok
@@ -1664,6 +1747,39 @@ def call_outcome_record(
     fields: dict[str, Any] = {"duration_ms": duration_ms, "finished_at": timezone.now()}
     fields.update({"result": result.value} if result.ok else {"error": result.error})
     added = clock_added()
+    if not ctx.outside_transaction():  # part of a caller's transaction: theirs to retry
+        call_outcome_write(ctx, step, status, event, payload, fields, added)
+        return
+
+    def recorded_already() -> bool | None:
+        # ``finished_at`` is this outcome's own: a step that has it was written by the
+        # try whose reply was lost. The record in memory is read again before going on.
+        if not Step.objects.filter(
+            pk=step.pk, status=status, finished_at=fields["finished_at"]
+        ).exists():
+            return None
+        step_moved(step, status, fields)
+        ctx.stale = True
+        return True
+
+    reconnecting(
+        lambda: call_outcome_write(ctx, step, status, event, payload, fields, added),
+        what=f"recording step #{step.number}'s outcome",
+        run_id=ctx.run.pk,
+        done=recorded_already,
+    )
+
+
+def call_outcome_write(
+    ctx: Context,
+    step: Step,
+    status: str,
+    event: str,
+    payload: dict[str, Any],
+    fields: dict[str, Any],
+    added: dict[str, Any],
+) -> bool:
+    """``call_outcome_record``'s writes, once. Returns True (for ``reconnecting``)."""
     if ctx.outside_transaction() and commits.outcome_commit(
         run=ctx.run,
         owner=ctx.owner,
@@ -1678,7 +1794,7 @@ def call_outcome_record(
         # ``started``. Otherwise nothing was written and the transaction below decides.
         step_moved(step, status, fields)
         ctx.run_changed(added, {})
-        return
+        return True
     with ctx.transaction():
         # Renew the lease if this worker still holds the run; record the outcome regardless.
         added = clock_added(added)
@@ -1697,6 +1813,7 @@ def call_outcome_record(
         ctx.stale = True  # someone else wrote the step: read the record again
     if not held:
         raise LeaseLost(f"run {ctx.run.pk} is no longer held by {ctx.owner}")
+    return True
 
 
 def call_outcome_settle(
@@ -1751,15 +1868,30 @@ class LeaseHeartbeat:
         self._thread = threading.Thread(target=self._beat, daemon=True, name="lease-heartbeat")
 
     def _beat(self) -> None:
+        wait = self.interval
         try:
-            while not self._stop.wait(self.interval):
-                Run.objects.filter(
-                    pk=self.run_id, status=RunStatus.RUNNING, lease_owner=self.owner
-                ).update(lease_expires_at=lease_deadline())
-        except Exception:  # a failed renewal only shortens the lease; the fence decides
-            logger.exception("run %s: the lease heartbeat failed", self.run_id)
+            while not self._stop.wait(wait):
+                # After a failure, sooner: the lease runs out while the database is away.
+                wait = self.interval if self.renew() else min(self.interval, 1.0)
         finally:
-            connection.close()  # this thread's own connection
+            connection_drop()  # this thread's own connection
+
+    def renew(self) -> bool:
+        """One beat, on its own: a failure (a database restart) is logged and the
+        connection dropped, so the next beat reconnects; the thread beats on until it is
+        stopped. A failed renewal only shortens the lease; the fence decides."""
+        try:
+            Run.objects.filter(
+                pk=self.run_id, status=RunStatus.RUNNING, lease_owner=self.owner
+            ).update(lease_expires_at=lease_deadline())
+        except Exception as error:
+            logger.warning(
+                "run %s: the lease heartbeat failed (%s: %s); it reconnects at the next beat",
+                self.run_id, type(error).__name__, str(error).strip(),
+            )  # fmt: skip
+            connection_drop()
+            return False
+        return True
 
     def start(self) -> LeaseHeartbeat:
         self._thread.start()
