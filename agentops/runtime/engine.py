@@ -739,7 +739,7 @@ def loops_check(ctx: Context) -> LoopFinding | None:
             ),
         )
         for s in ctx.steps
-        if s.kind == StepKind.TOOL
+        if s.kind in (StepKind.TOOL, StepKind.PLAN)  # plans too: plan churn is a stall
         and s.number > ctx.run.loops_accepted_through
         and s.status in (*OK_STATUSES, StepStatus.FAILED, StepStatus.REFUSED)
     )
@@ -898,7 +898,9 @@ def model_call(
                 return run_end(
                     ctx, to=RunStatus.FAILED, reason=f"the model call failed{tried}: {error}"
                 )
-            delay = backoff(settings.AGENTOPS_MODEL_BACKOFF_SECONDS, attempt)
+            # The server's Retry-After where it gave one, within the run's time budget.
+            default = backoff(settings.AGENTOPS_MODEL_BACKOFF_SECONDS, attempt)
+            delay = error.retry_wait(default, limits, ctx.usage())
             retry_note(ctx, "model.retrying", attempt=attempt, error=str(error), delay=delay)
             time.sleep(delay)
             continue

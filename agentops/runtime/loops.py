@@ -4,6 +4,12 @@ A loop is one call (tool, arguments) that returned the same result ``repeat_limi
 times. A stall is ``stall_limit`` tool calls in a row of which none brought anything new:
 each repeated a (tool, arguments, result) seen earlier in the run. Calls of one tool with
 different arguments are new information, so they are neither.
+
+Plan churn is a stall too: ``plan_update`` calls with no other tool call between them
+learn nothing and change nothing outside the run. The same plan ``repeat_limit`` times in
+a row, or ``stall_limit`` plan calls in a row (revised or refused), is found as a stall
+whose reason names plan churn. A plan call neither adds to nor breaks the streak of
+repeated tool calls: it is not a call to the world.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentops.runtime.builtins import PLAN_TOOL
+
 
 @dataclass(frozen=True)
 class LoopFinding:
-    kind: str  # "loop" or "stall"
+    kind: str  # "loop" or "stall" (plan churn is a stall; its reason says so)
     reason: str
     through_step: int
 
@@ -45,7 +53,14 @@ def loop_find(
     seen: set[str] = set()
     repeats: Counter[str] = Counter()
     stale_in_a_row = 0
+    churn = PlanChurn()
     for call in calls:
+        if call.tool == PLAN_TOOL:
+            finding = churn.add(call, repeat_limit=repeat_limit, stall_limit=stall_limit)
+            if finding is not None:
+                return finding
+            continue
+        churn = PlanChurn()  # the agent acted: the plans before this call were not churn
         digest = call.digest
         repeats[digest] += 1
         if repeat_limit and repeats[digest] >= repeat_limit:
@@ -66,3 +81,43 @@ def loop_find(
                 call.number,
             )
     return None
+
+
+def plan_digest(arguments: Any) -> str:
+    """What makes two plans the same: their steps (titles and statuses), not the reason
+    given for them, so a plan resubmitted with new words around it is still the same."""
+    steps = arguments.get("steps") if isinstance(arguments, dict) else arguments
+    return hashlib.sha256(json.dumps(steps, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class PlanChurn:
+    """The ``plan_update`` calls since the agent last called any other tool."""
+
+    in_a_row: int = 0
+    same_in_a_row: int = 0
+    last: str | None = None
+
+    def add(
+        self, call: ToolCallRecord, *, repeat_limit: int, stall_limit: int
+    ) -> LoopFinding | None:
+        digest = plan_digest(call.arguments)
+        self.in_a_row += 1
+        self.same_in_a_row = self.same_in_a_row + 1 if digest == self.last else 1
+        self.last = digest
+        if repeat_limit and self.same_in_a_row >= repeat_limit:
+            return LoopFinding(
+                "stall",
+                f"plan churn: {PLAN_TOOL} was called {self.same_in_a_row} times in a row "
+                "with the same plan and no other call between; the agent re-plans instead "
+                "of acting",
+                call.number,
+            )
+        if stall_limit and self.in_a_row >= stall_limit:
+            return LoopFinding(
+                "stall",
+                f"plan churn: the last {self.in_a_row} calls all revised the plan "
+                f"({PLAN_TOOL}) and none acted on it",
+                call.number,
+            )
+        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -53,12 +54,17 @@ class OpenAICompatibleServer:
         self.replies: list[tuple[int, dict]] = []
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        # When each request arrived (time.monotonic()), to measure the waits between them.
+        self.arrivals: list[float] = []
+        # Headers to send with a queued reply, keyed by the reply body's id().
+        self.reply_headers: dict[int, dict[str, str]] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                server.arrivals.append(time.monotonic())
                 server.requests.append({"path": self.path, "body": body})
                 server.headers.append(dict(self.headers))
                 if self.path != "/v1/chat/completions":
@@ -71,6 +77,8 @@ class OpenAICompatibleServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in server.reply_headers.pop(id(reply), {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -83,6 +91,15 @@ class OpenAICompatibleServer:
 
     def reply(self, body: dict, status: int = 200) -> None:
         self.replies.append((status, body))
+
+    def reply_busy(
+        self, retry_after: str, *, status: int = 429, message: str = "slow down"
+    ) -> None:
+        """Queue one refusal (429, or 503) that carries ``Retry-After: retry_after``:
+        seconds, or an HTTP date."""
+        body = {"error": {"message": message}}
+        self.reply(body, status)
+        self.reply_headers[id(body)] = {"Retry-After": retry_after}
 
     def __enter__(self) -> OpenAICompatibleServer:
         self._thread.start()

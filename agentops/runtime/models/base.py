@@ -1,12 +1,19 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 from django.conf import settings
 
 from agentops.strict_json import text_storable
+
+if TYPE_CHECKING:
+    from agentops.runtime.budgets import Limits, Usage
 
 SCRIPTED_PREFIX = "scripted:"
 
@@ -102,14 +109,68 @@ def turn_storable(turn: ModelTurn) -> ModelTurn:
     )
 
 
+# The longest a model call waits for its server's Retry-After: a server that asks for
+# more is asked again after this, rather than holding the worker for as long as it says.
+RETRY_AFTER_MAX_SECONDS = 60.0
+
+
 class ModelError(Exception):
     """A model call that failed. Transient ones (timeouts, 429, 5xx, refused
-    connections) may be retried; others end the attempt."""
+    connections) may be retried; others end the attempt. ``retry_after``: the seconds
+    the server asked us to wait before the next attempt (its Retry-After), if it said."""
 
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        transient: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.transient = transient
         self.status = status
+        self.retry_after = retry_after
+
+    def retry_wait(self, backoff: float, limits: Limits, usage: Usage) -> float:
+        """The seconds to wait before the next attempt: the server's Retry-After where
+        it gave one and it is longer than ``backoff`` (else ``backoff``), at most
+        ``RETRY_AFTER_MAX_SECONDS``, and never past the run's time budget."""
+        wait = backoff
+        if self.retry_after is not None:
+            wait = max(backoff, min(self.retry_after, RETRY_AFTER_MAX_SECONDS))
+        if limits.seconds is not None:
+            wait = min(wait, max(0.0, limits.seconds - usage.seconds))
+        return round(wait, 3)
+
+
+def retry_after_seconds(headers: Mapping[str, str], *, now: datetime | None = None) -> float | None:
+    """The wait a server asked for, from its headers (names in lower case, as an HTTP
+    client's case-insensitive headers give them): ``retry-after-ms`` (OpenAI's, in
+    milliseconds) or ``Retry-After`` in seconds or as an HTTP date (RFC 9110 10.2.3).
+    None when it gave none or none that reads; a date in the past is no wait (0)."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            value = float(milliseconds) / 1000
+        except ValueError:
+            value = None
+        if value is not None and math.isfinite(value) and value >= 0:
+            return value
+    text = (headers.get("retry-after") or "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT; a malformed one may say no zone
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 class ModelNotConfigured(Exception):

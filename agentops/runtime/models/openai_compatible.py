@@ -4,9 +4,16 @@ from typing import Any
 
 import openai
 
-from agentops.runtime.models.base import ModelError, ModelTurn, ToolCallRequest
+from agentops.runtime.models.base import (
+    ModelError,
+    ModelTurn,
+    ToolCallRequest,
+    retry_after_seconds,
+)
 
 TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+# The answers whose Retry-After says when the server will take the call again (RFC 9110).
+RETRY_AFTER_STATUSES = {429, 503}
 
 
 class OpenAICompatibleClient:
@@ -59,6 +66,7 @@ class OpenAICompatibleClient:
                 f"the model server answered {error.status_code}: {_error_text(error)}",
                 transient=error.status_code in TRANSIENT_STATUSES,
                 status=error.status_code,
+                retry_after=_retry_after(error),
             ) from error
         if not getattr(response, "choices", None):
             raise ModelError("the model server returned no choices", transient=True)
@@ -105,3 +113,11 @@ def _error_text(error: openai.APIStatusError) -> str:
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
     return error.message
+
+
+def _retry_after(error: openai.APIStatusError) -> float | None:
+    """The wait the server asked for with a 429 or 503, in seconds, if it said."""
+    if error.status_code not in RETRY_AFTER_STATUSES:
+        return None
+    response = getattr(error, "response", None)
+    return retry_after_seconds(response.headers) if response is not None else None
