@@ -17,8 +17,9 @@ def enqueue(run_id: uuid.UUID) -> None:
     transaction.on_commit(lambda: send(run_id))
 
 
-# How many times in a row the django-q2 job puts a run back on the queue when its claim
-# cannot reach the database (each after the engine's own tries, about 8 s).
+# How many jobs in a row may meet a claim that cannot reach the database (each after the
+# engine's own tries, about 8 s): the first CLAIM_RESENDS - 1 put the run back on the
+# queue, the last fails and leaves the run to the reaper.
 CLAIM_RESENDS = 5
 
 
@@ -48,7 +49,7 @@ def run_advance_job(run_id: str, claim_failures: int = 0) -> str:
     """The django-q2 job: takes the id only, and lets the engine re-fetch everything.
 
     A claim that cannot reach the database (a restart; the engine has tried again
-    already) puts the run back on the queue, up to ``CLAIM_RESENDS`` times in a row. A
+    already) puts the run back on the queue, up to ``CLAIM_RESENDS - 1`` times in a row. A
     failed job is not the answer: django-q2 deletes a failed job's message (``ack_failures``,
     and ``max_attempts`` 1), and retrying through it would wait ``retry`` seconds, past
     the job's time limit, for every job that fails. If the queue (the same database, on
