@@ -251,9 +251,9 @@ def test_the_parallel_reading_of_postgresql_reports_every_broken_chain():
     assert found == {str(cut): ["truncated"], str(changed): ["changed"]}
 
 
-def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
-    # A call that fired is recorded whatever became of its run: its outcome may arrive
-    # after the run was cancelled, and after the checkpoint that sealed the end.
+def late_outcome_after_a_sealed_cancel() -> uuid.UUID:
+    """A run cancelled with call 1 in flight and approval 7 open (withdrawn at the
+    end), sealed by its checkpoint, and then call 1's outcome: a genuine late outcome."""
     run_uuid = uuid.uuid4()
     with transaction.atomic():
         events_append(
@@ -270,6 +270,13 @@ def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
     with transaction.atomic():
         event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
     assert chain_verify(run_uuid).intact
+    return run_uuid
+
+
+def test_the_outcome_of_a_call_in_flight_at_the_end_may_follow_it_once():
+    # A call that fired is recorded whatever became of its run: its outcome may arrive
+    # after the run was cancelled, and after the checkpoint that sealed the end.
+    run_uuid = late_outcome_after_a_sealed_cancel()
     with transaction.atomic():
         event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
         event_append(run_uuid=run_uuid, kind="tool.failed", actor="engine", payload={"step": 2})

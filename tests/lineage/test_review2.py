@@ -28,6 +28,7 @@ from lineage.anchoring import (
 from lineage.models import LineageEvent
 from lineage.services import chain_verify, event_append, events_append
 from tests.lineage.forgery import rewrite, run_param, tamper
+from tests.lineage.test_attacks import late_outcome_after_a_sealed_cancel
 
 pytestmark = pytest.mark.django_db
 
@@ -348,22 +349,7 @@ def test_a_shorter_later_anchor_whose_event_was_rewritten_is_found(monkeypatch):
 
 
 def test_an_exported_trail_with_a_genuine_late_outcome_verifies():
-    run_uuid = uuid.uuid4()
-    with transaction.atomic():
-        events_append(
-            run_uuid=run_uuid,
-            events=[
-                ("run.queued", "olivia", {}),
-                ("tool.started", "engine", {"step": 1, "tool": "ledger.post"}),
-                ("approval.requested", "engine", {"approval": 7, "step": 2}),
-                ("run.cancelled", "olivia", {"from": "running"}),
-                ("approval.cancelled", "olivia", {"approval": 7}),
-            ],
-        )
-    run_checkpoint(run_uuid=run_uuid)
-    with transaction.atomic():
-        event_append(run_uuid=run_uuid, kind="tool.succeeded", actor="engine", payload={"step": 1})
-    assert chain_verify(run_uuid).intact
+    run_uuid = late_outcome_after_a_sealed_cancel()
     document = json.loads(json.dumps(lineage_export.run_export(run_uuid=run_uuid)))
     key = public_key().public_bytes_raw()
     assert lineage_export.export_verify(document, key) == []
