@@ -1,5 +1,5 @@
-"""The second attacker's review of the trail: each attack, and the secure behaviour the
-verifier and the checkpoints keep against it (SQLite and PostgreSQL)."""
+"""Tampering found by an attacker's review of the trail: each attack, and the secure
+behaviour the verifier and the checkpoints keep against it (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
