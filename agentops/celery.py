@@ -5,7 +5,6 @@ worker lost mid-slice hands the run back; the run's lease keeps two workers apar
 from __future__ import annotations
 
 import os
-import uuid
 
 from celery import Celery
 
@@ -16,10 +15,13 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 
 
 @app.task(name="agentops.run_advance", acks_late=True, ignore_result=True)
-def run_advance_task(run_id: str) -> str:
-    from agentops.runtime.engine import advance
+def run_advance_task(run_id: str, claim_failures: int = 0) -> str:
+    # The same job as django-q2's: a claim that cannot reach the database puts the run
+    # back on the queue (bounded) rather than failing the task, whose message Celery
+    # acknowledges all the same.
+    from agentops.runtime.dispatch import run_advance_job
 
-    return advance(uuid.UUID(run_id)).value
+    return run_advance_job(run_id, claim_failures)
 
 
 @app.task(name="agentops.runs_reap", ignore_result=True)

@@ -25,17 +25,16 @@ CLAIM_RESENDS = 5
 
 def send(run_id: uuid.UUID, *, claim_failures: int = 0) -> None:
     """Put one message for the run on the queue now (callers outside a transaction)."""
+    extra = {"claim_failures": claim_failures} if claim_failures else {}
     if settings.AGENTOPS_QUEUE == "celery":
-        # ``claim_failures`` is the django-q2 job's count; the Celery task has none yet.
         from agentops.celery import run_advance_task
 
         # No time limit in the message: the worker's own (CELERY_TASK_TIME_LIMIT, three of
         # its slices) rules, not the one of the process that happened to send it.
-        run_advance_task.apply_async((str(run_id),), time_limit=None)
+        run_advance_task.apply_async((str(run_id),), extra, time_limit=None)
     else:
         from django_q.tasks import async_task
 
-        extra = {"claim_failures": claim_failures} if claim_failures else {}
         async_task(
             "agentops.runtime.dispatch.run_advance_job",
             str(run_id),
@@ -46,7 +45,8 @@ def send(run_id: uuid.UUID, *, claim_failures: int = 0) -> None:
 
 
 def run_advance_job(run_id: str, claim_failures: int = 0) -> str:
-    """The django-q2 job: takes the id only, and lets the engine re-fetch everything.
+    """The job of both queues (django-q2's, and Celery's task calls it): takes the id
+    only, and lets the engine re-fetch everything.
 
     A claim that cannot reach the database (a restart; the engine has tried again
     already) puts the run back on the queue, up to ``CLAIM_RESENDS - 1`` times in a row. A

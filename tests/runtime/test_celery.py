@@ -3,7 +3,10 @@ reaper on Celery beat's schedule."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,8 +20,9 @@ import pytest
 import redis
 from django.utils import timezone
 
-from agentops.celery import app, runs_reap_task
-from agentops.runtime.engine import lease_claim
+from agentops.celery import app, run_advance_task, runs_reap_task
+from agentops.runtime import engine
+from agentops.runtime.engine import Outcome, lease_claim
 from approvals.models import Approval, ApprovalStatus
 from approvals.services import approval_decide
 from lineage.services import chain_verify
@@ -26,6 +30,13 @@ from tasks.models import Run, RunStatus
 from tasks.services import run_start
 from tests.conftest import require, run_until_rest
 from tests.peers.workers import ROOT, wait_for, worker_env
+from tests.runtime.test_db_faults import (
+    ReleaseOnRecord,
+    WriteLock,
+    busy_timeout,  # noqa: F401 (a fixture, used by name)
+    echo_run,
+    sqlite_only,
+)
 
 # A Redis database of the tests' own (TEST_REDIS_URL names another), so their messages
 # never meet a deployment's; and a queue of this test process's own, so two suites
@@ -202,3 +213,44 @@ def test_the_reaper_task_returns_how_many_runs_it_sent_again(make_task, operator
     assert lease_claim(run.pk, "worker-that-dies")
     Run.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     assert runs_reap_task() == 1
+
+
+@sqlite_only
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)  # another connection holds the file's lock
+def test_a_celery_claim_that_never_reaches_the_database_puts_the_run_back_on_the_queue(
+    make_task,
+    operator,
+    busy_timeout,
+    monkeypatch,
+    settings,  # noqa: F811
+):
+    """The Celery task runs the same job as django-q2's: a claim that cannot reach the
+    database (a locked SQLite file here) puts the run back on Celery's queue, with its
+    count, instead of failing the task (Celery would acknowledge its message all the
+    same, and the run would wait for the reaper)."""
+    problem = redis_problem()
+    require(not problem, problem)
+    monkeypatch.setattr(engine, "RECONNECT_DELAYS", (0.05, 0.05), raising=False)
+    run = echo_run(make_task, operator)
+    with celery_dispatch(settings) as queue:
+        lock = WriteLock()
+        handler = ReleaseOnRecord(lock, "queued again")  # the database is back after that
+        dispatch_log = logging.getLogger("agentops.dispatch")
+        dispatch_log.addHandler(handler)
+        try:
+            assert run_advance_task.run(str(run.pk)) == "queued_again"
+        finally:
+            dispatch_log.removeHandler(handler)
+            lock.release()
+
+        assert Run.objects.get(pk=run.pk).status == RunStatus.QUEUED  # not claimed, not lost
+        (raw,) = redis_client().lrange(queue, 0, -1)
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "agentops.run_advance"
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        assert (args, kwargs) == ([str(run.pk)], {"claim_failures": 1})
+
+        assert run_advance_task.run(*args, **kwargs) == Outcome.FINISHED.value
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED, run.reason
