@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from io import StringIO
 
 import pytest
@@ -141,3 +141,15 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or (
         "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
     )
+
+
+@pytest.fixture
+def busy_timeout() -> Iterator[None]:
+    """A SQLite write that meets another's lock fails after 50 ms, not 20 s."""
+    settings_dict = connection.settings_dict
+    options = settings_dict["OPTIONS"]
+    settings_dict["OPTIONS"] = {**options, "timeout": 0.05}  # a copy: it is shared
+    connection.close()
+    yield
+    settings_dict["OPTIONS"] = options
+    connection.close()

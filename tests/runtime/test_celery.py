@@ -33,7 +33,6 @@ from tests.peers.workers import ROOT, wait_for, worker_env
 from tests.runtime.test_db_faults import (
     ReleaseOnRecord,
     WriteLock,
-    busy_timeout,  # noqa: F401 (a fixture, used by name)
     echo_run,
     sqlite_only,
 )
@@ -223,7 +222,7 @@ def test_a_celery_claim_that_never_reaches_the_database_puts_the_run_back_on_the
     operator,
     busy_timeout,
     monkeypatch,
-    settings,  # noqa: F811
+    settings,
 ):
     """The Celery task runs the same job as django-q2's: a claim that cannot reach the
     database (a locked SQLite file here) puts the run back on Celery's queue, with its

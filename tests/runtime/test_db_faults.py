@@ -64,18 +64,6 @@ def backends_terminate() -> int:
     return ended
 
 
-@pytest.fixture
-def busy_timeout() -> Iterator[None]:
-    """A SQLite write that meets another's lock fails after 50 ms, not 20 s."""
-    settings_dict = connection.settings_dict
-    options = settings_dict["OPTIONS"]
-    settings_dict["OPTIONS"] = {**options, "timeout": 0.05}  # a copy: it is shared
-    connection.close()
-    yield
-    settings_dict["OPTIONS"] = options
-    connection.close()
-
-
 class WriteLock:
     """Another connection holding the SQLite file's write lock until ``release``."""
 
