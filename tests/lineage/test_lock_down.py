@@ -3,9 +3,11 @@ but id) and SELECT on the trail, so it cannot lift the triggers that the owner c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from io import StringIO
 
 import psycopg
@@ -60,6 +62,20 @@ def app_connection(app: str) -> psycopg.Connection:
     )
 
 
+@contextlib.contextmanager
+def django_connected_as(role: str) -> Iterator[None]:
+    """Django's own connection logged in as ``role`` until the block ends."""
+    settings_dict = connection.settings_dict
+    user = settings_dict["USER"]
+    connection.close()
+    settings_dict["USER"] = role
+    try:
+        yield
+    finally:
+        connection.close()
+        settings_dict["USER"] = user
+
+
 def test_the_app_role_cannot_change_the_trail_or_lift_its_triggers(roles):
     app, owner = roles
     run_uuid = uuid.uuid4()
@@ -80,20 +96,13 @@ def test_the_app_role_cannot_change_the_trail_or_lift_its_triggers(roles):
         assert db.execute("SELECT count(*) FROM lineage_lineageevent").fetchone() == (1,)
 
     # The app, logged in as its role, still appends through the real write path.
-    settings_dict = connection.settings_dict
-    user = settings_dict["USER"]
-    connection.close()
-    settings_dict["USER"] = app
-    try:
+    with django_connected_as(app):
         with transaction.atomic():
             event_append(run_uuid=run_uuid, kind="run.running", actor="engine", payload={"n": 1})
         with connection.cursor() as cursor:
             cursor.execute("SELECT current_user")
             assert cursor.fetchone() == (app,)
         assert lineage_role_check(databases=["default"]) == []
-    finally:
-        connection.close()
-        settings_dict["USER"] = user
     assert LineageEvent.objects.filter(run_uuid=run_uuid).count() == 2
     assert chain_verify(run_uuid).intact
 
@@ -128,15 +137,8 @@ def test_the_check_warns_when_the_app_role_owns_the_table_or_is_a_superuser(role
     assert "lineage.W002" in warnings  # the suite connects as a superuser
     with connection.cursor() as cursor:
         cursor.execute(f"ALTER TABLE lineage_lineageevent OWNER TO {app}")
-    settings_dict = connection.settings_dict
-    user = settings_dict["USER"]
-    connection.close()
-    settings_dict["USER"] = app
-    try:
+    with django_connected_as(app):
         (warning,) = lineage_role_check(databases=["default"])
-    finally:
-        connection.close()
-        settings_dict["USER"] = user
     assert warning.id == "lineage.W001" and f"as {app}, which owns the lineage table" in warning.msg
     assert f"lineage_lock_down --app-role {app}" in warning.hint
 
@@ -148,15 +150,10 @@ def test_the_check_warns_when_the_app_role_owns_the_tables_schema(roles):
         cursor.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'public'")
         (schema_owner,) = cursor.fetchone()
         cursor.execute(f"ALTER SCHEMA public OWNER TO {app}")
-    settings_dict = connection.settings_dict
-    user = settings_dict["USER"]
-    connection.close()
-    settings_dict["USER"] = app
     try:
-        (warning,) = lineage_role_check(databases=["default"])
+        with django_connected_as(app):
+            (warning,) = lineage_role_check(databases=["default"])
     finally:
-        connection.close()
-        settings_dict["USER"] = user
         with connection.cursor() as cursor:
             # Before the fixture's DROP OWNED BY, which would drop the schema.
             cursor.execute(f"ALTER SCHEMA public OWNER TO {schema_owner}")
