@@ -278,21 +278,27 @@ def test_a_question_longer_than_the_gate_is_asked_whole(make_task, operator):
 # The OpenAI-compatible server --------------------------------------------------------
 
 
+def served_run(make_task, operator, settings, reply: dict, *, status: int = 200):
+    """A run on the local OpenAI-compatible server answering ``reply``, worked until it
+    rests; returns (run, outcome)."""
+    with OpenAICompatibleServer() as server:
+        settings.OPENAI_BASE_URL = server.base_url
+        settings.OPENAI_API_KEY = "test"
+        server.reply(reply, status=status)
+        task = make_task([], self_check=False)
+        task.model = "test-model"
+        task.save()
+        run = run_start(task=task, run_input={}, user=operator)
+        return run, run_until_rest(run)
+
+
 def test_a_served_models_odd_answer_is_recorded_normalised_with_notes(
     make_task, operator, settings
 ):
     reply = completion("said \x00 and \ud800", prompt_tokens=11, completion_tokens=7)
     reply["usage"]["prompt_tokens"] = -5
     reply["usage"]["completion_tokens"] = float("nan")  # json.dumps writes NaN
-    with OpenAICompatibleServer() as server:
-        settings.OPENAI_BASE_URL = server.base_url
-        settings.OPENAI_API_KEY = "test"
-        server.reply(reply)
-        task = make_task([], self_check=False)
-        task.model = "test-model"
-        task.save()
-        run = run_start(task=task, run_input={}, user=operator)
-        outcome = run_until_rest(run)
+    run, outcome = served_run(make_task, operator, settings, reply)
 
     assert outcome is Outcome.FINISHED
     assert run.status == RunStatus.SUCCEEDED, run.reason
@@ -307,30 +313,17 @@ def test_a_served_models_odd_answer_is_recorded_normalised_with_notes(
 def test_a_served_answer_of_the_wrong_shape_fails_the_run_saying_so(make_task, operator, settings):
     reply = completion("hello")
     reply["choices"][0]["message"] = None
-    with OpenAICompatibleServer() as server:
-        settings.OPENAI_BASE_URL = server.base_url
-        settings.OPENAI_API_KEY = "test"
-        server.reply(reply)
-        task = make_task([], self_check=False)
-        task.model = "test-model"
-        task.save()
-        run = run_start(task=task, run_input={}, user=operator)
-        assert run_until_rest(run) is Outcome.FINISHED
+    run, outcome = served_run(make_task, operator, settings, reply)
+    assert outcome is Outcome.FINISHED
 
     assert run.status == RunStatus.FAILED
     assert "the model server's answer is malformed" in run.reason
 
 
 def test_a_model_servers_error_text_is_stored_normalised(make_task, operator, settings):
-    with OpenAICompatibleServer() as server:
-        settings.OPENAI_BASE_URL = server.base_url
-        settings.OPENAI_API_KEY = "test"
-        server.reply({"error": {"message": "bad \x00 request \ud800"}}, status=400)
-        task = make_task([], self_check=False)
-        task.model = "test-model"
-        task.save()
-        run = run_start(task=task, run_input={}, user=operator)
-        assert run_until_rest(run) is Outcome.FINISHED
+    error = {"error": {"message": "bad \x00 request \ud800"}}
+    run, outcome = served_run(make_task, operator, settings, error, status=400)
+    assert outcome is Outcome.FINISHED
 
     assert run.status == RunStatus.FAILED
     assert "bad \ufffd request \ufffd" in run.reason
