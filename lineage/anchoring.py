@@ -89,6 +89,12 @@ def key_encode(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+def new_seed() -> bytes:
+    """A new Ed25519 private key's 32-byte seed (``key_encode`` writes it as the settings
+    take it)."""
+    return Ed25519PrivateKey.generate().private_bytes_raw()
+
+
 def signing_key() -> Ed25519PrivateKey:
     """The key that signs checkpoints: ``AGENTOPS_LINEAGE_SIGNING_KEY`` (base64 of the
     32-byte seed), else the file ``AGENTOPS_LINEAGE_SIGNING_KEY_FILE``; in development
@@ -114,7 +120,7 @@ def signing_key() -> Ed25519PrivateKey:
         except FileExistsError:
             pass
         else:
-            seed = Ed25519PrivateKey.generate().private_bytes_raw()
+            seed = new_seed()
             with os.fdopen(descriptor, "w") as handle:
                 handle.write(key_encode(seed) + "\n")
     return Ed25519PrivateKey.from_private_bytes(

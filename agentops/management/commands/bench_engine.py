@@ -102,6 +102,30 @@ def same_database(one: dict, other: dict) -> bool:
     )
 
 
+@contextlib.contextmanager
+def scratch_checkpoints() -> Iterator[Path]:
+    """A new signing key and a checkpoint log in a temporary directory, in this process's
+    settings and in the environment of the processes it starts, until the block ends."""
+    import tempfile
+
+    from lineage.anchoring import key_encode, new_seed
+
+    with tempfile.TemporaryDirectory(prefix="agentops-bench-") as directory:
+        log = Path(directory) / "lineage_checkpoints.jsonl"
+        key = key_encode(new_seed())
+        variables = {
+            "AGENTOPS_LINEAGE_SIGNING_KEY": key,
+            "AGENTOPS_LINEAGE_CHECKPOINT_FILE": str(log),
+        }
+        with (
+            mock.patch.dict(os.environ, variables),
+            mock.patch.object(settings, "AGENTOPS_LINEAGE_SIGNING_KEY", key),
+            mock.patch.object(settings, "AGENTOPS_LINEAGE_CHECKPOINT_FILE", log),
+            mock.patch.object(settings, "AGENTOPS_LINEAGE_SINK", "lineage.anchoring.FileSink"),
+        ):
+            yield log
+
+
 def database_described(database: dict) -> str:
     if database["ENGINE"].endswith("sqlite3"):
         path = Path(str(database["NAME"])).resolve()
@@ -219,6 +243,10 @@ class Command(BaseCommand):
             # Measure the engine as it runs in production: with DEBUG on, Django's debug
             # cursor times and records every statement.
             stack.enter_context(mock.patch.object(settings, "DEBUG", False))
+            # And as it ends a run in production: its trail is checkpointed (signed,
+            # written, synced), here with a key and into a log of the bench's own, never
+            # a deployment's; the worker processes read them from the environment.
+            stack.enter_context(scratch_checkpoints())
             task = bench_task_create(steps=steps)
 
             # One run counted, outside the timings; it warms the caches up too.

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from lineage.anchoring import (
     key_encode,
     key_id,
+    new_seed,
     public_key,
     public_key_text,
     sink_configured,
@@ -37,10 +38,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         if options["new_key"]:
-            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-            seed = Ed25519PrivateKey.generate().private_bytes_raw()
-            self.stdout.write(key_encode(seed))
+            self.stdout.write(key_encode(new_seed()))
             return
         try:
             if options["public_key"]:
