@@ -19,7 +19,7 @@ def run_advance_task(run_id: str, claim_failures: int = 0) -> str:
     # The same job as django-q2's: a claim that cannot reach the database puts the run
     # back on the queue (bounded) rather than failing the task, whose message Celery
     # acknowledges all the same.
-    from agentops.runtime.dispatch import run_advance_job
+    from agentops.runtime.engine.jobs import run_advance_job
 
     return run_advance_job(run_id, claim_failures)
 

@@ -1,4 +1,6 @@
-"""Hand a run to the configured queue. The engine never knows which queue called it."""
+"""Hand a run to the configured queue. The engine never knows which queue called it, and
+this module never imports the engine: it names the engine's job (``ADVANCE_JOB``), which
+lives with the engine (``agentops.runtime.engine.jobs``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ def enqueue(run_id: uuid.UUID) -> None:
     sees a run before the change that queued it is visible."""
     transaction.on_commit(lambda: send(run_id))
 
+
+# The job of both queues, by name: django-q2 imports it in its worker.
+ADVANCE_JOB = "agentops.runtime.engine.jobs.run_advance_job"
 
 # How many jobs in a row may meet a claim that cannot reach the database (each after the
 # engine's own tries, about 8 s): the first CLAIM_RESENDS - 1 put the run back on the
@@ -36,38 +41,12 @@ def send(run_id: uuid.UUID, *, claim_failures: int = 0) -> None:
         from django_q.tasks import async_task
 
         async_task(
-            "agentops.runtime.dispatch.run_advance_job",
+            ADVANCE_JOB,
             str(run_id),
             task_name=f"run {run_id}",
             group="runs",
             **extra,
         )
-
-
-def run_advance_job(run_id: str, claim_failures: int = 0) -> str:
-    """The job of both queues (django-q2's, and Celery's task calls it): takes the id
-    only, and lets the engine re-fetch everything.
-
-    A claim that cannot reach the database (a restart; the engine has tried again
-    already) puts the run back on the queue, up to ``CLAIM_RESENDS - 1`` times in a row. A
-    failed job is not the answer: django-q2 deletes a failed job's message (``ack_failures``,
-    and ``max_attempts`` 1), and retrying through it would wait ``retry`` seconds, past
-    the job's time limit, for every job that fails. If the queue (the same database, on
-    the ORM broker) cannot be reached either, the job fails; django-q2 cannot delete its
-    message then either, so it comes again after ``retry``. Past all that, the reaper."""
-    from agentops.runtime.engine import ClaimFailed, advance
-
-    try:
-        return advance(uuid.UUID(run_id)).value
-    except ClaimFailed:
-        if claim_failures + 1 >= CLAIM_RESENDS:
-            raise
-        logger.warning(
-            "run %s: the claim could not reach the database; queued again (%d of %d)",
-            run_id, claim_failures + 1, CLAIM_RESENDS - 1,
-        )  # fmt: skip
-        send(uuid.UUID(run_id), claim_failures=claim_failures + 1)
-        return "queued_again"
 
 
 def runs_reap_job() -> int:

@@ -21,8 +21,7 @@ import redis
 from django.utils import timezone
 
 from agentops.celery import app, run_advance_task, runs_reap_task
-from agentops.runtime import engine
-from agentops.runtime.engine import Outcome, lease_claim
+from agentops.runtime.engine import Outcome, lease_claim, leases
 from approvals.models import Approval, ApprovalStatus
 from approvals.services import approval_decide
 from lineage.services import chain_verify
@@ -230,7 +229,7 @@ def test_a_celery_claim_that_never_reaches_the_database_puts_the_run_back_on_the
     same, and the run would wait for the reaper)."""
     problem = redis_problem()
     require(not problem, problem)
-    monkeypatch.setattr(engine, "RECONNECT_DELAYS", (0.05, 0.05), raising=False)
+    monkeypatch.setattr(leases, "RECONNECT_DELAYS", (0.05, 0.05), raising=False)
     run = echo_run(make_task, operator)
     with celery_dispatch(settings) as queue:
         lock = WriteLock()

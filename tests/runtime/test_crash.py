@@ -71,7 +71,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # A worker that does exactly what a django-q2 job does with the run's message.
 ENGINE_WORKER = (
     "import sys, django; django.setup(); "
-    "from agentops.runtime.dispatch import run_advance_job; "
+    "from agentops.runtime.engine.jobs import run_advance_job; "
     "print(run_advance_job(sys.argv[1]))"
 )
 REACH_SECONDS = 30.0  # a worker process starts, claims the run and gets to the point

@@ -27,8 +27,8 @@ from django.utils import timezone
 from django_q.models import OrmQ
 
 from agentops.runtime import engine
-from agentops.runtime.dispatch import run_advance_job
-from agentops.runtime.engine import LeaseHeartbeat, Outcome, advance, lease_claim
+from agentops.runtime.engine import LeaseHeartbeat, Outcome, advance, lease_claim, leases
+from agentops.runtime.engine.jobs import run_advance_job
 from lineage.services import chain_verify
 from lineage.verification import conninfo_for
 from tasks.models import AutonomyLevel, Run, RunStatus, Step, StepStatus, Task, Tool, ToolGrant
@@ -269,7 +269,7 @@ def test_a_claim_that_never_reaches_the_database_puts_the_run_back_on_the_queue(
 ):
     """Every try at the claim fails; the job does not fail (django-q2 would delete its
     message): it queues the run again, and that message advances it."""
-    monkeypatch.setattr(engine, "RECONNECT_DELAYS", (0.05, 0.05), raising=False)
+    monkeypatch.setattr(leases, "RECONNECT_DELAYS", (0.05, 0.05), raising=False)
     run = echo_run(make_task, operator)
     OrmQ.objects.all().delete()  # run_start's own message: only the job's counts here
     lock = WriteLock()
@@ -284,7 +284,7 @@ def test_a_claim_that_never_reaches_the_database_puts_the_run_back_on_the_queue(
 
     assert Run.objects.get(pk=run.pk).status == RunStatus.QUEUED  # not claimed, not lost
     (message,) = [queued.task for queued in OrmQ.objects.all()]
-    assert message["func"] == "agentops.runtime.dispatch.run_advance_job"
+    assert message["func"] == "agentops.runtime.engine.jobs.run_advance_job"
     assert list(message["args"]) == [str(run.pk)]
     assert message["kwargs"] == {"claim_failures": 1}
 
@@ -299,7 +299,7 @@ def test_the_job_stops_queueing_again_after_its_bound(
 ):
     from agentops.runtime import dispatch
 
-    monkeypatch.setattr(engine, "RECONNECT_DELAYS", (0.05,), raising=False)
+    monkeypatch.setattr(leases, "RECONNECT_DELAYS", (0.05,), raising=False)
     run = echo_run(make_task, operator)
     lock = WriteLock()
     try:

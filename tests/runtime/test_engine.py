@@ -311,14 +311,14 @@ def _started_then_crashed(make_task, operator, tool_name):
     assert lease_claim(run.pk, "worker-a")
     # The model turn commits the tool step 'started' with it, as the engine does for a
     # call that runs at once; then the worker 'crashes' before the call is made.
-    import agentops.runtime.engine as engine
+    from agentops.runtime.engine import turns
 
-    real_fire = engine.call_fire
-    engine.call_fire = lambda *args, **kwargs: Outcome.CONTINUE
+    real_fire = turns.call_fire
+    turns.call_fire = lambda *args, **kwargs: Outcome.CONTINUE
     try:
         assert step_next(context_load(run.pk, "worker-a")) is Outcome.CONTINUE
     finally:
-        engine.call_fire = real_fire
+        turns.call_fire = real_fire
     assert run.steps.get(kind="tool").status == StepStatus.STARTED
     Run.objects.filter(pk=run.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     return run
