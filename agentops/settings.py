@@ -168,6 +168,18 @@ if AGENTOPS_QUEUE == "celery" and not REDIS_URL:
 AGENTOPS_SLICE_SECONDS = env_float("AGENTOPS_SLICE_SECONDS", 60.0, minimum=1.0)
 AGENTOPS_LEASE_SECONDS = env_float("AGENTOPS_LEASE_SECONDS", 120.0, minimum=5.0)
 
+# The async worker (agentops.runtime.engine.runner): each queue worker process keeps up to
+# this many runs in flight at once, a run waiting on a model or a tool's I/O holding no
+# process, thread or connection of its own. 0: the inline mode, where a run holds its
+# queue worker process for its whole slice, waits included.
+AGENTOPS_WORKER_CONCURRENCY = env_int("AGENTOPS_WORKER_CONCURRENCY", 100, minimum=0)
+# The bounded pool, per worker process, where calls with no async form run (a python
+# tool, which may block; SQL and SMTP drivers): a call beyond it waits its turn.
+AGENTOPS_TOOL_THREADS = env_int("AGENTOPS_TOOL_THREADS", 16, minimum=1)
+# When a worker process stops, how long its runs in flight get to reach their next step
+# and go back to the queue; any still out after it are left to the reaper (their leases).
+AGENTOPS_WORKER_DRAIN_SECONDS = env_float("AGENTOPS_WORKER_DRAIN_SECONDS", 30.0, minimum=0.0)
+
 # A job still going at three slices is stuck (a Python tool has no timeout of its own):
 # either queue then ends the worker process running it, which the engine treats as any
 # crash: the run's lease lapses and the reaper hands the run to the next worker.

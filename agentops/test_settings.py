@@ -40,3 +40,8 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # The suite's own tools and scripted models (tests/agent_tools.py) are discovered like
 # any app's, so worker processes started by the tests know them too.
 INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405
+
+# The tests drive the engine inline unless they say otherwise: a queue job run in the test
+# process returns what the slice did. The async worker's tests set it themselves, and
+# pass it to the worker processes they start.
+AGENTOPS_WORKER_CONCURRENCY = int(os.environ.get("AGENTOPS_WORKER_CONCURRENCY", "0"))

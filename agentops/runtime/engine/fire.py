@@ -12,6 +12,7 @@ from typing import Any
 from django.utils import timezone
 
 from agentops.runtime import commits, dispatch
+from agentops.runtime.engine import waits
 from agentops.runtime.engine.context import (
     OUTCOME_DEPTH,
     Context,
@@ -98,7 +99,7 @@ def call_attempts(
     """Make the call, retrying transient failures with backoff under the tool's policy."""
     for attempt in range(1, tool.retry_max_attempts + 1):
         try:
-            result: ToolResult = executor_for(tool).execute(tool, step.arguments, context)
+            result = waits.tool_execute(executor_for(tool), tool, step.arguments, context)
         except Exception as error:  # an executor's bug: the call may have gone out
             logger.exception("run %s: the %s executor raised", ctx.run.pk, tool.kind)
             result = ToolResult(
@@ -121,7 +122,7 @@ def call_attempts(
             error=redact(result.error, config_secrets(tool.config)),
             delay=delay,
         )
-        time.sleep(delay)
+        waits.pause(delay)
     return result, attempt
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,6 +17,7 @@ from django.db.models import Count, Max, Q
 from django.utils import timezone
 
 from agentops import states
+from agentops.runtime.engine import waits
 from agentops.runtime.engine.context import Context, LeaseLost, clock_added, increments
 from lineage.services import event_append
 from tasks.models import (
@@ -87,7 +87,7 @@ def reconnecting(
                 run_id, what, type(error).__name__, str(error).strip(), delay,
             )  # fmt: skip
         connection_drop()
-        time.sleep(delay)
+        waits.pause(delay)
         try:
             already = done()
         except CONNECTION_ERRORS:

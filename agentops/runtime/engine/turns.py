@@ -28,6 +28,7 @@ from agentops.runtime.builtins import (
     builtin_spec,
     check_read,
 )
+from agentops.runtime.engine import waits
 from agentops.runtime.engine.calls import call_start
 from agentops.runtime.engine.context import Context, Outcome, normalised, slice_cached, step_derived
 from agentops.runtime.engine.doors import call_arguments, call_doors, granted_tools, tool_spec
@@ -176,7 +177,8 @@ def model_call(
     for attempt in range(1, attempts + 1):
         started = time.monotonic()
         try:
-            turn = client.complete(
+            turn = waits.model_complete(
+                client,
                 messages=messages,
                 tools=specs,
                 tool_choice=tool_choice,
@@ -193,7 +195,7 @@ def model_call(
             default = backoff(settings.AGENTOPS_MODEL_BACKOFF_SECONDS, attempt)
             delay = error.retry_wait(default, limits, ctx.usage())
             retry_note(ctx, "model.retrying", attempt=attempt, error=str(error), delay=delay)
-            time.sleep(delay)
+            waits.pause(delay)
             continue
         duration_ms = int((time.monotonic() - started) * 1000)
         # Everything after reads the turn as stored, so a resumed run acts on the same.
