@@ -6,6 +6,7 @@ import logging
 import uuid
 
 from agentops.runtime import dispatch
+from agentops.runtime.engine import runner, waits
 from agentops.runtime.engine.leases import ClaimFailed
 from agentops.runtime.engine.loop import advance
 
@@ -15,6 +16,25 @@ logger = logging.getLogger("agentops.dispatch")
 def run_advance_job(run_id: str, claim_failures: int = 0) -> str:
     """The job of both queues (django-q2's, and Celery's task calls it): takes the id
     only, and lets the engine re-fetch everything.
+
+    With the async worker (``AGENTOPS_WORKER_CONCURRENCY`` above 0), the job hands the run
+    to this process's runner and returns at once, so the queue's worker process takes its
+    next message while the run is worked; a worker with no free slot within
+    ``runner.SLOT_WAIT_SECONDS``, or stopping, hands the run back to the queue. Inline,
+    the job works the slice itself (``advance_job``)."""
+    if waits.current_runner() is None:
+        worker = runner.runner()
+        if worker is not None:
+            if worker.submit(uuid.UUID(run_id), claim_failures):
+                return "handed to the async worker"
+            dispatch.send(uuid.UUID(run_id), claim_failures=claim_failures)
+            return "queued_again"
+    return advance_job(run_id, claim_failures)
+
+
+def advance_job(run_id: str, claim_failures: int = 0) -> str:
+    """One slice of the run, worked here: inline in the queue's worker, or in a run's
+    greenlet on the async worker.
 
     A claim that cannot reach the database (a restart; the engine has tried again
     already) puts the run back on the queue, up to ``dispatch.CLAIM_RESENDS - 1`` times in a row. A

@@ -10,6 +10,7 @@ import uuid
 from django.conf import settings
 
 from agentops import states
+from agentops.runtime.engine import waits
 from agentops.runtime.engine.calls import (
     call_after_gate,
     call_after_unknown,
@@ -53,14 +54,21 @@ def advance(
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
     clock = _clock.set(WorkClock())
     cache = _slice_cache.set({})
-    heartbeat = LeaseHeartbeat(run_id, owner).start()
+    # The lease is renewed while the slice works: inline by a thread of its own, on the
+    # async worker with all the leases it holds, in one statement a beat.
+    runner = waits.current_runner()
+    if runner is None:
+        heartbeat = LeaseHeartbeat(run_id, owner).start()
+    else:
+        runner.lease_hold(run_id, owner)
     try:
         ctx = context_for(run, owner)
         while True:
             outcome = step_next(ctx)
             if outcome is not Outcome.CONTINUE:
                 return outcome
-            if time.monotonic() >= slice_ends:
+            # A stopping async worker hands its runs back to the queue at their next step.
+            if time.monotonic() >= slice_ends or (runner and runner.stopping.is_set()):
                 return run_yield(ctx)
     except (LeaseLost, states.InvalidTransition) as stop:
         logger.info("run %s: worker %s stops: %s", run_id, owner, stop)
@@ -69,7 +77,10 @@ def advance(
         logger.exception("run %s: the engine failed", run_id)
         return run_fail_on_error(run_id, owner, error)
     finally:
-        heartbeat.stop()
+        if runner is None:
+            heartbeat.stop()
+        else:
+            runner.lease_release(owner)
         _slice_cache.reset(cache)
         _clock.reset(clock)
 

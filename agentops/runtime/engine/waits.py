@@ -43,16 +43,11 @@ def current_runner() -> Runner | None:
     return getattr(greenlet.getcurrent(), "runner", None)
 
 
-def wait(make: Callable[[], Awaitable[T]], *, blocking: Callable[[], T] | None = None) -> T:
-    """``make()`` awaited on the async worker's loop, this run suspended meanwhile; or,
-    inline, ``blocking()`` (which does the same without a loop).
-
-    The result, or the exception the awaitable raised, comes back here."""
-    runner = current_runner()
-    if runner is None:
-        if blocking is None:
-            return asyncio.run(make())  # inline, with no blocking form: a loop of its own
-        return blocking()
+def wait(make: Callable[[], Awaitable[T]]) -> T:
+    """``make()`` awaited on the async worker's loop, this run's greenlet suspended
+    meanwhile. The result, or the exception the awaitable raised, comes back here."""
+    if current_runner() is None:
+        raise RuntimeError("waits.wait() is for a run of the async worker")
     for alias in connections:
         if connections[alias].in_atomic_block:
             raise RuntimeError(
@@ -67,7 +62,10 @@ def pause(seconds: float) -> None:
     """Wait ``seconds`` (between retries), holding nothing on the async worker."""
     if seconds <= 0:
         return
-    wait(lambda: asyncio.sleep(seconds), blocking=lambda: time.sleep(seconds))
+    if current_runner() is None:
+        time.sleep(seconds)
+    else:
+        wait(lambda: asyncio.sleep(seconds))
 
 
 def model_complete(client: ModelClient, **request: Any) -> ModelTurn:

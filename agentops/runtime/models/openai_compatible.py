@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import openai
@@ -27,14 +30,31 @@ class OpenAICompatibleClient:
         self.model = model
         self.label = model
         # Local servers (Ollama, vLLM) ignore the key, but the package insists on one.
-        self._client = openai.OpenAI(
-            api_key=api_key or "not-needed",
-            base_url=base_url,
-            timeout=timeout,
-            max_retries=0,
-        )
+        self.api_key = api_key or "not-needed"
+        self.base_url = base_url
+        self.timeout = timeout
 
-    def complete(
+    def complete(self, **request: Any) -> ModelTurn:
+        """One turn, blocking (the inline mode)."""
+        client = openai.OpenAI(
+            api_key=self.api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
+        )
+        try:
+            with self._errors_read():
+                response = client.chat.completions.create(**self.request(**request))
+        finally:
+            client.close()
+        return self.response_read(response)
+
+    async def acomplete(self, **request: Any) -> ModelTurn:
+        """One turn, awaited on the async worker's loop: the connection pool is shared by
+        every run the worker has waiting on this server (``async_client``)."""
+        client = async_client(self.api_key, self.base_url, self.timeout)
+        with self._errors_read():
+            response = await client.chat.completions.create(**self.request(**request))
+        return self.response_read(response)
+
+    def request(
         self,
         *,
         messages: list[dict],
@@ -42,7 +62,7 @@ class OpenAICompatibleClient:
         tool_choice: str | None = None,
         max_tokens: int | None = None,
         timeout: float | None = None,
-    ) -> ModelTurn:
+    ) -> dict:
         request: dict = {"model": self.model, "messages": messages}
         if tools:
             request["tools"] = tools
@@ -53,8 +73,13 @@ class OpenAICompatibleClient:
             request["max_tokens"] = max_tokens
         if timeout:
             request["timeout"] = timeout
+        return request
+
+    @contextmanager
+    def _errors_read(self) -> Iterator[None]:
+        """The package's errors as ``ModelError``: transient or not, with Retry-After."""
         try:
-            response = self._client.chat.completions.create(**request)
+            yield
         except openai.APITimeoutError as error:
             raise ModelError(f"the model server timed out: {error}", transient=True) from error
         except openai.APIConnectionError as error:
@@ -68,6 +93,8 @@ class OpenAICompatibleClient:
                 status=error.status_code,
                 retry_after=_retry_after(error),
             ) from error
+
+    def response_read(self, response: Any) -> ModelTurn:
         if not getattr(response, "choices", None):
             raise ModelError("the model server returned no choices", transient=True)
         try:
@@ -121,3 +148,19 @@ def _retry_after(error: openai.APIStatusError) -> float | None:
         return None
     response = getattr(error, "response", None)
     return retry_after_seconds(response.headers) if response is not None else None
+
+
+# The async worker's clients, one per event loop and server: a client's connection pool is
+# bound to the loop it first ran on. A worker process has one loop, so this holds a client
+# for each server its runs call.
+_async_clients: dict[tuple[int, str, str | None, float], openai.AsyncOpenAI] = {}
+
+
+def async_client(api_key: str, base_url: str | None, timeout: float) -> openai.AsyncOpenAI:
+    key = (id(asyncio.get_running_loop()), api_key, base_url, timeout)
+    client = _async_clients.get(key)
+    if client is None:
+        client = _async_clients[key] = openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+        )
+    return client

@@ -1,0 +1,238 @@
+"""The async worker: hundreds of runs in flight in one worker process, each waiting on a
+model or a tool's I/O holding no process, thread or database connection of its own.
+
+Two threads per worker process, started with its first run:
+
+- the **engine thread** runs each run's slice (``advance``, the same code as inline) in a
+  greenlet of its own. The engine's short, durable transitions run there, one at a time,
+  on the one database connection the thread keeps;
+- the **I/O thread** runs an asyncio event loop. When a slice reaches slow I/O (a model
+  turn, a tool call, a pause between retries: ``engine.waits``), its greenlet hands the
+  awaitable to the loop and is suspended; the engine thread goes on with other runs; the
+  awaitable's result resumes the greenlet.
+
+No transaction spans a wait (``waits.wait`` refuses one), so the runs sharing the engine
+thread's connection never see each other's writes half done. Leases are renewed for all
+the runs the worker holds in one statement a beat (``Runner.beat``), not by a thread a run.
+Calls with no async form run on a bounded thread pool (``AGENTOPS_TOOL_THREADS``).
+
+The queues feed it unchanged: their job (``engine.jobs.run_advance_job``) hands the run
+to this process's runner and returns, so a django-q2 or Celery worker process takes the
+next message at once, up to ``AGENTOPS_WORKER_CONCURRENCY`` runs in flight; past that, the
+job waits for a free slot. When the process stops, its runs go back to the queue at their
+next step (``drain``); any still out after ``AGENTOPS_WORKER_DRAIN_SECONDS`` are recovered
+by the reaper when their leases lapse, as after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+
+from agentops.runtime.engine.waits import RunGreenlet
+
+logger = logging.getLogger("agentops.worker")
+
+T = TypeVar("T")
+
+# How long a queue job waits for a free slot before it hands the run back to the queue.
+SLOT_WAIT_SECONDS = 30.0
+
+
+class Runner:
+    """One worker process's async worker (``runner()`` makes it, once a process)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.slots = threading.BoundedSemaphore(concurrency)
+        self.events: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.loop = asyncio.new_event_loop()
+        self.threads = ThreadPoolExecutor(
+            max_workers=settings.AGENTOPS_TOOL_THREADS, thread_name_prefix="agentops-tool"
+        )
+        # The leases this worker holds now: owner -> run id (the engine thread's alone).
+        self.leases: dict[str, uuid.UUID] = {}
+        self.stopping = threading.Event()
+        self.stopped = threading.Event()
+        # Figures, for the benchmark and the logs (written by the engine thread only).
+        self.in_flight = 0  # runs adopted and not yet done
+        self.waiting = 0  # of those, suspended on I/O now
+        self.waiting_peak = 0
+        self._io = threading.Thread(target=self._io_run, name="agentops-io", daemon=True)
+        self._engine = threading.Thread(target=self._engine_run, name="agentops-engine")
+
+    def start(self) -> Runner:
+        self._io.start()
+        self._engine.start()
+        logger.info(
+            "async worker started: up to %d runs in flight, %d tool threads",
+            self.concurrency, settings.AGENTOPS_TOOL_THREADS,
+        )  # fmt: skip
+        return self
+
+    # The queues' side ------------------------------------------------------------------
+
+    def submit(
+        self, run_id: uuid.UUID, claim_failures: int = 0, *, timeout: float = SLOT_WAIT_SECONDS
+    ) -> bool:
+        """Adopt the run: True once it is the engine thread's to work, False if no slot
+        came free within ``timeout`` or the worker is stopping (the caller hands the run
+        back to the queue)."""
+        if self.stopping.is_set() or not self.slots.acquire(timeout=timeout):
+            return False
+        if self.stopping.is_set():
+            self.slots.release()
+            return False
+        self.events.put(("start", run_id, claim_failures))
+        return True
+
+    def drain(self, seconds: float | None = None) -> bool:
+        """Stop taking runs, let the runs in flight go back to the queue at their next
+        step, and wait up to ``seconds`` for them. True if all went back."""
+        seconds = settings.AGENTOPS_WORKER_DRAIN_SECONDS if seconds is None else seconds
+        self.stopping.set()
+        self.events.put(("stop",))
+        done = self.stopped.wait(seconds)
+        if not done:
+            logger.warning(
+                "async worker: %d runs still out after %.0f s; their leases will lapse and "
+                "the reaper hands them on",
+                self.in_flight, seconds,
+            )  # fmt: skip
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.threads.shutdown(wait=False, cancel_futures=True)
+        return done
+
+    # The engine's side (waits.py) -------------------------------------------------------
+
+    def in_thread(self, call: Callable[[], T]) -> Awaitable[T]:
+        """``call()`` on the bounded pool, as an awaitable for the loop."""
+        return asyncio.get_running_loop().run_in_executor(self.threads, call)
+
+    def lease_hold(self, run_id: uuid.UUID, owner: str) -> None:
+        self.leases[owner] = run_id
+
+    def lease_release(self, owner: str) -> None:
+        self.leases.pop(owner, None)
+
+    # The threads --------------------------------------------------------------------------
+
+    def _io_run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def _engine_run(self) -> None:
+        interval = settings.AGENTOPS_LEASE_SECONDS / 3
+        next_beat = time.monotonic() + interval
+        try:
+            while not (self.stopping.is_set() and self.in_flight == 0):
+                try:
+                    event = self.events.get(timeout=max(0.0, next_beat - time.monotonic()))
+                except queue.Empty:
+                    event = None
+                if time.monotonic() >= next_beat:
+                    # After a failed beat, sooner: the leases run out while the database is away.
+                    next_beat = time.monotonic() + (interval if self.beat() else min(interval, 1.0))
+                if event is None or event[0] == "stop":
+                    continue
+                if event[0] == "start":
+                    self.in_flight += 1
+                    work = RunGreenlet(self._slice)
+                    work.runner = self
+                    self._resume(work, event[1], event[2])
+                else:  # "resume": an awaitable the run waited on is done
+                    self.waiting -= 1
+                    self._resume(event[1], event[2])
+        finally:
+            try:
+                connection.close()
+            except DatabaseError:
+                logger.debug("closing the engine thread's connection failed", exc_info=True)
+            self.stopped.set()
+
+    def _slice(self, run_id: uuid.UUID, claim_failures: int) -> None:
+        from agentops.runtime.engine.jobs import advance_job
+
+        try:
+            advance_job(str(run_id), claim_failures)
+        except Exception:
+            # The job handles the engine's errors; what is left (a claim that could not
+            # reach the database, even after it was handed back to the queue) is logged:
+            # the run's lease lapses, if it had one, and the reaper hands it on.
+            logger.exception("run %s: the async worker's slice failed", run_id)
+
+    def _resume(self, work: RunGreenlet, *value: Any) -> None:
+        """Run ``work`` until it waits on I/O again, or ends."""
+        try:
+            make = work.switch(*value)
+        except BaseException:  # the slice catches its own errors: this is a bug here
+            logger.exception("async worker: a run's greenlet failed")
+        if work.dead:
+            self.in_flight -= 1
+            self.slots.release()
+            return
+        self.waiting += 1
+        self.waiting_peak = max(self.waiting_peak, self.waiting)
+        future: Future = asyncio.run_coroutine_threadsafe(_awaited(make), self.loop)
+        future.add_done_callback(lambda done: self.events.put(("resume", work, done)))
+
+    def beat(self) -> bool:
+        """Renew every lease this worker holds, in one statement. A lease that moved on
+        (the run was cancelled, or taken over) is not taken back: the renewal names this
+        worker as its owner. A failure (a database restart) drops the connection, so the
+        next statement reconnects; it only shortens the leases, the fence decides."""
+        from agentops.runtime.engine.leases import connection_drop, lease_deadline
+        from tasks.models import Run, RunStatus
+
+        if not self.leases:
+            return True
+        try:
+            Run.objects.filter(status=RunStatus.RUNNING, lease_owner__in=list(self.leases)).update(
+                lease_expires_at=lease_deadline()
+            )
+        except Exception as error:
+            logger.warning(
+                "async worker: renewing %d leases failed (%s: %s); it reconnects at the next beat",
+                len(self.leases), type(error).__name__, str(error).strip(),
+            )  # fmt: skip
+            connection_drop()
+            return False
+        return True
+
+
+async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
+    return await make()
+
+
+_runner: Runner | None = None
+_runner_lock = threading.Lock()
+
+
+def runner() -> Runner | None:
+    """This process's async worker, started with its first run; None in the inline mode
+    (``AGENTOPS_WORKER_CONCURRENCY=0``)."""
+    global _runner
+    if settings.AGENTOPS_WORKER_CONCURRENCY <= 0:
+        return None
+    with _runner_lock:
+        if _runner is None or _runner.stopping.is_set():
+            _runner = Runner(settings.AGENTOPS_WORKER_CONCURRENCY).start()
+            # When the process ends (a django-q2 worker recycled or stopped, a Celery
+            # child shut down), its runs go back to the queue first.
+            threading._register_atexit(_runner.drain)
+        return _runner
+
+
+def runner_stopping() -> bool:
+    """Whether this process's async worker is draining (its runs yield at their next step)."""
+    return _runner is not None and _runner.stopping.is_set()

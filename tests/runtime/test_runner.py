@@ -1,0 +1,220 @@
+"""The async worker: runs waiting on a model hold no thread, process or connection of
+their own; one worker keeps many in flight; every guarantee of the inline engine holds.
+
+Against a real OpenAI-compatible server on loopback whose answers take a set time, so
+many model calls are out at once; the runs are worked by a real ``Runner`` in this
+process (an engine thread and an I/O thread), as a queue worker process would."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from agentops.runtime.builtins import PLAN_TOOL
+from agentops.runtime.engine import waits
+from agentops.runtime.engine.jobs import run_advance_job
+from agentops.runtime.engine.runner import Runner
+from lineage.models import LineageEvent
+from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
+from tasks.services import run_start
+from tests.peers.openai_server import completion
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class PacedModel:
+    """Answers every turn after ``latency`` seconds: the first with a plan, then one call
+    of ``tool`` (if given) per turn for ``calls`` turns, then a final answer. Keeps how
+    many requests were out at once."""
+
+    def __init__(self, latency: float, *, tool: str = "", calls: int = 0) -> None:
+        self.latency, self.tool, self.calls = latency, tool, calls
+        self.in_flight = self.peak = self.served = 0
+        self.lock = threading.Lock()
+        model = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with model.lock:
+                    model.in_flight += 1
+                    model.peak = max(model.peak, model.in_flight)
+                time.sleep(model.latency)
+                data = json.dumps(model.answer(body["messages"])).encode()
+                with model.lock:
+                    model.in_flight -= 1
+                    model.served += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def answer(self, messages: list[dict]) -> dict:
+        turn = sum(1 for m in messages if m["role"] == "assistant")
+        if turn == 0:
+            plan = {"steps": [{"title": "do the thing"}], "_confidence": 0.9}
+            return completion(None, [(f"plan-{turn}", PLAN_TOOL, plan)])
+        if turn <= self.calls:
+            arguments = {"text": f"call {turn}", "_confidence": 0.9}
+            return completion(None, [(f"call-{turn}", self.tool, arguments)])
+        return completion("done")
+
+    def __enter__(self) -> PacedModel:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def runner(settings) -> Iterator[Runner]:
+    settings.AGENTOPS_WORKER_CONCURRENCY = 50
+    worker = Runner(50).start()
+    yield worker
+    assert worker.drain(10), "the runner's runs did not all finish"
+
+
+def served_runs(make_task, operator, settings, model: PacedModel, count: int, **fields):
+    settings.OPENAI_BASE_URL = model.base_url
+    settings.OPENAI_API_KEY = "test"
+    task = make_task([], self_check=False, autonomy_level=3, **fields)
+    task.model = "test-model"
+    task.save()
+    return [run_start(task=task, run_input={}, user=operator) for _ in range(count)]
+
+
+def runs_at_rest(runs: list[Run], *, seconds: float) -> list[Run]:
+    """The runs once none is queued or running, polled; bounded by ``seconds``."""
+    deadline = time.monotonic() + seconds
+    ids = [run.pk for run in runs]
+    while time.monotonic() < deadline:
+        busy = Run.objects.filter(pk__in=ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
+        if not busy.exists():
+            break
+        time.sleep(0.05)
+    return list(Run.objects.filter(pk__in=ids))
+
+
+def agentops_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("agentops-")]
+
+
+def test_one_worker_keeps_every_run_waiting_on_its_model_at_once(
+    make_task, operator, settings, runner
+):
+    """Twenty runs, each turn answered after a second: all twenty model calls are out at
+    the same time, while the worker runs two threads of its own, not one a run."""
+    with PacedModel(1.0) as model:
+        runs = served_runs(make_task, operator, settings, model, 20)
+        for run in runs:
+            assert runner.submit(run.pk)
+        threads_seen: set[str] = set()
+        while model.served < 20 and model.peak < 20:
+            threads_seen.update(agentops_threads())
+            time.sleep(0.05)
+        threads_seen.update(agentops_threads())
+        done = runs_at_rest(runs, seconds=30)
+    assert [run.status for run in done] == [RunStatus.SUCCEEDED] * 20
+    assert model.peak == 20, f"only {model.peak} model calls were out at once"
+    assert runner.waiting_peak >= 20
+    # The engine thread and the I/O thread: the model calls are awaited, not threaded.
+    assert threads_seen == {"agentops-engine", "agentops-io"}, threads_seen
+
+
+def test_tool_calls_keep_the_ledger_on_the_async_worker(make_task, operator, settings, runner):
+    """Each call is committed ``started`` with its key before it fires and settled
+    after; a python tool (blocking) runs on the bounded pool, once."""
+    from tests.agent_tools import EFFECTS
+
+    with PacedModel(0.2, tool="test_charge", calls=3) as model:
+        runs = served_runs(make_task, operator, settings, model, 5, tools=["test_charge"])
+        for run in runs:
+            assert runner.submit(run.pk)
+        done = runs_at_rest(runs, seconds=30)
+    assert [run.status for run in done] == [RunStatus.SUCCEEDED] * 5
+    for run in done:
+        calls = Step.objects.filter(run=run, tool_name="test_charge").order_by("number")
+        assert [step.status for step in calls] == [StepStatus.SUCCEEDED] * 3
+        kinds = list(
+            LineageEvent.objects.filter(run_uuid=run.pk, kind__startswith="tool.")
+            .order_by("seq")
+            .values_list("kind", flat=True)
+        )
+        assert kinds == ["tool.started", "tool.succeeded"] * 3
+        for step in calls:
+            assert EFFECTS[f"charge:{step.idempotency_key}"] == 1
+
+
+def test_a_queue_job_hands_the_run_over_and_returns(make_task, operator, settings, runner):
+    """The job of both queues returns at once: the run is worked by the async worker."""
+    from agentops.runtime.engine import runner as runner_module
+
+    settings.AGENTOPS_WORKER_CONCURRENCY = 50
+    runner_module._runner = runner  # this process's worker is the test's
+    try:
+        with PacedModel(0.5) as model:
+            (run,) = served_runs(make_task, operator, settings, model, 1)
+            assert run_advance_job(str(run.pk)) == "handed to the async worker"
+            (done,) = runs_at_rest([run], seconds=30)
+    finally:
+        runner_module._runner = None
+    assert done.status == RunStatus.SUCCEEDED
+
+
+def test_a_draining_worker_hands_its_runs_back_to_the_queue(
+    make_task, operator, settings, runner
+):
+    """Stopping, the worker lets the calls out finish, records them, and queues each run
+    again at its next step, its lease given up; nothing is asked twice."""
+    with PacedModel(1.0, tool="test_charge", calls=3) as model:
+        runs = served_runs(make_task, operator, settings, model, 3, tools=["test_charge"])
+        for run in runs:
+            assert runner.submit(run.pk)
+        while model.peak < 3:
+            time.sleep(0.02)
+        assert runner.drain(10)
+        assert not runner.submit(runs[0].pk), "a stopping worker took a run"
+    for run in Run.objects.filter(pk__in=[r.pk for r in runs]):
+        assert run.status == RunStatus.QUEUED and run.lease_owner == ""
+        # The answer out when the worker was told to stop is recorded, not lost: the
+        # next worker acts on it and does not ask again.
+        assert Step.objects.filter(run=run, kind=StepKind.MODEL).count() == 1
+    assert model.served == 3
+
+
+def test_no_transaction_spans_a_wait(runner):
+    """The runs of one worker share its connection: a wait inside a transaction would let
+    another run's writes into it, so it is refused."""
+    result: list[BaseException | None] = []
+
+    def inside_a_transaction() -> None:
+        try:
+            with transaction.atomic():
+                waits.pause(0.01)
+        except RuntimeError as error:
+            result.append(error)
+        else:
+            result.append(None)
+
+    work = waits.RunGreenlet(inside_a_transaction)
+    work.runner = runner
+    work.switch()
+    assert work.dead
+    assert isinstance(result[0], RuntimeError) and "inside a transaction" in str(result[0])
