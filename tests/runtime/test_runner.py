@@ -7,80 +7,22 @@ process (an engine thread and an I/O thread), as a queue worker process would.""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from django.db import transaction
 
-from agentops.runtime.builtins import PLAN_TOOL
 from agentops.runtime.engine import waits
 from agentops.runtime.engine.jobs import run_advance_job
 from agentops.runtime.engine.runner import Runner
 from lineage.models import LineageEvent
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
 from tasks.services import run_start
-from tests.peers.openai_server import completion
+from tests.peers.paced_model import PacedModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class PacedModel:
-    """Answers every turn after ``latency`` seconds: the first with a plan, then one call
-    of ``tool`` (if given) per turn for ``calls`` turns, then a final answer. Keeps how
-    many requests were out at once."""
-
-    def __init__(self, latency: float, *, tool: str = "", calls: int = 0) -> None:
-        self.latency, self.tool, self.calls = latency, tool, calls
-        self.in_flight = self.peak = self.served = 0
-        self.lock = threading.Lock()
-        model = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with model.lock:
-                    model.in_flight += 1
-                    model.peak = max(model.peak, model.in_flight)
-                time.sleep(model.latency)
-                data = json.dumps(model.answer(body["messages"])).encode()
-                with model.lock:
-                    model.in_flight -= 1
-                    model.served += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def answer(self, messages: list[dict]) -> dict:
-        turn = sum(1 for m in messages if m["role"] == "assistant")
-        if turn == 0:
-            plan = {"steps": [{"title": "do the thing"}], "_confidence": 0.9}
-            return completion(None, [(f"plan-{turn}", PLAN_TOOL, plan)])
-        if turn <= self.calls:
-            arguments = {"text": f"call {turn}", "_confidence": 0.9}
-            return completion(None, [(f"call-{turn}", self.tool, arguments)])
-        return completion("done")
-
-    def __enter__(self) -> PacedModel:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -178,9 +120,7 @@ def test_a_queue_job_hands_the_run_over_and_returns(make_task, operator, setting
     assert done.status == RunStatus.SUCCEEDED
 
 
-def test_a_draining_worker_hands_its_runs_back_to_the_queue(
-    make_task, operator, settings, runner
-):
+def test_a_draining_worker_hands_its_runs_back_to_the_queue(make_task, operator, settings, runner):
     """Stopping, the worker lets the calls out finish, records them, and queues each run
     again at its next step, its lease given up; nothing is asked twice."""
     with PacedModel(1.0, tool="test_charge", calls=3) as model:
