@@ -148,6 +148,115 @@ def spread(values: list[float]) -> Spread:
     return Spread(statistics.median(values), p90)
 
 
+# Cost by position within a long run (--positions) -------------------------------------
+
+# What each agent step of a long run re-reads of the run's record: made afresh each turn,
+# each would cost more the longer the run. Timed by position to show they do not.
+# (label, module, the name the engine calls it by there)
+POSITION_PARTS = (
+    ("transcript", "agentops.runtime.engine.turns", "transcript_sized"),
+    ("loops check", "agentops.runtime.engine.loop", "loops_check"),
+    ("token estimate", "agentops.runtime.engine.turns", "tokens_estimate"),
+)
+
+
+class PositionClock:
+    """The wall time of each agent step of one run, from one model turn to the next, and
+    the time spent in each of POSITION_PARTS within it."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.parts: list[dict[str, float]] = []
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+        self.parts.append({})
+
+    def part(self, label: str, seconds: float) -> None:
+        if self.parts:  # before the first turn nothing is counted
+            self.parts[-1][label] = self.parts[-1].get(label, 0.0) + seconds
+
+    def steps(self) -> list[tuple[float, dict[str, float]]]:
+        """Per agent step, in order: its seconds and its parts' seconds."""
+        return [
+            (after - before, parts)
+            for before, after, parts in zip(self.marks, self.marks[1:], self.parts, strict=False)
+        ]
+
+
+@contextlib.contextmanager
+def positions_timed() -> Iterator[PositionClock]:
+    """Inside the block, each turn of the bench script marks the clock, and each of
+    POSITION_PARTS adds its time to the agent step it falls in."""
+    import importlib
+    from unittest import mock
+
+    from agentops.runtime.models.scripted import SCRIPTS
+
+    clock = PositionClock()
+
+    def marked(messages: list[dict]) -> ModelTurn:
+        clock.mark()
+        return bench_agent(messages)
+
+    def timed(label: str, function: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                clock.part(label, time.perf_counter() - started)
+
+        return run
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(SCRIPTS, {BENCH_SCRIPT: marked}))
+        for label, module_name, name in POSITION_PARTS:
+            module = importlib.import_module(module_name)
+            if hasattr(module, name):
+                function = getattr(module, name)
+                stack.enter_context(mock.patch.object(module, name, timed(label, function)))
+        yield clock
+
+
+@dataclass(frozen=True)
+class PositionWindow:
+    first: int  # agent step numbers, from 1
+    last: int
+    milliseconds: float  # per agent step
+    parts: dict[str, float]  # milliseconds per agent step
+
+
+def position_windows(clocks: list[PositionClock], *, window: int) -> list[PositionWindow]:
+    """The first and the last ``window`` agent steps of the runs: for each position the
+    median over the runs, then the mean over the window's positions."""
+    per_run = [clock.steps() for clock in clocks]
+    count = min(len(steps) for steps in per_run)
+    windows = []
+    for first in (0, count - window):
+        positions = range(first, first + window)
+        medians = [statistics.median(run[i][0] for run in per_run) for i in positions]
+        parts = {
+            label: statistics.mean(
+                statistics.median(run[i][1].get(label, 0.0) for run in per_run) for i in positions
+            )
+            * 1000
+            for label, _, _ in POSITION_PARTS
+        }
+        windows.append(
+            PositionWindow(first + 1, first + window, statistics.mean(medians) * 1000, parts)
+        )
+    return windows
+
+
+def load_average() -> str:
+    """The machine's load (/proc/loadavg), to read the figures by; "" where there is none."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return ""
+
+
 # Worker processes --------------------------------------------------------------------
 
 

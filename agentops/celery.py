@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from celery.signals import worker_process_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentops.settings")
 
@@ -22,6 +23,15 @@ def run_advance_task(run_id: str, claim_failures: int = 0) -> str:
     from agentops.runtime.engine.jobs import run_advance_job
 
     return run_advance_job(run_id, claim_failures)
+
+
+@worker_process_shutdown.connect
+def runs_hand_back(**kwargs: object) -> None:
+    """A worker process that stops (a prefork child recycled or shut down) first hands
+    the runs its async worker has in flight back to the queue, at their next step."""
+    from agentops.runtime.engine.runner import runner_drain
+
+    runner_drain()
 
 
 @app.task(name="agentops.runs_reap", ignore_result=True)

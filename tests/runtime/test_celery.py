@@ -252,3 +252,43 @@ def test_a_celery_claim_that_never_reaches_the_database_puts_the_run_back_on_the
         assert run_advance_task.run(*args, **kwargs) == Outcome.FINISHED.value
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED, run.reason
+
+
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("pool", ["solo", "prefork"])
+def test_one_celery_worker_keeps_many_runs_waiting_on_their_model_at_once(
+    tmp_path, make_task, operator, settings, pool
+):
+    """Celery feeds the async worker as django-q2 does: one worker process, its task
+    handing each run over and returning, keeps every run's model call out at once."""
+    from tests.peers.paced_model import PacedModel
+
+    problem = redis_problem()
+    require(not problem, problem)
+    log = tmp_path / "celery-worker.log"
+    with PacedModel(1.0) as model:
+        settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY = model.base_url, "test"
+        task = make_task([], self_check=False)
+        task.model = "test-model"
+        task.save()
+        env = {
+            "AGENTOPS_WORKER_CONCURRENCY": "50",
+            "OPENAI_BASE_URL": model.base_url,
+            "OPENAI_API_KEY": "test",
+        }
+        with celery_dispatch(settings) as queue, celery_worker(log, queue, pool=pool, **env):
+            runs = [run_start(task=task, run_input={}, user=operator) for _ in range(20)]
+            ids = [run.pk for run in runs]
+
+            def at_rest() -> bool:
+                busy = [RunStatus.QUEUED, RunStatus.RUNNING]
+                return not Run.objects.filter(pk__in=ids, status__in=busy).exists()
+
+            try:
+                wait_for(at_rest, timeout=60, what="every run at rest")
+            except AssertionError as error:
+                raise AssertionError(f"{error}; the worker's log:\n{log.read_text()}") from None
+    statuses = set(Run.objects.filter(pk__in=ids).values_list("status", flat=True))
+    assert statuses == {RunStatus.SUCCEEDED}
+    assert model.peak == 20, f"only {model.peak} model calls were out at once"

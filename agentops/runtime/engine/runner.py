@@ -233,6 +233,7 @@ def runner() -> Runner | None:
         return _runner
 
 
-def runner_stopping() -> bool:
-    """Whether this process's async worker is draining (its runs yield at their next step)."""
-    return _runner is not None and _runner.stopping.is_set()
+def runner_drain() -> None:
+    """Drain this process's async worker, if it has one (a process about to stop)."""
+    if _runner is not None:
+        _runner.drain()
