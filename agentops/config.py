@@ -163,6 +163,17 @@ def env_commands(name: str) -> list[list[str]]:
     return commands
 
 
+def env_provider_limits(name: str) -> dict:
+    """``AGENTOPS_PROVIDER_LIMITS`` read (agentops.runtime.providers); a fault stops
+    start-up with what is wrong, rather than running unlimited."""
+    from agentops.runtime.providers import ProviderLimitsInvalid, limits_parse
+
+    try:
+        return limits_parse(env_str(name))
+    except ProviderLimitsInvalid as error:
+        raise ImproperlyConfigured(str(error)) from None
+
+
 # SQLite must run in WAL with immediate transactions, or concurrent writers (web,
 # worker) lose work to "database is locked" (see docs/decisions.md).
 SQLITE_OPTIONS = {

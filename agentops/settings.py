@@ -16,6 +16,7 @@ from agentops.config import (
     env_float,
     env_int,
     env_list,
+    env_provider_limits,
     env_secret_names,
     env_str,
     secret_key,
@@ -173,6 +174,10 @@ AGENTOPS_LEASE_SECONDS = env_float("AGENTOPS_LEASE_SECONDS", 120.0, minimum=5.0)
 # process, thread or connection of its own. 0: the inline mode, where a run holds its
 # queue worker process for its whole slice, waits included.
 AGENTOPS_WORKER_CONCURRENCY = env_int("AGENTOPS_WORKER_CONCURRENCY", 100, minimum=0)
+# Limits on calls to a model provider, per model or base URL (agentops.runtime.providers):
+# {"gpt-4o": {"concurrency": 50, "rpm": 500, "tpm": 300000}}. Each worker process keeps
+# them for itself.
+AGENTOPS_PROVIDER_LIMITS = env_provider_limits("AGENTOPS_PROVIDER_LIMITS")
 # The bounded pool, per worker process, where calls with no async form run (a python
 # tool, which may block; SQL and SMTP drivers): a call beyond it waits its turn.
 AGENTOPS_TOOL_THREADS = env_int("AGENTOPS_TOOL_THREADS", 16, minimum=1)
@@ -221,6 +226,10 @@ AGENTOPS_MODEL = env_str("AGENTOPS_MODEL")
 AGENTOPS_MODEL_TIMEOUT = env_float("AGENTOPS_MODEL_TIMEOUT", 60.0, minimum=1.0)
 # The cap on one answer's tokens (sent as max_tokens): it bounds a call's projected cost.
 AGENTOPS_MAX_OUTPUT_TOKENS = env_int("AGENTOPS_MAX_OUTPUT_TOKENS", 4096, minimum=64)
+# The most a model's tool call may carry as arguments (UTF-8 bytes of its JSON). A call
+# over it is refused, and only a stand-in is kept (its first bytes and its sha256), so it
+# is neither stored whole nor sent back to the model in every later turn.
+AGENTOPS_MAX_ARGUMENT_BYTES = env_int("AGENTOPS_MAX_ARGUMENT_BYTES", 64 * 1024, minimum=4096)
 # The first retry's delay after a transient model error; each next one doubles.
 AGENTOPS_MODEL_BACKOFF_SECONDS = env_float("AGENTOPS_MODEL_BACKOFF_SECONDS", 1.0, minimum=0.0)
 

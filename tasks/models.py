@@ -415,6 +415,12 @@ class Run(models.Model):
     )
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    waiting_on = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="What the run's worker waits for now, when not the model or a tool "
+        "themselves: its provider's capacity (AGENTOPS_PROVIDER_LIMITS).",
+    )
     recoveries = models.PositiveSmallIntegerField(
         default=0,
         help_text="Times in a row a worker stopped while working on the run, with no step "

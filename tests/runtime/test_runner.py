@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from django.db import transaction
 
 from agentops.runtime.engine import waits
 from agentops.runtime.engine.jobs import run_advance_job
-from agentops.runtime.engine.runner import Runner
 from lineage.models import LineageEvent
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
 from tasks.services import run_start
 from tests.peers.paced_model import PacedModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def runner(settings) -> Iterator[Runner]:
-    settings.AGENTOPS_WORKER_CONCURRENCY = 50
-    worker = Runner(50).start()
-    yield worker
-    assert worker.drain(10), "the runner's runs did not all finish"
 
 
 def served_runs(make_task, operator, settings, model: PacedModel, count: int, **fields):

@@ -137,7 +137,8 @@ def lease_claim_run(run_id: uuid.UUID, owner: str) -> Run | None:
         claimed = (
             Run.objects.filter(pk=run_id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING])
             .filter(Q(lease_owner="") | Q(lease_expires_at__lt=timezone.now()))
-            .update(lease_owner=owner, lease_expires_at=lease_deadline())
+            # A note left by a worker that stopped while it waited goes with its lease.
+            .update(lease_owner=owner, lease_expires_at=lease_deadline(), waiting_on="")
         )
         if claimed != 1:
             return None

@@ -54,6 +54,7 @@ def advance(
     slice_ends = time.monotonic() + (max_seconds or settings.AGENTOPS_SLICE_SECONDS)
     clock = _clock.set(WorkClock())
     cache = _slice_cache.set({})
+    working = waits.slice_run.set((run_id, owner))
     # The lease is renewed while the slice works: inline by a thread of its own, on the
     # async worker with all the leases it holds, in one statement a beat.
     runner = waits.current_runner()
@@ -81,6 +82,7 @@ def advance(
             heartbeat.stop()
         else:
             runner.lease_release(owner)
+        waits.slice_run.reset(working)
         _slice_cache.reset(cache)
         _clock.reset(clock)
 

@@ -16,12 +16,24 @@ code runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import greenlet
 from django.db import connections
+
+from agentops.runtime.models.base import (
+    RETRY_AFTER_MAX_SECONDS,
+    SCRIPTED_PREFIX,
+    ModelError,
+)
+from agentops.runtime.providers import Provider, provider_for
 
 if TYPE_CHECKING:
     from agentops.runtime.engine.runner import Runner
@@ -69,9 +81,31 @@ def pause(seconds: float) -> None:
 
 
 def model_complete(client: ModelClient, **request: Any) -> ModelTurn:
-    """One model turn: ``client.acomplete`` on the async worker's loop where the client
-    has one (the OpenAI-compatible client does, through ``AsyncOpenAI``), else the
-    blocking ``client.complete`` (on the worker's bounded thread pool, async worker)."""
+    """One model turn, within its provider's limits (``provider_admit``):
+    ``client.acomplete`` on the async worker's loop where the client has one (the
+    OpenAI-compatible client does, through ``AsyncOpenAI``), else the blocking
+    ``client.complete`` (on the async worker, on its bounded thread pool)."""
+    provider = None
+    if not client.label.startswith(SCRIPTED_PREFIX):
+        provider = provider_for(client.label, getattr(client, "base_url", None))
+    reserved = int(request.get("max_tokens") or 0)
+    if provider is not None:
+        provider_admit(provider, reserved)
+    used = None
+    try:
+        turn = model_call(client, request)
+        used = turn.tokens_in + turn.tokens_out
+        return turn
+    except ModelError as error:
+        if provider is not None and error.status == 429 and error.retry_after:
+            provider.hold(min(error.retry_after, RETRY_AFTER_MAX_SECONDS))
+        raise
+    finally:
+        if provider is not None:
+            provider.done(reserved=reserved, used=used)
+
+
+def model_call(client: ModelClient, request: dict[str, Any]) -> ModelTurn:
     runner = current_runner()
     if runner is None:
         return client.complete(**request)
@@ -79,6 +113,68 @@ def model_complete(client: ModelClient, **request: Any) -> ModelTurn:
     if acomplete is not None:
         return wait(lambda: acomplete(**request))
     return wait(lambda: runner.in_thread(lambda: client.complete(**request)))
+
+
+# The run whose slice this code works, for what it notes on the run while it waits
+# (``loop.advance`` sets it): (run id, the worker's lease owner name).
+slice_run: ContextVar[tuple[uuid.UUID, str] | None] = ContextVar("agentops_slice_run", default=None)
+# How long a call waiting for a provider's slot sleeps before it looks again by itself
+# (a slot freed is signalled at once; this covers a signal meant for a waiter gone).
+RELEASE_WAIT_SECONDS = 1.0
+
+
+def provider_admit(provider: Provider, tokens: int) -> None:
+    """Wait until ``provider``'s limits let one more call through. On the async worker
+    the run holds nothing meanwhile; the run's page says what it waits for."""
+    noted = ""
+    try:
+        while True:
+            delay, why = provider.admission(tokens)
+            if not delay:
+                return
+            if why != noted:
+                waiting_note(f"{provider.key}: {why}")
+                noted = why
+            if math.isinf(delay):
+                released_wait(provider)
+            else:
+                pause(min(delay, 5.0))
+    finally:
+        if noted:
+            waiting_note("")
+
+
+def released_wait(provider: Provider) -> None:
+    """Until one of the provider's calls ends, or ``RELEASE_WAIT_SECONDS``."""
+    if current_runner() is None:
+        released = threading.Event()
+        provider.on_release(released.set)
+        released.wait(RELEASE_WAIT_SECONDS)
+        return
+
+    async def released() -> None:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+
+        provider.on_release(wake)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(future, RELEASE_WAIT_SECONDS)
+
+    wait(released)
+
+
+def waiting_note(text: str) -> None:
+    """Say on the run what its worker waits for ("" once it does not), while it holds
+    the lease: a plain write of its own, outside the trail (it is no step of the run)."""
+    from tasks.models import Run
+
+    current = slice_run.get()
+    if current is not None:
+        run_id, owner = current
+        Run.objects.filter(pk=run_id, lease_owner=owner).update(waiting_on=text[:200])
 
 
 def tool_execute(
