@@ -208,6 +208,10 @@ Q_CLUSTER = {
     "catch_up": False,
     "save_limit": 1000,
     "ack_failures": True,
+    # A worker process is replaced after this many jobs. With the async worker a job is a
+    # hand-over that takes a moment, and a process replaced drains its runs in flight
+    # back to the queue first: django-q2's default (500) would do that every few minutes.
+    "recycle": 10_000,
 }
 
 CELERY_BROKER_URL = REDIS_URL or "redis://127.0.0.1:6379/0"
