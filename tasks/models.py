@@ -80,7 +80,9 @@ class Tool(models.Model):
     timeout_seconds = models.FloatField(
         default=30.0,
         validators=[MinValueValidator(0.1), MaxValueValidator(3600.0)],
-        help_text="How long one call may take (http, sql, email and mcp tools).",
+        help_text="How long one call may take (http, sql, email and mcp tools; python tools "
+        "too on the async worker, where a call past it is reported failed, as it may still "
+        "take effect).",
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

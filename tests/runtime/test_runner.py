@@ -12,13 +12,16 @@ import time
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from agentops.runtime.engine import waits
 from agentops.runtime.engine.jobs import run_advance_job
+from agentops.runtime.engine.runner import Runner
 from lineage.models import LineageEvent
-from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
+from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
 from tasks.services import run_start
 from tests.peers.paced_model import PacedModel
+from tests.peers.workers import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -148,3 +151,55 @@ def test_no_transaction_spans_a_wait(runner):
     work.switch()
     assert work.dead
     assert isinstance(result[0], RuntimeError) and "inside a transaction" in str(result[0])
+
+
+def test_a_python_call_past_its_timeout_is_reported_failed_and_the_run_goes_on(
+    make_task, operator, settings, runner
+):
+    """A blocking call runs on the bounded pool within its tool's timeout: past it, the
+    run is told the call failed and may still take effect, and is not held."""
+    Tool.objects.filter(name="test_slow_lease_watch").update(timeout_seconds=0.3)
+    script = [("test_slow_lease_watch", {"text": "2"})]
+    with PacedModel(0.05, script=script) as model:
+        (run,) = served_runs(
+            make_task, operator, settings, model, 1, tools=["test_slow_lease_watch"]
+        )
+        assert runner.submit(run.pk)
+        (done,) = runs_at_rest([run], seconds=20)
+    assert done.status == RunStatus.SUCCEEDED
+    step = Step.objects.get(run=run, tool_name="test_slow_lease_watch")
+    assert step.status == StepStatus.FAILED
+    assert step.error == (
+        "the python tool did not finish within its timeout of 0.3 s; it may still take effect"
+    )
+
+
+def test_a_wait_past_the_job_time_limit_lets_the_runs_lease_lapse(
+    make_task, operator, settings, caplog
+):
+    """A call that hangs does not hold its run for ever on the async worker: past the
+    queue's job time limit its lease is no longer renewed, as a job ended at its limit
+    leaves it, and the reaper can hand the run on; the worker's other runs go on."""
+    settings.AGENTOPS_LEASE_SECONDS = 3.0  # a beat a second
+    settings.AGENTOPS_JOB_TIME_LIMIT = 1
+    settings.AGENTOPS_WORKER_CONCURRENCY = 10
+    script = [("test_slow_lease_watch", {"text": "5"})]
+    worker = Runner(10).start()
+    try:
+        with PacedModel(0.05, script=script) as model:
+            (run,) = served_runs(
+                make_task, operator, settings, model, 1, tools=["test_slow_lease_watch"]
+            )
+            assert worker.submit(run.pk)
+            wait_for(
+                lambda: (
+                    Run.objects.filter(pk=run.pk, lease_expires_at__lt=timezone.now())
+                    .filter(status=RunStatus.RUNNING)
+                    .exists()
+                ),
+                timeout=10,
+                what="the lease of the hung run to lapse",
+            )
+            assert "has waited on one call for more than 1 s" in caplog.text
+    finally:
+        worker.drain(10)

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import greenlet
 from django.conf import settings
 from django.db import DatabaseError, connection
 
@@ -60,8 +61,9 @@ class Runner:
         self.threads = ThreadPoolExecutor(
             max_workers=settings.AGENTOPS_TOOL_THREADS, thread_name_prefix="agentops-tool"
         )
-        # The leases this worker holds now: owner -> run id (the engine thread's alone).
-        self.leases: dict[str, uuid.UUID] = {}
+        # The leases this worker holds now: owner -> the run's greenlet (the engine
+        # thread's alone).
+        self.leases: dict[str, RunGreenlet] = {}
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         # Figures, for the benchmark and the logs (written by the engine thread only).
@@ -120,7 +122,7 @@ class Runner:
         return asyncio.get_running_loop().run_in_executor(self.threads, call)
 
     def lease_hold(self, run_id: uuid.UUID, owner: str) -> None:
-        self.leases[owner] = run_id
+        self.leases[owner] = greenlet.getcurrent()
 
     def lease_release(self, owner: str) -> None:
         self.leases.pop(owner, None)
@@ -148,10 +150,11 @@ class Runner:
                 if event[0] == "start":
                     self.in_flight += 1
                     work = RunGreenlet(self._slice)
-                    work.runner = self
+                    work.runner, work.run_id = self, event[1]
                     self._resume(work, event[1], event[2])
                 else:  # "resume": an awaitable the run waited on is done
                     self.waiting -= 1
+                    event[1].waiting_since = None
                     self._resume(event[1], event[2])
         finally:
             try:
@@ -183,6 +186,7 @@ class Runner:
             return
         self.waiting += 1
         self.waiting_peak = max(self.waiting_peak, self.waiting)
+        work.waiting_since = time.monotonic()
         future: Future = asyncio.run_coroutine_threadsafe(_awaited(make), self.loop)
         future.add_done_callback(lambda done: self.events.put(("resume", work, done)))
 
@@ -196,8 +200,24 @@ class Runner:
 
         if not self.leases:
             return True
+        # A wait that outlasts a queue job's time limit is a call that hangs (whatever
+        # the cause): its lease is left to lapse, as a job ended at its limit leaves it,
+        # and the reaper hands the run on. The worker goes on with its other runs.
+        stuck_since = time.monotonic() - settings.AGENTOPS_JOB_TIME_LIMIT
+        owners = []
+        for owner, work in self.leases.items():
+            if work.waiting_since is not None and work.waiting_since < stuck_since:
+                if not work.stuck_said:
+                    logger.warning(
+                        "async worker: run %s has waited on one call for more than %d s; "
+                        "its lease is left to lapse",
+                        work.run_id, settings.AGENTOPS_JOB_TIME_LIMIT,
+                    )  # fmt: skip
+                    work.stuck_said = True
+                continue
+            owners.append(owner)
         try:
-            Run.objects.filter(status=RunStatus.RUNNING, lease_owner__in=list(self.leases)).update(
+            Run.objects.filter(status=RunStatus.RUNNING, lease_owner__in=owners).update(
                 lease_expires_at=lease_deadline()
             )
         except Exception as error:

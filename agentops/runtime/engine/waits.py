@@ -48,6 +48,10 @@ class RunGreenlet(greenlet.greenlet):
     """The greenlet one run's slice runs in, on the async worker's engine thread."""
 
     runner: Runner | None = None
+    run_id: uuid.UUID | None = None
+    # Since when it waits on I/O (time.monotonic()), None while it works.
+    waiting_since: float | None = None
+    stuck_said = False  # the runner logged that its wait outlasted the job time limit
 
 
 def current_runner() -> Runner | None:
@@ -190,4 +194,23 @@ def tool_execute(
     aexecute = getattr(executor, "aexecute", None)
     if aexecute is not None:
         return wait(lambda: aexecute(tool, arguments, context))
-    return wait(lambda: runner.in_thread(lambda: executor.execute(tool, arguments, context)))
+    return wait(
+        lambda: in_thread_timed(runner, tool, lambda: executor.execute(tool, arguments, context))
+    )
+
+
+async def in_thread_timed(runner: Runner, tool: Tool, call: Callable[[], ToolResult]) -> ToolResult:
+    """``call()`` on the async worker's bounded pool, within the tool's timeout. A call
+    past it is reported failed, saying it may still take effect: its thread cannot be
+    stopped, and goes on to the end; the run does not wait for it. (Inline, where the
+    call holds the worker process, the queue's job time limit ends a call that hangs.)"""
+    from agentops.runtime.tools.base import ToolResult
+
+    try:
+        return await asyncio.wait_for(runner.in_thread(call), tool.timeout_seconds)
+    except TimeoutError:
+        return ToolResult(
+            ok=False,
+            error=f"the {tool.kind} tool did not finish within its timeout of "
+            f"{tool.timeout_seconds:g} s; it may still take effect",
+        )
