@@ -143,8 +143,9 @@ def demo_run_inline(task, operator) -> Run:
 
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("concurrency", ["0", "100"], ids=["inline", "async"])
 def test_a_celery_worker_runs_the_demo_to_its_approval_and_on_to_the_end(
-    tmp_path, demo_task, operator, settings
+    tmp_path, demo_task, operator, settings, concurrency
 ):
     problem = redis_problem()
     require(not problem, problem)
@@ -154,7 +155,8 @@ def test_a_celery_worker_runs_the_demo_to_its_approval_and_on_to_the_end(
     assert reference.status == RunStatus.SUCCEEDED, reference.reason
 
     log = tmp_path / "celery-worker.log"
-    with celery_dispatch(settings) as queue, celery_worker(log, queue) as worker:
+    env = {"AGENTOPS_WORKER_CONCURRENCY": concurrency}
+    with celery_dispatch(settings) as queue, celery_worker(log, queue, **env) as worker:
 
         def status_is(run: Run, *statuses: str) -> bool:
             assert worker.poll() is None, f"the Celery worker exited:\n{log.read_text()}"
@@ -186,6 +188,7 @@ def test_a_celery_worker_runs_the_demo_to_its_approval_and_on_to_the_end(
     report = chain_verify(run.pk)
     assert report.intact, report
     assert "agentops.run_advance" in log.read_text()  # the worker, not this process, ran it
+    assert ("async worker started" in log.read_text()) == (concurrency != "0")
 
 
 def test_the_reaper_is_on_celery_beats_schedule_every_minute():

@@ -21,10 +21,14 @@ def status_of(run: Run) -> str:
     return Run.objects.values_list("status", flat=True).get(pk=run.pk)
 
 
-def test_a_q2_worker_runs_the_demo_to_its_approval_and_on_to_the_end(tmp_path, operator):
+@pytest.mark.parametrize("concurrency", ["0", "100"], ids=["inline", "async"])
+def test_a_q2_worker_runs_the_demo_to_its_approval_and_on_to_the_end(
+    tmp_path, operator, concurrency
+):
     call_command("load_demo", stdout=StringIO())
     task = Task.objects.get(slug="reconcile-invoices")
-    with q2_cluster(tmp_path / "qcluster.log") as worker:
+    log = tmp_path / "qcluster.log"
+    with q2_cluster(log, AGENTOPS_WORKER_CONCURRENCY=concurrency) as worker:
         run = run_start(task=task, run_input={"batch": "2026-11"}, user=operator)
         wait_for(lambda: status_of(run) == RunStatus.WAITING, what="the run to wait for approval")
         approval = Approval.objects.get(run=run)
@@ -38,3 +42,5 @@ def test_a_q2_worker_runs_the_demo_to_its_approval_and_on_to_the_end(tmp_path, o
     assert run.status == RunStatus.SUCCEEDED, run.reason
     assert run.steps.count() == 12
     assert chain_verify(run.pk).intact
+    # Which engine worked it: the async worker, or the queue's worker process itself.
+    assert ("async worker started" in log.read_text()) == (concurrency != "0")
