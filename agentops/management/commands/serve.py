@@ -46,7 +46,17 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, stop)
         url = f"http://{options['host']}:{options['port']}/"
-        banner = [f"agentops: web at {url} and a django-q2 worker (pid {worker.pid})"]
+        processes = settings.Q_CLUSTER["workers"]
+        in_flight = settings.AGENTOPS_WORKER_CONCURRENCY
+        each = (
+            f"up to {in_flight} runs in flight each"
+            if in_flight
+            else "one run each (AGENTOPS_WORKER_CONCURRENCY=0)"
+        )
+        banner = [
+            f"agentops: web at {url} and a django-q2 worker (pid {worker.pid}): "
+            f"{processes} processes, {each}"
+        ]
         if options["login"]:
             banner.append(f"Log in as {options['login']}")
         # Not `make demo`'s pid: make does not pass a SIGTERM on to what it started.
