@@ -19,7 +19,7 @@ from django.db import transaction
 from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
-from agentops import states
+from agentops import background, states
 from agentops.runtime import dispatch
 from agentops.runtime.budgets import extra_add
 from agentops.runtime.gates import call_digest
@@ -70,7 +70,7 @@ def approval_request(
         context=context,
     )
     approval_id = approval.pk
-    transaction.on_commit(lambda: approval_notify(approval_id))
+    transaction.on_commit(lambda: background.soon(lambda: approval_notify(approval_id)))
     event_append(
         run_uuid=run.pk,
         kind="approval.requested",
@@ -256,7 +256,9 @@ def approval_reassign(
             },
         )
         approval_id = approval.pk
-        transaction.on_commit(lambda: approval_notify(approval_id, notice=REASSIGNED))
+        transaction.on_commit(
+            lambda: background.soon(lambda: approval_notify(approval_id, notice=REASSIGNED))
+        )
     return approval
 
 
@@ -517,7 +519,9 @@ def approval_expire(approval: Approval, run: Run, now: datetime) -> None:
             payload={"approval": approval.pk, "to_group": str(task.escalation_group)},
         )
         approval_id = approval.pk
-        transaction.on_commit(lambda: approval_notify(approval_id, notice=ESCALATED))
+        transaction.on_commit(
+            lambda: background.soon(lambda: approval_notify(approval_id, notice=ESCALATED))
+        )
         return
     approval.status = ApprovalStatus.EXPIRED
     approval.decided_at = now

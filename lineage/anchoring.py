@@ -53,6 +53,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from agentops import background
 from lineage.afterend import TERMINAL_KINDS
 from lineage.merkle import leaf_hash, tree_root
 from lineage.models import GENESIS_HASH, LineageEvent
@@ -662,4 +663,4 @@ def run_seal_on_commit(*, run_uuid: uuid.UUID) -> None:
         except Exception:
             logger.exception("lineage: the trail of run %s could not be checkpointed", run_uuid)
 
-    transaction.on_commit(seal)
+    transaction.on_commit(lambda: background.soon(seal))

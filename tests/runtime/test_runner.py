@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from django.db import transaction
@@ -18,7 +19,7 @@ from agentops.runtime.engine import waits
 from agentops.runtime.engine.jobs import run_advance_job
 from agentops.runtime.engine.runner import Runner
 from lineage.models import LineageEvent
-from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Tool
+from tasks.models import Run, RunStatus, Step, StepKind, StepStatus, Task, Tool
 from tasks.services import run_start
 from tests.peers.paced_model import PacedModel
 from tests.peers.workers import wait_for
@@ -203,3 +204,50 @@ def test_a_wait_past_the_job_time_limit_lets_the_runs_lease_lapse(
             assert "has waited on one call for more than 1 s" in caplog.text
     finally:
         worker.drain(10)
+
+
+class SlowHook(BaseHTTPRequestHandler):
+    """An approval webhook that takes three seconds to answer."""
+
+    answered: list[float] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(3)
+        SlowHook.answered.append(time.monotonic())
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_slow_approval_webhook_holds_up_no_other_run(make_task, operator, settings, runner):
+    """What follows a commit (an approval's webhook, the trail's seal) runs on the pool:
+    one run's held call, posted to a far side that takes three seconds, does not hold
+    the worker's other runs meanwhile."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.AGENTOPS_APPROVAL_WEBHOOK_URL = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    settings.AGENTOPS_APPROVAL_WEBHOOK_SECRET = "hook-secret"
+    SlowHook.answered.clear()
+    try:
+        with PacedModel(0.05, tool="test_send", calls=1) as model:
+            (held,) = served_runs(make_task, operator, settings, model, 1, tools=["test_send"])
+            Task.objects.filter(pk=held.task_id).update(autonomy_level=1)
+            (other,) = served_runs(make_task, operator, settings, model, 1)
+            assert runner.submit(held.pk)
+            wait_for(
+                lambda: Run.objects.filter(pk=held.pk, status=RunStatus.WAITING).exists(),
+                timeout=10,
+                what="the held call's approval",
+            )
+            assert runner.submit(other.pk)
+            (done,) = runs_at_rest([other], seconds=10)
+            finished = time.monotonic()
+        assert done.status == RunStatus.SUCCEEDED
+        wait_for(lambda: bool(SlowHook.answered), timeout=10, what="the webhook's answer")
+        assert finished < SlowHook.answered[0], "the other run waited for the webhook"
+    finally:
+        server.shutdown()
+        server.server_close()

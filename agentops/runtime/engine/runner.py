@@ -164,8 +164,11 @@ class Runner:
             self.stopped.set()
 
     def _slice(self, run_id: uuid.UUID, claim_failures: int) -> None:
+        from agentops import background
         from agentops.runtime.engine.jobs import advance_job
 
+        # What follows a commit (notices, the trail's seal) goes to the pool, not here.
+        background.offload.set(self.threads.submit)
         try:
             advance_job(str(run_id), claim_failures)
         except Exception:
