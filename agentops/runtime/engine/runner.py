@@ -46,6 +46,8 @@ logger = logging.getLogger("agentops.worker")
 
 T = TypeVar("T")
 
+# Threads for the address lookups of the I/O loop's calls (idle ones cost nothing).
+LOOKUP_THREADS = 32
 # How long a queue job waits for a free slot before it hands the run back to the queue.
 SLOT_WAIT_SECONDS = 30.0
 
@@ -131,6 +133,12 @@ class Runner:
 
     def _io_run(self) -> None:
         asyncio.set_event_loop(self.loop)
+        # The loop's own executor does its address lookups (getaddrinfo blocks): sized
+        # for many calls at once, not for the CPUs (the default), so that a slow DNS
+        # server does not make lookups wait their turn past their timeout.
+        self.loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="agentops-dns")
+        )
         self.loop.run_forever()
 
     def _engine_run(self) -> None:

@@ -200,14 +200,26 @@ def tool_execute(
 
 
 async def in_thread_timed(runner: Runner, tool: Tool, call: Callable[[], ToolResult]) -> ToolResult:
-    """``call()`` on the async worker's bounded pool, within the tool's timeout. A call
-    past it is reported failed, saying it may still take effect: its thread cannot be
-    stopped, and goes on to the end; the run does not wait for it. (Inline, where the
-    call holds the worker process, the queue's job time limit ends a call that hangs.)"""
+    """``call()`` on the async worker's bounded pool, within the tool's timeout once a
+    thread has taken it. A call past it is reported failed, saying it may still take
+    effect: its thread cannot be stopped, and goes on to the end; the run does not wait
+    for it. (Inline, where the call holds the worker process, the queue's job time limit
+    ends a call that hangs.)"""
     from agentops.runtime.tools.base import ToolResult
 
+    loop = asyncio.get_running_loop()
+    started = loop.create_future()
+
+    def timed() -> ToolResult:
+        loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+        return call()
+
+    done = runner.in_thread(timed)
+    # The timeout counts from when a thread takes the call, not while it waits its turn
+    # for one (a call queued behind others has not begun; the job time limit bounds that).
+    await asyncio.wait([started, done], return_when=asyncio.FIRST_COMPLETED)
     try:
-        return await asyncio.wait_for(runner.in_thread(call), tool.timeout_seconds)
+        return await asyncio.wait_for(asyncio.shield(done), tool.timeout_seconds)
     except TimeoutError:
         return ToolResult(
             ok=False,

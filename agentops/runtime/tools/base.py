@@ -47,13 +47,28 @@ class ToolError(Exception):
 class ToolExecutor(Protocol):
     """One per tool kind. ``config_errors`` checks a tool's config when it is saved;
     ``validate`` checks a call's arguments before it fires; ``execute`` makes the call
-    within ``tool.timeout_seconds``, resolving ``secret:NAME`` values at call time."""
+    within ``tool.timeout_seconds``, resolving ``secret:NAME`` values at call time.
+
+    A kind whose call is mostly waiting on I/O (http, mcp) may also have ``aexecute``
+    (``AsyncToolExecutor``): the async worker then awaits it on its event loop, so the
+    call holds no thread while it waits; a kind without one runs ``execute`` on the
+    worker's bounded thread pool (``engine.waits.tool_execute``)."""
 
     def config_errors(self, config: dict) -> list[str]: ...
 
     def validate(self, tool: Tool, arguments: dict) -> list[str]: ...
 
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
+
+
+class AsyncToolExecutor(ToolExecutor, Protocol):
+    """A ToolExecutor with the optional ``aexecute``: ``execute`` awaited, the same call
+    with the same checks, limits, timeout, errors and ``transient`` classing, differing
+    only in its I/O. It runs on a loop many runs share, so it never blocks it: no
+    blocking lookup, sleep, file or database access (what must block goes to a thread,
+    ``asyncio.to_thread``)."""
+
+    async def aexecute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult: ...
 
 
 EXECUTORS = {

@@ -24,22 +24,37 @@ answer differently (DNS rebinding), while the Host header and the TLS certificat
 still use the name. Redirects are not followed. The response is cut off past
 ``max_response_bytes``, and the whole call (lookup, connect, send, read) ends at
 ``tool.timeout_seconds``.
+
+Two paths make the call, and differ only in how they wait: ``execute`` blocks its thread
+(http.client on a pinned socket); ``aexecute`` awaits on an event loop (the loop's
+resolver, a socket of its own connected to the checked address, h11 for HTTP/1.1), so a
+call in flight holds no thread. Everything else is one code: the request (its headers
+as sent, ``request_build``), the fence (``host_admit``, ``addresses_judge``), the limits,
+and what each failure means (``connect_failure``, ``exchange_failure``,
+``response_judge``). Each call has its own connection, closed after it, on either path:
+a pool shared between calls would let one tool's call ride a connection opened under
+another tool's fence.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+# The HTTP/1.1 state machine under httpcore2 (so installed with httpx2, a dependency).
+import h11
 
 from agentops.runtime.secrets import (
     PREFIX,
@@ -97,7 +112,16 @@ KEPT_HEADERS = (
 EXCERPT_CHARS = 300
 ERROR_BODY_BYTES = 16384
 READ_CHUNK = 65536
+# The most a response's status line and headers may take (http.client's line limit).
+MAX_HEAD_BYTES = 65536
+# A body up to this size is judged and redacted on the event loop (a millisecond or two);
+# a larger one in a thread, so the loop's other calls do not wait behind it.
+SETTLE_ON_LOOP_BYTES = 262_144
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# The methods http.client sends a Content-Length with even when there is no body.
+BODY_METHODS = ("PATCH", "POST", "PUT")
+# Control characters a header value may not hold (a tab may be inside one).
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RequestInvalid(ValueError):
@@ -117,13 +141,78 @@ class HttpRequest:
     secrets: dict[str, str] = field(default_factory=dict)  # the values used, by name
 
     @property
-    def label(self) -> str:
-        """The request as messages name it (no query: it may hold arguments or keys)."""
+    def netloc(self) -> str:
+        """The host and, unless it is the scheme's own, the port: the Host header."""
         netloc = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.scheme == "https" else 80
         if self.port != default:
             netloc += f":{self.port}"
-        return f"{self.method} {self.scheme}://{netloc}{self.path}"
+        return netloc
+
+    @property
+    def label(self) -> str:
+        """The request as messages name it (no query: it may hold arguments or keys)."""
+        return f"{self.method} {self.scheme}://{self.netloc}{self.path}"
+
+
+@dataclass(frozen=True)
+class HttpCall:
+    """One call made ready: the request and the limits it is sent under, the same for
+    ``execute`` and ``aexecute``. ``repeatable``: sending it twice is harmless (an
+    idempotent tool, or a method that only reads), so a failure after it was sent may be
+    retried."""
+
+    request: HttpRequest
+    allowed_hosts: list[str]
+    allow_private: bool
+    max_bytes: int
+    timeout: float
+    repeatable: bool
+
+    def outcome(self, *, value: Any = None, failure: ToolError | None = None) -> ToolResult:
+        """The call's result, every secret it used redacted."""
+        if failure is not None:
+            result = ToolResult(ok=False, error=str(failure), transient=failure.transient)
+        else:
+            result = ToolResult(ok=True, value=value)
+        return secrets_redact(result, self.request.secrets)
+
+    def settle(self, answered: Answered) -> ToolResult:
+        """The result of the answer the server gave (``response_judge``), redacted."""
+        try:
+            value = response_judge(
+                self.request, *answered, self.repeatable, max_bytes=self.max_bytes
+            )
+        except ToolError as failure:
+            return self.outcome(failure=failure)
+        return self.outcome(value=value)
+
+
+class Answered(NamedTuple):
+    """What an exchange read: the status line and headers, at most the limit of the body,
+    and whether the body went on past it."""
+
+    answer: HttpAnswer
+    data: bytes
+    cut: bool
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """A response's status line and headers, however they were read."""
+
+    status: int
+    reason: str
+    headers: http.client.HTTPMessage
+
+    @property
+    def success(self) -> bool:
+        return 200 <= self.status < 300
+
+    def header(self, name: str) -> str | None:
+        """The header's value, several joined as http.client's ``getheader`` joins them."""
+        values = self.headers.get_all(name)
+        return ", ".join(values) if values else None
 
 
 class HttpExecutor:
@@ -183,6 +272,35 @@ class HttpExecutor:
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
         """Make the call once. ``transient`` only where the far side cannot have acted (no
         request sent) or acting twice is harmless (an idempotent tool, or a GET)."""
+        call = self.call_prepare(tool, arguments, context)
+        if isinstance(call, ToolResult):
+            return call
+        try:
+            answered = request_send(call)
+        except ToolError as failure:
+            return call.outcome(failure=failure)
+        return call.settle(answered)
+
+    async def aexecute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
+        """``execute`` on an event loop: the same call, fence, limits and result; only the
+        waiting differs (``request_send_async``), so a call in flight holds no thread."""
+        call = self.call_prepare(tool, arguments, context)
+        if isinstance(call, ToolResult):
+            return call
+        try:
+            answered = await request_send_async(call)
+        except ToolError as failure:
+            return call.outcome(failure=failure)
+        if len(answered.data) <= SETTLE_ON_LOOP_BYTES:
+            return call.settle(answered)
+        # Decoding and redacting a large body is CPU work the loop's other calls would
+        # wait behind: a thread does it, and the loop goes on meanwhile.
+        return await asyncio.to_thread(call.settle, answered)
+
+    def call_prepare(
+        self, tool: Tool, arguments: dict, context: ToolContext
+    ) -> HttpCall | ToolResult:
+        """The call ready to send, or why it cannot be (nothing is sent). No I/O."""
         config = tool.config
         # Checked here too, not only at the doors: a call must never fire on the strength
         # of a read-only class its method belies, whoever called the executor.
@@ -195,20 +313,14 @@ class HttpExecutor:
             request = request_build(config, arguments, context.idempotency_key)
         except (SecretMissing, RequestInvalid) as error:
             return ToolResult(ok=False, error=str(error))
-        try:
-            value = request_send(
-                request,
-                allowed_hosts=config["allowed_hosts"],
-                allow_private=config.get("allow_private", False),
-                max_bytes=config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
-                timeout=tool.timeout_seconds,
-                repeatable=tool.idempotent or request.method in READ_METHODS,
-            )
-        except ToolError as failure:
-            result = ToolResult(ok=False, error=str(failure), transient=failure.transient)
-        else:
-            result = ToolResult(ok=True, value=value)
-        return secrets_redact(result, request.secrets)
+        return HttpCall(
+            request=request,
+            allowed_hosts=config["allowed_hosts"],
+            allow_private=config.get("allow_private", False),
+            max_bytes=config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+            timeout=tool.timeout_seconds,
+            repeatable=tool.idempotent or request.method in READ_METHODS,
+        )
 
 
 # The config ----------------------------------------------------------------------------
@@ -348,16 +460,7 @@ def request_build(config: dict, arguments: Any, idempotency_key: str) -> HttpReq
 
     headers = {}
     for name, template in config.get("headers", {}).items():
-        value = filler.fill(template)
-        if any(mark in value for mark in "\r\n\0"):
-            raise RequestInvalid(f"the header {name} would hold a line break; refused")
-        try:
-            value.encode("latin-1")  # what http.client sends a header value as
-        except UnicodeEncodeError:
-            raise RequestInvalid(
-                f"the header {name} would hold characters a header cannot carry"
-            ) from None
-        headers[name] = value
+        headers[name] = header_value(name, filler.fill(template))
     body = None
     defaults = {"Accept": "application/json", "User-Agent": "agentops-http-tool"}
     if config.get("body") is not None:
@@ -366,7 +469,7 @@ def request_build(config: dict, arguments: Any, idempotency_key: str) -> HttpReq
     named = {name.lower() for name in headers}
     headers.update({name: value for name, value in defaults.items() if name.lower() not in named})
     headers["Idempotency-Key"] = idempotency_key
-    return HttpRequest(
+    request = HttpRequest(
         method=config["method"],
         scheme=parts.scheme,
         host=parts.hostname,
@@ -377,6 +480,31 @@ def request_build(config: dict, arguments: Any, idempotency_key: str) -> HttpReq
         body=body,
         secrets=filler.secrets,
     )
+    # What http.client adds by itself, named here so that both paths send the same
+    # headers: it adds none of these when the request already has them.
+    request.headers = {"Host": request.netloc, **headers}
+    if "accept-encoding" not in named:
+        request.headers["Accept-Encoding"] = "identity"
+    if body is not None or request.method in BODY_METHODS:
+        request.headers["Content-Length"] = str(len(body or b""))
+    return request
+
+
+def header_value(name: str, value: str) -> str:
+    """A filled header value as it may be sent, or ``RequestInvalid``: no line break or
+    other control character, only characters a header carries (Latin-1), and no space
+    around it (not part of a value, RFC 9110 5.5; h11 refuses it, and servers drop it)."""
+    if any(mark in value for mark in "\r\n\0"):
+        raise RequestInvalid(f"the header {name} would hold a line break; refused")
+    if CONTROL.search(value):
+        raise RequestInvalid(f"the header {name} would hold a control character; refused")
+    try:
+        value.encode("latin-1")  # what a header value is sent as
+    except UnicodeEncodeError:
+        raise RequestInvalid(
+            f"the header {name} would hold characters a header cannot carry"
+        ) from None
+    return value.strip(" \t")
 
 
 class TemplateFiller:
@@ -436,7 +564,7 @@ def plain_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-# The call ------------------------------------------------------------------------------
+# The call: what both paths share (the fence, the limits, what a failure means) --------
 
 
 class Deadline:
@@ -453,44 +581,19 @@ class Deadline:
         return time.monotonic() >= self.at
 
 
-def request_send(
-    request: HttpRequest,
-    *,
-    allowed_hosts: list[str],
-    allow_private: bool,
-    max_bytes: int,
-    timeout: float,
-    repeatable: bool,
-) -> dict:
-    """Make the request within ``timeout`` seconds and return ``{status, headers, body}``
-    for a 2xx answer; raise ``ToolError`` for anything else."""
+def host_admit(request: HttpRequest, allowed_hosts: list[str]) -> None:
+    """The fence's first check, before any I/O: the host must be an allowed one."""
     if request.host not in {host.lower() for host in allowed_hosts}:
         raise ToolError(f"refused: {request.host} is not in the tool's allowed_hosts")
-    deadline = Deadline(timeout)
-    addresses = addresses_checked(
-        request.host,
-        request.port,
-        label=request.label,
-        allow_private=allow_private,
-        deadline=deadline,
-    )
-    connection = connection_open(request, addresses, deadline)
-    try:
-        with Watchdog(connection, deadline):
-            return exchange(connection, request, deadline, max_bytes, repeatable)
-    finally:
-        connection.close()
 
 
-def addresses_checked(
-    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+def addresses_judge(
+    host: str, addresses: list[tuple[int, tuple]], *, allow_private: bool
 ) -> list[tuple[int, tuple]]:
-    """Every (family, socket address) ``host`` resolves to, each one checked: unless
+    """``addresses`` (what ``host`` resolved to), each one checked: unless
     ``allow_private``, a host that resolves to any address that is not public is refused
     (``ToolError``, permanent). The caller connects only to these addresses, so a second
-    lookup cannot answer differently (DNS rebinding). ``label`` names the call in
-    messages. Shared by the http tool and the MCP http transport."""
-    addresses = host_resolve(host, port, label=label, deadline=deadline)
+    lookup cannot answer differently (DNS rebinding)."""
     if not allow_private:
         for _, (address, *_) in addresses:
             reason = address_refusal(address)
@@ -503,36 +606,27 @@ def addresses_checked(
     return addresses
 
 
-def host_resolve(
-    host: str, port: int, *, label: str, deadline: Deadline
-) -> list[tuple[int, tuple]]:
-    """Every (family, socket address) the host resolves to, within the deadline. The
-    system resolver has no timeout of its own, so it runs in a thread we stop waiting for."""
-    answer: list[Any] = []
-
-    def lookup() -> None:
-        try:
-            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except (OSError, UnicodeError) as error:
-            answer.append(error)
-
-    thread = threading.Thread(target=lookup, daemon=True, name="http-tool-resolve")
-    thread.start()
-    thread.join(deadline.remaining())
-    if not answer:
-        raise ToolError(
-            f"{label}: looking up {host} took longer than the {deadline.seconds:g} s allowed",
-            transient=True,
-        )
-    if isinstance(answer[0], Exception):
-        # Nothing was sent, so trying again cannot repeat an effect.
-        raise ToolError(f"{label}: could not look up {host}: {answer[0]}", transient=True)
+def addresses_distinct(answer: list[tuple]) -> list[tuple[int, tuple]]:
+    """(family, socket address) of each address in a ``getaddrinfo`` answer, once each."""
     seen, addresses = set(), []
-    for family, _, _, _, sockaddr in answer[0]:
+    for family, _, _, _, sockaddr in answer:
         if sockaddr[0] not in seen:
             seen.add(sockaddr[0])
             addresses.append((family, sockaddr))
     return addresses
+
+
+def lookup_failure(
+    label: str, host: str, deadline: Deadline, error: BaseException | None
+) -> ToolError:
+    """A lookup that failed (``error``) or did not answer in time (None). Nothing was
+    sent, so trying again cannot repeat an effect."""
+    if error is None:
+        return ToolError(
+            f"{label}: looking up {host} took longer than the {deadline.seconds:g} s allowed",
+            transient=True,
+        )
+    return ToolError(f"{label}: could not look up {host}: {error}", transient=True)
 
 
 def address_refusal(address: str) -> str:
@@ -555,6 +649,181 @@ def address_refusal(address: str) -> str:
         (not ip.is_global, "not a public address"),
     )
     return next((reason for refused, reason in checks if refused), "")
+
+
+def connect_failure(request: HttpRequest, sockaddr: tuple, error: OSError) -> str:
+    """What connecting to one checked address met, as the final message lists it. A
+    certificate or TLS failure ends the call (``ToolError``, permanent): the next address
+    of the same name would present the same certificate."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        raise ToolError(
+            f"{request.label}: the server's TLS certificate was refused: "
+            f"{error.verify_message or error}"
+        ) from None
+    if isinstance(error, ssl.SSLError):
+        raise ToolError(f"{request.label}: the TLS handshake failed: {error}") from None
+    if isinstance(error, TimeoutError):
+        return f"{sockaddr[0]}: no answer"
+    # By the error number: asyncio's connect puts the address in place of strerror.
+    return f"{sockaddr[0]}: {os.strerror(error.errno) if error.errno else error}"
+
+
+def connect_refused(request: HttpRequest, failures: list[str]) -> ToolError:
+    """No checked address answered. Nothing was sent, so this is safe to retry."""
+    return ToolError(
+        f"{request.label}: could not connect ({'; '.join(failures)}); nothing was sent",
+        transient=True,
+    )
+
+
+def exchange_failure(
+    request: HttpRequest, error: BaseException, deadline: Deadline, repeatable: bool
+) -> ToolError:
+    """The exchange broke off (``error``: the socket's, or the HTTP parser's). Once
+    anything is sent the far side may have acted, so it is transient only if the call is
+    ``repeatable``."""
+    effect = "" if repeatable else "; it may have had an effect"
+    if deadline.passed or isinstance(error, TimeoutError):
+        return ToolError(
+            f"{request.label} timed out after {deadline.seconds:g} s (the tool's "
+            f"timeout_seconds){effect}",
+            transient=repeatable,
+        )
+    return ToolError(
+        f"{request.label}: the connection failed after the request was sent "
+        f"({type(error).__name__}: {error}){effect}",
+        transient=repeatable,
+    )
+
+
+def body_limit(answer: HttpAnswer, max_bytes: int) -> int:
+    """How much of the body to read. Of an answer that is not a success only an excerpt
+    is kept: a large error page is not a reason to lose the status (and with it, a retry)."""
+    return max_bytes if answer.success else min(max_bytes, ERROR_BODY_BYTES)
+
+
+def response_judge(
+    request: HttpRequest,
+    answer: HttpAnswer,
+    data: bytes,
+    cut: bool,
+    repeatable: bool,
+    *,
+    max_bytes: int,
+) -> dict:
+    """``{status, headers, body}`` for a 2xx answer read whole; ``ToolError`` for any
+    other. ``cut``: the body was longer than the ``body_limit`` read."""
+    status = answer.status
+    if cut and answer.success:
+        raise ToolError(f"{request.label}: the response was larger than {max_bytes} bytes; cut off")
+    headers = {
+        name: answer.header(name) for name in KEPT_HEADERS if answer.header(name) is not None
+    }
+    body = body_decode(answer, data)
+    if answer.success:
+        return {"status": status, "headers": headers, "body": body}
+    said = f"{request.label} answered {status} {answer.reason}".rstrip()
+    if 300 <= status < 400:
+        raise ToolError(
+            f"{said}, a redirect to {headers.get('location', '(no Location)')}; redirects are "
+            "not followed, so a call cannot leave the allowed hosts"
+        )
+    # Redacted before it is cut: a secret straddling the cut would otherwise be stored
+    # half shown. ``cut``: the body itself was cut at ERROR_BODY_BYTES.
+    excerpt = excerpt_redacted(
+        body if isinstance(body, str) else json.dumps(body, ensure_ascii=False),
+        request.secrets,
+        limit=EXCERPT_CHARS,
+        cut=cut,
+    )
+    message = f"{said}: {excerpt}" if excerpt else said
+    if status == 429 or status >= 500:
+        if not repeatable and status >= 500:
+            message += " (not retried: the call may have had an effect)"
+        raise ToolError(message, transient=repeatable)
+    raise ToolError(message)
+
+
+def body_decode(answer: HttpAnswer, data: bytes) -> Any:
+    """JSON as its value, text as a string, anything else described, not shown."""
+    mime = answer.headers.get_content_type()
+    textual = (
+        mime.startswith("text/")
+        or mime.endswith(("+json", "+xml", "/json", "/xml", "/javascript"))
+        or mime == "application/x-www-form-urlencoded"
+    )
+    if not textual:
+        return f"[{len(data)} bytes of {mime}, not shown]"
+    charset = answer.headers.get_content_charset() or "utf-8"
+    try:
+        text = data.decode(charset, errors="replace")
+    except LookupError:
+        text = data.decode("utf-8", errors="replace")
+    if mime.endswith(("/json", "+json")):
+        if not text.strip():
+            return None
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError):
+            return text  # labelled JSON but not: the text still tells the model something
+    return text
+
+
+# Blocking I/O: execute's, on the calling thread -----------------------------------------
+
+
+def request_send(call: HttpCall) -> Answered:
+    """Make the request within ``call.timeout`` seconds and return what the server
+    answered (``HttpCall.settle`` judges it); raise ``ToolError`` if it did not answer."""
+    request = call.request
+    host_admit(request, call.allowed_hosts)
+    deadline = Deadline(call.timeout)
+    addresses = addresses_checked(
+        request.host,
+        request.port,
+        label=request.label,
+        allow_private=call.allow_private,
+        deadline=deadline,
+    )
+    connection = connection_open(request, addresses, deadline)
+    try:
+        with Watchdog(connection, deadline):
+            return exchange(connection, request, deadline, call.max_bytes, call.repeatable)
+    finally:
+        connection.close()
+
+
+def addresses_checked(
+    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) ``host`` resolves to, each one checked
+    (``addresses_judge``). ``label`` names the call in messages. Shared by the http tool
+    and the MCP http transport."""
+    addresses = host_resolve(host, port, label=label, deadline=deadline)
+    return addresses_judge(host, addresses, allow_private=allow_private)
+
+
+def host_resolve(
+    host: str, port: int, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) the host resolves to, within the deadline. The
+    system resolver has no timeout of its own, so it runs in a thread we stop waiting for."""
+    answer: list[Any] = []
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as error:
+            answer.append(error)
+
+    thread = threading.Thread(target=lookup, daemon=True, name="http-tool-resolve")
+    thread.start()
+    thread.join(deadline.remaining())
+    if not answer:
+        raise lookup_failure(label, host, deadline, None)
+    if isinstance(answer[0], Exception):
+        raise lookup_failure(label, host, deadline, answer[0])
+    return addresses_distinct(answer[0])
 
 
 class PinnedConnection(http.client.HTTPConnection):
@@ -614,23 +883,11 @@ def connection_open(
         try:
             connection.connect()
             return connection
-        except ssl.SSLCertVerificationError as error:
-            raise ToolError(
-                f"{request.label}: the server's TLS certificate was refused: "
-                f"{error.verify_message or error}"
-            ) from None
-        except ssl.SSLError as error:
-            raise ToolError(f"{request.label}: the TLS handshake failed: {error}") from None
-        except TimeoutError:
-            failures.append(f"{sockaddr[0]}: no answer")
         except OSError as error:
-            failures.append(f"{sockaddr[0]}: {error.strerror or error}")
+            failures.append(connect_failure(request, sockaddr, error))
         if deadline.passed:
             break
-    raise ToolError(
-        f"{request.label}: could not connect ({'; '.join(failures)}); nothing was sent",
-        transient=True,
-    )
+    raise connect_refused(request, failures)
 
 
 class Watchdog:
@@ -664,37 +921,22 @@ def exchange(
     deadline: Deadline,
     max_bytes: int,
     repeatable: bool,
-) -> dict:
-    """Send the request and read the answer. Once anything is sent the far side may have
-    acted, so a failure is transient only if the call is ``repeatable``."""
+) -> Answered:
+    """Send the request and read the answer."""
     try:
         connection.pinned.settimeout(deadline.remaining())
+        # The request's headers hold Host, Accept-Encoding and Content-Length, so
+        # http.client adds none of its own.
         connection.request(
             request.method, request.target, body=request.body, headers=request.headers
         )
         connection.pinned.settimeout(deadline.remaining())
         response = connection.getresponse()
-        # Of an answer that is not a success only an excerpt is kept: a large error page
-        # is not a reason to lose the status (and with it, a retry).
-        success = 200 <= response.status < 300
-        limit = max_bytes if success else min(max_bytes, ERROR_BODY_BYTES)
-        data, more = body_read(response, connection, deadline, limit)
+        answer = HttpAnswer(status=response.status, reason=response.reason, headers=response.msg)
+        data, more = body_read(response, connection, deadline, body_limit(answer, max_bytes))
     except (OSError, http.client.HTTPException) as error:
-        effect = "" if repeatable else "; it may have had an effect"
-        if deadline.passed or isinstance(error, TimeoutError):
-            raise ToolError(
-                f"{request.label} timed out after {deadline.seconds:g} s (the tool's "
-                f"timeout_seconds){effect}",
-                transient=repeatable,
-            ) from None
-        raise ToolError(
-            f"{request.label}: the connection failed after the request was sent "
-            f"({type(error).__name__}: {error}){effect}",
-            transient=repeatable,
-        ) from None
-    if more and success:
-        raise ToolError(f"{request.label}: the response was larger than {max_bytes} bytes; cut off")
-    return response_judge(request, response, data, repeatable, cut=more)
+        raise exchange_failure(request, error, deadline, repeatable) from None
+    return Answered(answer, data, more)
 
 
 def body_read(
@@ -721,68 +963,174 @@ def body_read(
     return b"".join(chunks)[:max_bytes], size > max_bytes
 
 
-def response_judge(
-    request: HttpRequest,
-    response: http.client.HTTPResponse,
-    data: bytes,
-    repeatable: bool,
-    *,
-    cut: bool = False,
-) -> dict:
-    status = response.status
-    headers = {
-        name: response.getheader(name)
-        for name in KEPT_HEADERS
-        if response.getheader(name) is not None
-    }
-    body = body_decode(response, data)
-    if 200 <= status < 300:
-        return {"status": status, "headers": headers, "body": body}
-    said = f"{request.label} answered {status} {response.reason}".rstrip()
-    if 300 <= status < 400:
-        raise ToolError(
-            f"{said}, a redirect to {headers.get('location', '(no Location)')}; redirects are "
-            "not followed, so a call cannot leave the allowed hosts"
-        )
-    # Redacted before it is cut: a secret straddling the cut would otherwise be stored
-    # half shown. ``cut``: the body itself was cut at ERROR_BODY_BYTES.
-    excerpt = excerpt_redacted(
-        body if isinstance(body, str) else json.dumps(body, ensure_ascii=False),
-        request.secrets,
-        limit=EXCERPT_CHARS,
-        cut=cut,
-    )
-    message = f"{said}: {excerpt}" if excerpt else said
-    if status == 429 or status >= 500:
-        if not repeatable and status >= 500:
-            message += " (not retried: the call may have had an effect)"
-        raise ToolError(message, transient=repeatable)
-    raise ToolError(message)
+# On the event loop: aexecute's I/O, which holds no thread while it waits ---------------
+#
+# The same steps as above, each awaited: the loop's resolver (``getaddrinfo`` in the
+# loop's executor, as asyncio resolves every name), a socket connected to the checked
+# address with ``sock_connect`` and wrapped in a stream (TLS with the host's name), and
+# h11 to write the request and read the answer. One ``asyncio.timeout`` bounds the
+# exchange as the Watchdog does above.
 
 
-def body_decode(response: http.client.HTTPResponse, data: bytes) -> Any:
-    """JSON as its value, text as a string, anything else described, not shown."""
-    mime = response.headers.get_content_type()
-    textual = (
-        mime.startswith("text/")
-        or mime.endswith(("+json", "+xml", "/json", "/xml", "/javascript"))
-        or mime == "application/x-www-form-urlencoded"
+async def request_send_async(call: HttpCall) -> Answered:
+    """``request_send``, awaited on the running loop."""
+    request = call.request
+    host_admit(request, call.allowed_hosts)
+    deadline = Deadline(call.timeout)
+    addresses = await addresses_checked_async(
+        request.host,
+        request.port,
+        label=request.label,
+        allow_private=call.allow_private,
+        deadline=deadline,
     )
-    if not textual:
-        return f"[{len(data)} bytes of {mime}, not shown]"
-    charset = response.headers.get_content_charset() or "utf-8"
+    protocol, head = h11_request(request)
+    reader, writer = await connection_open_async(request, addresses, deadline)
     try:
-        text = data.decode(charset, errors="replace")
-    except LookupError:
-        text = data.decode("utf-8", errors="replace")
-    if mime.endswith(("/json", "+json")):
-        if not text.strip():
-            return None
+        return await exchange_async(
+            reader, writer, protocol, head, request, deadline, call.max_bytes, call.repeatable
+        )
+    finally:
+        writer.transport.abort()  # nothing more to say to it, as close() on the other path
+
+
+async def addresses_checked_async(
+    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """``addresses_checked``, awaited. Shared by the http tool and the MCP http transport."""
+    addresses = await host_resolve_async(host, port, label=label, deadline=deadline)
+    return addresses_judge(host, addresses, allow_private=allow_private)
+
+
+async def host_resolve_async(
+    host: str, port: int, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """``host_resolve`` with the loop's resolver, never blocking the loop."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(deadline.remaining()):
+            answer = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise lookup_failure(label, host, deadline, None) from None
+    except (OSError, UnicodeError) as error:
+        raise lookup_failure(label, host, deadline, error) from None
+    return addresses_distinct(answer)
+
+
+async def connection_open_async(
+    request: HttpRequest, addresses: list[tuple[int, tuple]], deadline: Deadline
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """``connection_open``, awaited: the same addresses in the same order, the same
+    failures."""
+    # Making a TLS context reads the system's trust store: a thread's work, not the loop's.
+    tls = await asyncio.to_thread(ssl.create_default_context) if request.scheme == "https" else None
+    loop = asyncio.get_running_loop()
+    failures = []
+    for family, sockaddr in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
-            return json.loads(text)
-        except (ValueError, RecursionError):
-            return text  # labelled JSON but not: the text still tells the model something
-    return text
+            async with asyncio.timeout(deadline.remaining()):
+                await loop.sock_connect(sock, sockaddr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return await asyncio.open_connection(
+                    sock=sock,
+                    ssl=tls,
+                    server_hostname=request.host if tls is not None else None,
+                    limit=READ_CHUNK,
+                )
+        except OSError as error:
+            sock.close()
+            failures.append(connect_failure(request, sockaddr, error))
+        except BaseException:
+            sock.close()
+            raise
+        if deadline.passed:
+            break
+    raise connect_refused(request, failures)
+
+
+def h11_request(request: HttpRequest) -> tuple[h11.Connection, bytes]:
+    """The request as h11 writes it (with the client state to read the answer), made
+    before anything is connected. ``request_build`` has made every header sendable; should
+    h11 still refuse one, nothing has been sent."""
+    protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        head = protocol.send(
+            h11.Request(
+                method=request.method,
+                target=request.target.encode("ascii"),
+                headers=[
+                    (name.encode("latin-1"), value.encode("latin-1"))
+                    for name, value in request.headers.items()
+                ],
+            )
+        )
+        if request.body:
+            head += protocol.send(h11.Data(data=request.body))
+        head += protocol.send(h11.EndOfMessage())
+    except h11.LocalProtocolError as error:
+        raise ToolError(f"{request.label}: the request cannot be sent: {error}") from None
+    return protocol, head
+
+
+async def exchange_async(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    protocol: h11.Connection,
+    head: bytes,
+    request: HttpRequest,
+    deadline: Deadline,
+    max_bytes: int,
+    repeatable: bool,
+) -> Answered:
+    """``exchange``, awaited."""
+    try:
+        async with asyncio.timeout(deadline.remaining()):
+            writer.write(head)
+            await writer.drain()
+            event = await h11_event(protocol, reader)
+            while isinstance(event, h11.InformationalResponse):  # 100 Continue and such
+                event = await h11_event(protocol, reader)
+            if not isinstance(event, h11.Response):
+                raise h11.RemoteProtocolError(f"expected a response, not {event!r}")
+            headers = http.client.HTTPMessage()
+            for name, value in event.headers:
+                headers[name.decode("latin-1")] = value.decode("latin-1")
+            answer = HttpAnswer(
+                status=event.status_code, reason=event.reason.decode("latin-1"), headers=headers
+            )
+            data, more = await body_read_async(protocol, reader, body_limit(answer, max_bytes))
+    except (OSError, h11.ProtocolError) as error:
+        raise exchange_failure(request, error, deadline, repeatable) from None
+    return Answered(answer, data, more)
+
+
+async def h11_event(protocol: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    """The next thing the server said, reading as much as that takes. An end of the
+    stream mid-message raises ``h11.RemoteProtocolError``."""
+    while True:
+        event = protocol.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        protocol.receive_data(await reader.read(READ_CHUNK))
+
+
+async def body_read_async(
+    protocol: h11.Connection, reader: asyncio.StreamReader, max_bytes: int
+) -> tuple[bytes, bool]:
+    """``body_read``, awaited: at most ``max_bytes`` of the body, and whether there was
+    more."""
+    chunks, size = [], 0
+    while size <= max_bytes:
+        event = await h11_event(protocol, reader)
+        if isinstance(event, h11.EndOfMessage):
+            break
+        if not isinstance(event, h11.Data):
+            raise h11.RemoteProtocolError(f"expected the body, not {event!r}")
+        chunks.append(event.data)
+        size += len(event.data)
+    return b"".join(chunks)[:max_bytes], size > max_bytes
 
 
 def secrets_redact(result: ToolResult, secrets: dict[str, str]) -> ToolResult:

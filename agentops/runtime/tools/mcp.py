@@ -15,6 +15,14 @@ the connection goes to the address that was checked (``PinnedBackend``). Rows ar
 ``manage.py mcp_import``; each call opens its own session (a stdio server is started for
 the call and stopped after it), so a worker keeps no connection between steps.
 
+The mcp client is async: ``execute`` runs a call's session (``session_run``) to its end
+on a loop of its own (``run_sync``); ``aexecute`` awaits the same coroutine on the async
+worker's loop, so a call in flight holds no thread. The two differ only there and in the
+address lookup (``server_addresses`` / ``server_addresses_async``); what a call is
+(``call_prepare``) and what its outcome means (``call_judge``) are one code. Nothing in a
+session blocks its loop: the stdio server's stderr file and the TLS context (which reads
+the trust store) are made and read in a thread.
+
 What a failure means for a retry: a server that cannot be started, reached or
 initialised was never asked anything, so that failure is transient. Once the call is
 sent, a timeout or a lost connection leaves its effect unknown: transient only for a
@@ -56,7 +64,12 @@ from agentops.runtime.secrets import (
     secret_errors,
 )
 from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
-from agentops.runtime.tools.http import Deadline, addresses_checked, allowed_hosts_errors
+from agentops.runtime.tools.http import (
+    Deadline,
+    addresses_checked,
+    addresses_checked_async,
+    allowed_hosts_errors,
+)
 
 if TYPE_CHECKING:
     from tasks.models import Tool
@@ -389,17 +402,36 @@ def server_addresses(server: dict, *, seconds: float) -> Addresses:
     """The addresses an http server's host resolves to, each checked as an http tool's
     are (``addresses_checked``): raises McpRefused for one the config does not allow,
     McpUnavailable if the name cannot be looked up."""
-    parts = urlsplit(server["url"])
     try:
-        return addresses_checked(
-            parts.hostname or "",
-            parts.port or (443 if parts.scheme == "https" else 80),
-            label=f"the MCP server {server_describe(server)}",
-            allow_private=server.get("allow_private", False),
-            deadline=Deadline(seconds),
-        )
+        return addresses_checked(**server_fence(server, seconds=seconds))
     except ToolError as error:
-        raise (McpUnavailable if error.transient else McpRefused)(str(error)) from None
+        raise fence_failure(error) from None
+
+
+async def server_addresses_async(server: dict, *, seconds: float) -> Addresses:
+    """``server_addresses``, awaited (the loop's resolver: no thread waits on it)."""
+    try:
+        return await addresses_checked_async(**server_fence(server, seconds=seconds))
+    except ToolError as error:
+        raise fence_failure(error) from None
+
+
+def server_fence(server: dict, *, seconds: float) -> dict[str, Any]:
+    """What ``addresses_checked`` is asked about an http server: its host and port, the
+    name messages give it, its allow_private, and the lookup's deadline."""
+    parts = urlsplit(server["url"])
+    return {
+        "host": parts.hostname or "",
+        "port": parts.port or (443 if parts.scheme == "https" else 80),
+        "label": f"the MCP server {server_describe(server)}",
+        "allow_private": server.get("allow_private", False),
+        "deadline": Deadline(seconds),
+    }
+
+
+def fence_failure(error: ToolError) -> McpUnavailable:
+    """A refused address (permanent) is McpRefused; a failed lookup, McpUnavailable."""
+    return (McpUnavailable if error.transient else McpRefused)(str(error))
 
 
 class PinnedBackend(AutoBackend):
@@ -439,8 +471,9 @@ async def http_streams(server: dict, addresses: Addresses) -> AsyncIterator[tupl
     # The mcp package takes headers through the HTTP client it is given; it leaves
     # closing a client it did not create to the caller. No proxy or certificate from the
     # environment (trust_env off: a proxy would make the checked address moot); the
-    # system's trust store, as the http tool has it.
-    transport = httpx2.AsyncHTTPTransport(verify=ssl.create_default_context(), trust_env=False)
+    # system's trust store, as the http tool has it: read in a thread, not on the loop.
+    tls = await anyio.to_thread.run_sync(ssl.create_default_context)
+    transport = httpx2.AsyncHTTPTransport(verify=tls, trust_env=False)
     # httpx2 takes no network backend; its pool reads this one for every connection
     # (tests/runtime/tools/test_mcp.py proves the pin holds).
     transport._pool._network_backend = PinnedBackend(
@@ -460,9 +493,11 @@ async def http_streams(server: dict, addresses: Addresses) -> AsyncIterator[tupl
 
 
 def transport_open(
-    server: dict, errlog: TextIO, addresses: Addresses | None
+    server: dict, errlog: TextIO | None, addresses: Addresses | None
 ) -> AbstractAsyncContextManager:
     if server["transport"] == STDIO:
+        if errlog is None:  # session_run gives a stdio server a file for its stderr
+            raise McpUnavailable("the MCP server has nowhere to write its stderr")
         return stdio_client(stdio_parameters(server), errlog=errlog)
     if addresses is None:  # a caller that skipped the check reaches nothing
         raise McpRefused("the MCP server's address was not checked; nothing was sent")
@@ -495,7 +530,12 @@ async def session_run(
     server's sake: the Attempt says what happened. An http server is reached only at
     ``addresses`` (``server_addresses``)."""
     attempt = Attempt()
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
+    # A stdio server writes its stderr to a file (a pipe it filled would stall it). The
+    # file is made and read in a thread: this may run on the async worker's shared loop.
+    errlog = (
+        await anyio.to_thread.run_sync(stderr_file_open) if server["transport"] == STDIO else None
+    )
+    try:
         # One scope whose deadline moves from the handshake to the work: a scope of
         # its own around the handshake would close before the transport's task groups.
         with anyio.CancelScope() as scope:
@@ -519,13 +559,28 @@ async def session_run(
         attempt.timed_out = attempt.phase != "done" and (
             scope.cancel_called or scope.cancelled_caught
         )
-        if server["transport"] == STDIO:
-            # The tail only, cut again once redacted (``unavailable_message``).
-            size = errlog.seek(0, 2)
-            errlog.seek(max(0, size - STDERR_READ))
-            attempt.stderr = errlog.read()
-            attempt.stderr_cut = size > STDERR_READ
+    finally:
+        if errlog is not None:
+            # Shielded: a call cancelled from outside still closes its file.
+            with anyio.CancelScope(shield=True):
+                attempt.stderr, attempt.stderr_cut = await anyio.to_thread.run_sync(
+                    stderr_tail_read, errlog
+                )
     return attempt
+
+
+def stderr_file_open() -> TextIO:
+    return tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+
+
+def stderr_tail_read(errlog: TextIO) -> tuple[str, bool]:
+    """The end of what a stdio server wrote to ``errlog`` (cut again once redacted, in
+    ``unavailable_message``), and whether it is the end of a longer text; the file is
+    closed after."""
+    with errlog:
+        size = errlog.seek(0, 2)
+        errlog.seek(max(0, size - STDERR_READ))
+        return errlog.read(), size > STDERR_READ
 
 
 def error_leaf(error: BaseException) -> BaseException:
@@ -653,6 +708,68 @@ def content_texts(result: CallToolResult) -> list[str]:
     return texts
 
 
+@dataclass(frozen=True)
+class McpCall:
+    """One call made ready, the same for ``execute`` and ``aexecute``: the server as
+    stored (for messages) and resolved (secrets filled in, their values in ``secrets``),
+    the server's name for the tool, the arguments, and what goes in the request's _meta."""
+
+    stored: dict
+    server: dict
+    secrets: dict[str, str]
+    name: str
+    arguments: Any
+    meta: dict
+    work_seconds: float
+
+
+def call_prepare(tool: Tool, arguments: Any, context: ToolContext) -> McpCall | ToolResult:
+    """The call ready to make, or why it cannot be (nothing is started or sent). No I/O."""
+    problems = config_errors(tool.config)
+    if problems:
+        return ToolResult(
+            ok=False, error=f"the config of {tool.name} is invalid: " + "; ".join(problems)
+        )
+    stored = tool.config["server"]
+    try:
+        server, secrets = config_resolve(stored)
+    except SecretMissing as error:
+        return ToolResult(ok=False, error=f"{tool.name} cannot be called: {error}")
+    return McpCall(
+        stored=stored,
+        server=server,
+        secrets=secrets,
+        name=tool.config["tool"],
+        arguments=arguments,
+        meta={IDEMPOTENCY_META_KEY: context.idempotency_key},
+        work_seconds=tool.timeout_seconds,
+    )
+
+
+def call_unreachable(error: McpUnavailable) -> ToolResult:
+    """The server's address was refused (permanent) or could not be looked up."""
+    return ToolResult(
+        ok=False,
+        error=f"{error}; nothing was called",
+        transient=not isinstance(error, McpRefused),
+    )
+
+
+async def call_session(call: McpCall, addresses: Addresses | None) -> Attempt:
+    """The session that makes the call: the coroutine both paths run."""
+
+    async def work(session: ClientSession) -> CallToolResult:
+        return await session.call_tool(call.name, call.arguments, meta=call.meta)
+
+    return await session_run(
+        call.server,
+        work,
+        connect_seconds=CONNECT_SECONDS,
+        work_seconds=call.work_seconds,
+        addresses=addresses,
+    )
+
+
 class McpExecutor:
     def config_errors(self, config: dict) -> list[str]:
         return config_errors(config)
@@ -665,55 +782,51 @@ class McpExecutor:
         return errors
 
     def execute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
-        problems = config_errors(tool.config)
-        if problems:
-            return ToolResult(
-                ok=False, error=f"the config of {tool.name} is invalid: " + "; ".join(problems)
-            )
-        stored = tool.config["server"]
-        try:
-            server, secrets = config_resolve(stored)
-        except SecretMissing as error:
-            return ToolResult(ok=False, error=f"{tool.name} cannot be called: {error}")
+        """Call the server's tool once, in a session of its own (``session_run``, run to
+        its end on a loop of this thread's own)."""
+        call = call_prepare(tool, arguments, context)
+        if isinstance(call, ToolResult):
+            return call
         addresses = None
-        if server["transport"] == HTTP:
+        if call.server["transport"] == HTTP:
             try:
-                addresses = server_addresses(server, seconds=CONNECT_SECONDS)
+                addresses = server_addresses(call.server, seconds=CONNECT_SECONDS)
             except McpUnavailable as error:
-                return ToolResult(
-                    ok=False,
-                    error=f"{error}; nothing was called",
-                    transient=not isinstance(error, McpRefused),
-                )
-        name = tool.config["tool"]
-        meta = {IDEMPOTENCY_META_KEY: context.idempotency_key}
+                return call_unreachable(error)
+        attempt = run_sync(lambda: call_session(call, addresses))
+        return self.call_judge(tool, call, attempt)
 
-        async def call(session: ClientSession) -> CallToolResult:
-            return await session.call_tool(name, arguments, meta=meta)  # type: ignore[arg-type]
+    async def aexecute(self, tool: Tool, arguments: dict, context: ToolContext) -> ToolResult:
+        """``execute`` on the running event loop: the same session, awaited, so a call in
+        flight holds no thread."""
+        call = call_prepare(tool, arguments, context)
+        if isinstance(call, ToolResult):
+            return call
+        addresses = None
+        if call.server["transport"] == HTTP:
+            try:
+                addresses = await server_addresses_async(call.server, seconds=CONNECT_SECONDS)
+            except McpUnavailable as error:
+                return call_unreachable(error)
+        attempt = await call_session(call, addresses)
+        return self.call_judge(tool, call, attempt)
 
-        attempt = run_sync(
-            lambda: session_run(
-                server,
-                call,
-                connect_seconds=CONNECT_SECONDS,
-                work_seconds=tool.timeout_seconds,
-                addresses=addresses,
-            )
-        )
+    def call_judge(self, tool: Tool, call: McpCall, attempt: Attempt) -> ToolResult:
+        """What a session's outcome means for the step, and for a retry."""
         if attempt.phase == "connect":
             return ToolResult(
                 ok=False,
-                error=unavailable_message(stored, attempt, CONNECT_SECONDS, secrets)
+                error=unavailable_message(call.stored, attempt, CONNECT_SECONDS, call.secrets)
                 + "; nothing was called",
                 transient=True,
             )
         if attempt.phase == "work":
-            return self.lost(tool, stored, attempt)
+            return self.lost(tool, call.stored, attempt)
         result: CallToolResult = attempt.value
         texts = content_texts(result)
         if result.is_error:
             return ToolResult(
-                ok=False, error="\n".join(texts) or f"the MCP tool {name} reported an error"
+                ok=False, error="\n".join(texts) or f"the MCP tool {call.name} reported an error"
             )
         return ToolResult(
             ok=True, value={"content": texts, "structured": result.structured_content}

@@ -4,13 +4,17 @@ classed for retry, and the redaction of secrets through the engine."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -66,9 +70,19 @@ def http_tool(url: str, *, save: bool = False, **fields) -> Tool:
     return tool
 
 
-def call(tool: Tool, arguments: dict | None = None, *, key: str = "run-1:3"):
-    context = ToolContext(run_id=uuid.uuid4(), step_number=3, idempotency_key=key)
-    return EXECUTOR.execute(tool, arguments or {}, context)
+@pytest.fixture(params=["execute", "aexecute"])
+def call(request):
+    """One call of the executor, made both ways: ``execute`` (blocking) and ``aexecute``
+    (awaited on an event loop, as the async worker makes it). Every test that calls
+    the tool passes both ways."""
+
+    def make(tool: Tool, arguments: dict | None = None, *, key: str = "run-1:3"):
+        context = ToolContext(run_id=uuid.uuid4(), step_number=3, idempotency_key=key)
+        if request.param == "execute":
+            return EXECUTOR.execute(tool, arguments or {}, context)
+        return asyncio.run(EXECUTOR.aexecute(tool, arguments or {}, context))
+
+    return make
 
 
 @pytest.fixture
@@ -84,7 +98,7 @@ def test_the_http_kind_is_served_by_this_executor():
     assert isinstance(executor_for_kind("http"), HttpExecutor)
 
 
-def test_a_get_fills_the_url_and_query_and_sends_the_idempotency_key(service):
+def test_a_get_fills_the_url_and_query_and_sends_the_idempotency_key(service, call):
     tool = http_tool(
         service.url + "/items/{id}",
         input_schema=ITEM_SCHEMA,
@@ -104,7 +118,7 @@ def test_a_get_fills_the_url_and_query_and_sends_the_idempotency_key(service):
     assert received.headers["host"] == f"127.0.0.1:{service.port}"
 
 
-def test_a_post_sends_its_body_template_and_the_secret_header(service, monkeypatch):
+def test_a_post_sends_its_body_template_and_the_secret_header(service, monkeypatch, call):
     monkeypatch.setenv("HTTP_TEST_TOKEN", SECRET)
     tool = http_tool(
         service.url + "/items/{id}",
@@ -134,7 +148,7 @@ def test_a_post_sends_its_body_template_and_the_secret_header(service, monkeypat
     }
 
 
-def test_an_argument_cannot_name_a_secret_to_be_resolved(service, monkeypatch):
+def test_an_argument_cannot_name_a_secret_to_be_resolved(service, monkeypatch, call):
     monkeypatch.setenv("HTTP_TEST_TOKEN", SECRET)
     tool = http_tool(
         service.url + "/items/{id}",
@@ -151,7 +165,7 @@ def test_an_argument_cannot_name_a_secret_to_be_resolved(service, monkeypatch):
     assert SECRET.encode() not in received.body
 
 
-def test_a_dot_dot_argument_cannot_climb_the_url_path(service):
+def test_a_dot_dot_argument_cannot_climb_the_url_path(service, call):
     tool = http_tool(service.url + "/items/{id}/notes")
     result = call(tool, {"id": ".."})
     assert not result.ok and not result.transient
@@ -159,7 +173,7 @@ def test_a_dot_dot_argument_cannot_climb_the_url_path(service):
     assert service.hits() == 0
 
 
-def test_config_headers_replace_the_defaults_and_bad_header_values_are_refused(service):
+def test_config_headers_replace_the_defaults_and_bad_header_values_are_refused(service, call):
     tool = http_tool(
         service.url + "/items/1", config_headers={"accept": "text/plain", "X-Note": "{note}"}
     )
@@ -177,7 +191,7 @@ def test_config_headers_replace_the_defaults_and_bad_header_values_are_refused(s
     assert service.hits() == 1
 
 
-def test_a_text_response_is_returned_as_text(service):
+def test_a_text_response_is_returned_as_text(service, call):
     result = call(http_tool(service.url + "/text"))
     assert result.ok
     assert result.value["body"] == "héllo"
@@ -278,7 +292,7 @@ def test_config_errors_name_every_problem_at_once():
     assert EXECUTOR.config_errors([]) == ["the config must be a JSON object"]
 
 
-def test_a_missing_secret_is_an_error_and_nothing_is_sent(service, monkeypatch):
+def test_a_missing_secret_is_an_error_and_nothing_is_sent(service, monkeypatch, call):
     monkeypatch.delenv("HTTP_TEST_MISSING", raising=False)
     tool = http_tool(
         service.url + "/items/1", config_headers={"X-Api-Key": "secret:HTTP_TEST_MISSING"}
@@ -292,7 +306,7 @@ def test_a_missing_secret_is_an_error_and_nothing_is_sent(service, monkeypatch):
 # The SSRF guard ------------------------------------------------------------------------
 
 
-def test_a_host_not_in_allowed_hosts_is_refused(service):
+def test_a_host_not_in_allowed_hosts_is_refused(service, call):
     tool = http_tool(service.url + "/items/1", config_allowed_hosts=["api.example.com"])
     result = call(tool)
     assert not result.ok and not result.transient
@@ -300,7 +314,7 @@ def test_a_host_not_in_allowed_hosts_is_refused(service):
     assert service.hits() == 0
 
 
-def test_loopback_is_refused_without_allow_private(service):
+def test_loopback_is_refused_without_allow_private(service, call):
     result = call(http_tool(service.url + "/items/1", config_allow_private=False))
     assert not result.ok and not result.transient
     assert result.error.startswith("refused: 127.0.0.1 is a loopback address")
@@ -308,7 +322,7 @@ def test_loopback_is_refused_without_allow_private(service):
     assert service.hits() == 0
 
 
-def test_a_name_is_judged_by_the_addresses_it_resolves_to(service):
+def test_a_name_is_judged_by_the_addresses_it_resolves_to(service, call):
     tool = http_tool(
         f"http://localhost:{service.port}/items/1",
         config_allowed_hosts=["localhost"],
@@ -320,6 +334,31 @@ def test_a_name_is_judged_by_the_addresses_it_resolves_to(service):
     assert "127.0.0.1" in result.error or "::1" in result.error
     assert "which is a loopback address" in result.error
     assert service.hits() == 0
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(service, monkeypatch, call):
+    """DNS rebinding: the name is looked up once, checked, and connected to at that
+    address. Later lookups of the name here answer 127.0.0.2, where nothing listens; the
+    call still reaches the service, and the name was looked up once. (getaddrinfo stands
+    in for a resolver that changes its answer between lookups.)"""
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host == "localhost":
+            lookups.append(host)
+            address = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"
+            return real(address, port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    tool = http_tool(f"http://localhost:{service.port}/items/1", config_allowed_hosts=["localhost"])
+
+    result = call(tool)
+
+    assert result.ok, result.error
+    assert lookups == ["localhost"]
+    assert service.received()[0].headers["host"] == f"localhost:{service.port}"
 
 
 @pytest.mark.parametrize(
@@ -351,7 +390,7 @@ def test_address_refusal_names_the_kind_of_address(address, reason):
 # Limits ------------------------------------------------------------------------------
 
 
-def test_a_slow_answer_hits_the_timeout_and_a_get_may_be_retried(service):
+def test_a_slow_answer_hits_the_timeout_and_a_get_may_be_retried(service, call):
     tool = http_tool(service.url + "/slow/10", timeout_seconds=0.5)
     started = time.monotonic()
     result = call(tool)
@@ -360,7 +399,7 @@ def test_a_slow_answer_hits_the_timeout_and_a_get_may_be_retried(service):
     assert "timed out after 0.5 s" in result.error
 
 
-def test_a_timed_out_post_on_a_tool_without_idempotency_is_not_retried(service):
+def test_a_timed_out_post_on_a_tool_without_idempotency_is_not_retried(service, call):
     tool = http_tool(service.url + "/slow/10", timeout_seconds=0.5, config_method="POST")
     started = time.monotonic()
     result = call(tool)
@@ -370,7 +409,7 @@ def test_a_timed_out_post_on_a_tool_without_idempotency_is_not_retried(service):
 
 
 @pytest.mark.parametrize("path", ["/trickle/10", "/drip-headers/10"])
-def test_the_timeout_bounds_the_whole_read_not_each_piece(service, path):
+def test_the_timeout_bounds_the_whole_read_not_each_piece(service, path, call):
     # Every byte comes well within the timeout; the whole answer does not.
     tool = http_tool(service.url + path, timeout_seconds=0.5)
     started = time.monotonic()
@@ -381,28 +420,76 @@ def test_the_timeout_bounds_the_whole_read_not_each_piece(service, path):
 
 
 @pytest.mark.parametrize("path", ["/big/5000", "/big-stream/5000"])
-def test_an_oversized_response_is_cut_off(service, path):
+def test_an_oversized_response_is_cut_off(service, path, call):
     result = call(http_tool(service.url + path, config_max_response_bytes=1000))
     assert not result.ok and not result.transient
     assert result.error.endswith("the response was larger than 1000 bytes; cut off")
 
 
-def test_a_response_of_exactly_the_limit_is_whole(service):
+def test_a_response_of_exactly_the_limit_is_whole(service, call):
     result = call(http_tool(service.url + "/big-stream/1000", config_max_response_bytes=1000))
     assert result.ok and result.value["body"] == "x" * 1000
 
 
-def test_a_redirect_is_not_followed(service):
+def test_a_large_response_within_the_limit_is_whole(service, call):
+    # Past SETTLE_ON_LOOP_BYTES, aexecute decodes it in a thread: the same result.
+    tool = http_tool(service.url + "/big/600000", config_max_response_bytes=1_000_000)
+    result = call(tool)
+    assert result.ok and result.value["body"] == "x" * 600_000
+
+
+def test_a_redirect_is_not_followed(service, call):
     result = call(http_tool(service.url + "/redirect"))
     assert not result.ok and not result.transient
     assert "answered 302 Found, a redirect to /items/moved" in result.error
     assert service.hits("/items/moved") == 0
 
 
+@contextlib.contextmanager
+def redirector(location: str):
+    """A server on 127.0.0.1 that answers every request with a 302 to ``location``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_a_redirect_to_another_private_address_is_not_followed(service, call):
+    # The service stands for what a redirect must not reach (an internal address).
+    with redirector(f"{service.url}/items/internal") as url:
+        result = call(http_tool(url + "/start"))
+    assert not result.ok and not result.transient
+    assert (
+        f"answered 302 Found, a redirect to {service.url}/items/internal; redirects are "
+        "not followed"
+    ) in result.error
+    assert service.hits() == 0
+
+
 # Failures and retry ----------------------------------------------------------------------
 
 
-def test_a_client_error_names_the_status_and_the_body_and_is_final(service):
+def test_a_client_error_names_the_status_and_the_body_and_is_final(service, call):
     result = call(http_tool(service.url + "/nowhere"))
     assert not result.ok and not result.transient
     assert f"GET {service.url}/nowhere answered 404 Not Found" in result.error
@@ -415,7 +502,7 @@ def test_a_client_error_names_the_status_and_the_body_and_is_final(service):
 )
 @pytest.mark.parametrize("status", [429, 503])
 def test_busy_and_server_errors_are_transient_only_when_a_repeat_is_harmless(
-    service, method, idempotency, transient, status
+    service, method, idempotency, transient, status, call
 ):
     tool = http_tool(
         service.url + f"/status/{status}", config_method=method, idempotency=idempotency
@@ -425,14 +512,14 @@ def test_busy_and_server_errors_are_transient_only_when_a_repeat_is_harmless(
     assert f"answered {status}" in result.error
 
 
-def test_a_large_error_page_keeps_its_status_and_its_retry(service):
+def test_a_large_error_page_keeps_its_status_and_its_retry(service, call):
     tool = http_tool(service.url + "/status/503?pad=50000", config_max_response_bytes=1000)
     result = call(tool)
     assert not result.ok and result.transient
     assert "answered 503 Service Unavailable" in result.error and "cut off" not in result.error
 
 
-def test_a_refused_connection_is_transient_because_nothing_was_sent():
+def test_a_refused_connection_is_transient_because_nothing_was_sent(call):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -573,7 +660,7 @@ def tls_service(localhost_certificate):
 
 
 def test_https_connects_to_the_checked_address_and_verifies_the_name(
-    tls_service, localhost_certificate, monkeypatch
+    tls_service, localhost_certificate, monkeypatch, call
 ):
     monkeypatch.setenv("SSL_CERT_FILE", str(localhost_certificate[0]))  # trust it, here only
     tool = http_tool(
@@ -586,7 +673,7 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(
 
 
 def test_https_refuses_a_certificate_for_another_name(
-    tls_service, localhost_certificate, monkeypatch
+    tls_service, localhost_certificate, monkeypatch, call
 ):
     monkeypatch.setenv("SSL_CERT_FILE", str(localhost_certificate[0]))
     result = call(http_tool(tls_service.url + "/items/1"))  # https://127.0.0.1:port
@@ -598,7 +685,7 @@ def test_https_refuses_a_certificate_for_another_name(
     assert tls_service.hits() == 0
 
 
-def test_https_refuses_an_untrusted_certificate(tls_service, monkeypatch, tmp_path):
+def test_https_refuses_an_untrusted_certificate(tls_service, monkeypatch, tmp_path, call):
     empty = tmp_path / "no-authorities.pem"
     empty.write_text("")
     monkeypatch.setenv("SSL_CERT_FILE", str(empty))
@@ -628,7 +715,9 @@ CUT_SECRET = "s3cr3t-Tok3n-ABCDEFGH-0123456789"
         ),
     ],
 )
-def test_an_error_excerpt_is_redacted_before_it_is_cut(service, monkeypatch, path, description):
+def test_an_error_excerpt_is_redacted_before_it_is_cut(
+    service, monkeypatch, path, description, call
+):
     monkeypatch.setenv("TOOL_SECRET_CUT", CUT_SECRET)
     tool = http_tool(
         service.url + path, config_headers={"Authorization": "Bearer {secret:TOOL_SECRET_CUT}"}
@@ -672,7 +761,7 @@ def test_a_read_tool_may_not_send_a_method_override_parameter(where):
     assert "asks the server to take the request as another method" in error
 
 
-def test_a_read_tool_saved_with_an_override_header_is_refused_at_the_call(service):
+def test_a_read_tool_saved_with_an_override_header_is_refused_at_the_call(service, call):
     tool = http_tool(
         service.url + "/items/{id}",
         config_headers={"X-HTTP-Method-Override": "{verb}"},

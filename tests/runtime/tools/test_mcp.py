@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import sys
@@ -475,15 +476,14 @@ def test_good_configs_have_no_errors():
     )
 
 
-def test_a_tool_with_a_bad_config_fails_without_calling_anything():
+def test_a_tool_with_a_bad_config_fails_without_calling_anything(call_mcp):
     tool = Tool(name="broken", kind="mcp", side_effect="read", config={"tool": "x"})
-    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
-    result = McpExecutor().execute(tool, {}, context)
+    result = call_mcp(tool)
     assert not result.ok and not result.transient
     assert "the config of broken is invalid: server: missing" in result.error
 
 
-def test_a_missing_secret_at_call_time_is_named(monkeypatch):
+def test_a_missing_secret_at_call_time_is_named(monkeypatch, call_mcp):
     monkeypatch.delenv("MCP_ABSENT_TOKEN", raising=False)
     tool = Tool(
         name="needs_token",
@@ -498,8 +498,7 @@ def test_a_missing_secret_at_call_time_is_named(monkeypatch):
             "tool": "x",
         },
     )
-    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
-    result = McpExecutor().execute(tool, {}, context)
+    result = call_mcp(tool)
     assert not result.ok
     assert "the secret MCP_ABSENT_TOKEN is not set" in result.error
 
@@ -526,9 +525,18 @@ def http_mcp_tool(url: str, **server) -> Tool:
     )
 
 
-def call_mcp(tool: Tool, arguments: dict | None = None):
-    context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
-    return McpExecutor().execute(tool, arguments or {}, context)
+@pytest.fixture(params=["execute", "aexecute"])
+def call_mcp(request):
+    """One call of the executor, made both ways: ``execute`` (blocking) and ``aexecute``
+    (awaited on an event loop, as the async worker makes it)."""
+
+    def make(tool: Tool, arguments: dict | None = None):
+        context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
+        if request.param == "execute":
+            return McpExecutor().execute(tool, arguments or {}, context)
+        return asyncio.run(McpExecutor().aexecute(tool, arguments or {}, context))
+
+    return make
 
 
 @pytest.mark.parametrize(
@@ -540,14 +548,14 @@ def call_mcp(tool: Tool, arguments: dict | None = None):
         ("http://10.1.2.3/mcp", "10.1.2.3 is a private address"),
     ],
 )
-def test_an_http_server_at_a_private_address_is_refused_and_nothing_sent(url, says):
+def test_an_http_server_at_a_private_address_is_refused_and_nothing_sent(url, says, call_mcp):
     result = call_mcp(http_mcp_tool(url))
     assert not result.ok and not result.transient
     assert result.error.startswith(f"refused: {says}; this tool may reach only public addresses")
     assert result.error.endswith("nothing was called")
 
 
-def test_a_name_that_resolves_to_loopback_is_refused_and_the_server_sees_nothing():
+def test_a_name_that_resolves_to_loopback_is_refused_and_the_server_sees_nothing(call_mcp):
     with HttpService() as service:
         result = call_mcp(http_mcp_tool(f"http://localhost:{service.port}/mcp"))
         assert not result.ok and not result.transient
@@ -555,13 +563,13 @@ def test_a_name_that_resolves_to_loopback_is_refused_and_the_server_sees_nothing
         assert service.hits() == 0
 
 
-def test_allow_private_lets_the_tool_reach_the_local_server(mcp_peer):
+def test_allow_private_lets_the_tool_reach_the_local_server(mcp_peer, call_mcp):
     result = call_mcp(http_mcp_tool(mcp_peer.url, allow_private=True), {"a": 2, "b": 3})
     assert result.ok, result.error
     assert result.value["content"] == ["5"]
 
 
-def test_the_connection_goes_to_the_address_that_was_checked(mcp_peer, monkeypatch):
+def test_the_connection_goes_to_the_address_that_was_checked(mcp_peer, monkeypatch, call_mcp):
     """DNS rebinding: the name is looked up once, checked, and connected to at that
     address. Later lookups of the name here answer 127.0.0.2, where nothing listens; the
     call still succeeds, and the name was looked up once. (A resolver that changes its
@@ -620,7 +628,7 @@ def test_allow_private_goes_with_url_only():
         mcp_import("srv", "--stdio", "python -m mcp_server_time", "--allow-private")
 
 
-def test_a_stdio_servers_stderr_is_redacted_before_it_is_cut(settings, monkeypatch):
+def test_a_stdio_servers_stderr_is_redacted_before_it_is_cut(settings, monkeypatch, call_mcp):
     secret = "s3cr3t-Tok3n-ABCDEFGH-0123456789"
     monkeypatch.setenv("TOOL_SECRET_LICENCE", secret)
     # The secret, then 480 characters: the 500-character tail starts inside it.
@@ -648,3 +656,63 @@ def test_a_stdio_servers_stderr_is_redacted_before_it_is_cut(settings, monkeypat
     assert "after after" in result.error
     for piece in (secret[-8:], secret[12:20]):
         assert piece not in result.error
+
+
+# Both paths, executor only: execute, and aexecute as the async worker awaits it ----------
+
+
+def test_a_stdio_server_answers_through_the_executor(call_mcp):
+    tool = Tool(
+        name="time_now",
+        kind="mcp",
+        side_effect="read",
+        input_schema={"type": "object"},
+        timeout_seconds=10,
+        config={
+            "server": {"transport": "stdio", "command": TIME_COMMAND},
+            "tool": "get_current_time",
+        },
+    )
+
+    result = call_mcp(tool, {"timezone": "Europe/London"})
+
+    assert result.ok, result.error
+    assert result.value["structured"]["timezone"] == "Europe/London"
+
+
+def test_a_servers_error_result_is_a_final_failure(mcp_peer, call_mcp):
+    tool = http_mcp_tool(mcp_peer.url, allow_private=True)
+    tool.config["tool"] = "fail"
+
+    result = call_mcp(tool, {"reason": "the ledger is closed"})
+
+    assert not result.ok and not result.transient
+    assert result.error.endswith("the ledger is closed")
+
+
+@pytest.mark.parametrize(
+    ("idempotency", "transient", "says"),
+    [("none", False, "may or may not have taken effect"), ("key", True, "the tool is idempotent")],
+)
+def test_a_call_that_times_out_is_transient_only_if_the_tool_is_idempotent(
+    mcp_peer, call_mcp, idempotency, transient, says
+):
+    tool = http_mcp_tool(mcp_peer.url, allow_private=True)
+    tool.config["tool"] = "slow"
+    tool.timeout_seconds = 0.5
+    tool.idempotency = idempotency
+
+    result = call_mcp(tool, {"seconds": 5})
+
+    assert not result.ok and result.transient is transient
+    assert "the MCP server did not answer within 0.5 s" in result.error and says in result.error
+
+
+def test_an_unreachable_server_is_transient_and_nothing_was_called(call_mcp):
+    tool = http_mcp_tool(f"http://127.0.0.1:{free_port()}/mcp", allow_private=True)
+
+    result = call_mcp(tool, {"a": 1, "b": 1})
+
+    assert not result.ok and result.transient
+    assert result.error.startswith("could not reach the MCP server at http://127.0.0.1:")
+    assert result.error.endswith("; nothing was called")
