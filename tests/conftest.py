@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from io import StringIO
@@ -28,6 +30,27 @@ def require(available: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI must run this test, but {reason}")
     pytest.skip(reason)
+
+
+def run_coroutine(coroutine):
+    """Await ``coroutine`` on a new event loop in a thread of its own, as the async
+    worker's I/O thread does, and return its result. ``asyncio.run`` in the test's
+    thread would fail once Playwright's sync API (the browser tests, session-scoped)
+    has left an event loop running there."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = asyncio.run(coroutine)
+        except BaseException as error:
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="test-event-loop")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @pytest.fixture(autouse=True)

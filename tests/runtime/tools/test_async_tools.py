@@ -21,6 +21,7 @@ from agentops.runtime.tools.http import HttpExecutor
 from agentops.runtime.tools.mcp import McpExecutor
 from tasks.models import Run, RunStatus, Step, StepStatus, Tool
 from tasks.services import run_start
+from tests.conftest import run_coroutine
 from tests.peers import http_service
 from tests.peers.http_service import HttpService
 from tests.peers.mcp_server import McpPeer
@@ -76,7 +77,7 @@ def test_fifty_slow_http_calls_wait_together_on_one_thread(service):
     tool = slow_http_tool(f"{service.url}/slow/{SLOW_SECONDS}")
 
     started = time.monotonic()
-    results = asyncio.run(calls_at_once(HttpExecutor(), tool, {}, HTTP_CALLS))
+    results = run_coroutine(calls_at_once(HttpExecutor(), tool, {}, HTTP_CALLS))
     elapsed = time.monotonic() - started
 
     assert all(result.ok for result in results), [r.error for r in results if not r.ok]
@@ -112,7 +113,7 @@ def test_slow_mcp_calls_wait_together_on_one_thread(mcp_peer):
     calls, seconds = 10, 0.5
 
     started = time.monotonic()
-    results = asyncio.run(calls_at_once(McpExecutor(), tool, {"seconds": seconds}, calls))
+    results = run_coroutine(calls_at_once(McpExecutor(), tool, {"seconds": seconds}, calls))
     elapsed = time.monotonic() - started
 
     assert all(result.ok for result in results), [r.error for r in results if not r.ok]

@@ -4,7 +4,6 @@ classed for retry, and the redaction of secrets through the engine."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import shutil
@@ -25,7 +24,7 @@ from agentops.runtime.tools.http import HttpExecutor, address_refusal, side_effe
 from lineage.models import LineageEvent
 from tasks.models import Run, RunStatus, Step, StepStatus, Tool
 from tasks.services import run_start
-from tests.conftest import require, run_until_rest
+from tests.conftest import require, run_coroutine, run_until_rest
 from tests.peers.http_service import HttpService
 
 SECRET = "tok-7f3a9c51e2"
@@ -80,7 +79,7 @@ def call(request):
         context = ToolContext(run_id=uuid.uuid4(), step_number=3, idempotency_key=key)
         if request.param == "execute":
             return EXECUTOR.execute(tool, arguments or {}, context)
-        return asyncio.run(EXECUTOR.aexecute(tool, arguments or {}, context))
+        return run_coroutine(EXECUTOR.aexecute(tool, arguments or {}, context))
 
     return make
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shlex
 import sys
@@ -22,7 +21,7 @@ from lineage.services import chain_verify
 from tasks.governance import tool_trail_uuid
 from tasks.models import Run, RunStatus, StepStatus, TaskVersion, Tool
 from tasks.services import run_start
-from tests.conftest import run_until_rest
+from tests.conftest import run_coroutine, run_until_rest
 from tests.peers.http_service import HttpService
 from tests.peers.mcp_server import McpPeer, free_port
 
@@ -534,7 +533,7 @@ def call_mcp(request):
         context = ToolContext(run_id=uuid.uuid4(), step_number=1, idempotency_key="k")
         if request.param == "execute":
             return McpExecutor().execute(tool, arguments or {}, context)
-        return asyncio.run(McpExecutor().aexecute(tool, arguments or {}, context))
+        return run_coroutine(McpExecutor().aexecute(tool, arguments or {}, context))
 
     return make
 
