@@ -63,10 +63,13 @@ def bench_noop(ctx: ToolContext | None, *, n: int) -> dict:
 @script(BENCH_SCRIPT)
 def bench_agent(messages: list[dict]) -> ModelTurn:
     """Ask for one bench_noop call per turn until the objective's count is reached, then
-    answer. Reads only the transcript, like every script."""
+    answer. Reads only the transcript, like every script: the objective, and the count
+    in the last call's answer, so that the model's own cost does not grow with the run
+    (as LangGraph's graph keeps its count in its state)."""
     objective = next(m["content"] for m in messages if m["role"] == "user")
     wanted = int(OBJECTIVE_COUNT.search(objective).group(1))
-    done = sum(1 for message in messages if message["role"] == "assistant")
+    last = messages[-1]
+    done = json.loads(last["content"])["n"] if last["role"] == "tool" else 0
     if done < wanted:
         return scripted_turn({"calls": [(BENCH_TOOL, {"n": done + 1})]}, done)
     return scripted_turn({"content": f"Called {BENCH_TOOL} {wanted} times."}, done)

@@ -15,12 +15,28 @@ from django.db import connection
 
 import tests.agent_tools
 from agentops.runtime.engine import Outcome, advance
-from agentops.runtime.models.scripted import SCRIPTS, turns_script
+from agentops.runtime.models.base import ModelTurn
+from agentops.runtime.models.scripted import SCRIPTS, Script, scripted_turn, turns_script
 from lineage.triggers import triggers_install, triggers_remove
 from tasks.models import Run, Task, Tool, ToolGrant
 from tasks.services import tools_sync
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+# A first turn that drafts the plan, as the engine requires of every run's first turn
+# (a plain answer to it is refused): scripts whose work is a single answer start here.
+PLANNED = {"calls": [("plan_update", {"steps": [{"title": "do the test thing"}]})]}
+
+
+def planning(play: Script) -> Script:
+    """The script ``play``, after a first turn that drafts the plan (``PLANNED``)."""
+
+    def first_planned(messages: list[dict]) -> ModelTurn:
+        if not any(message["role"] == "assistant" for message in messages):
+            return scripted_turn(PLANNED, 0)
+        return play(messages)
+
+    return first_planned
 
 
 def require(available: bool, reason: str) -> None:

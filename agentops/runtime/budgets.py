@@ -152,12 +152,32 @@ def budget_note(limits: Limits, usage: Usage) -> str:
     return note
 
 
-def tokens_estimate(messages: list[dict], tools: list[dict]) -> int:
+def tokens_estimate(
+    messages: list[dict], tools: list[dict], *, messages_chars: int | None = None
+) -> int:
     """An upper-leaning estimate of a request's prompt tokens: about three characters a
-    token, plus a few tokens of framing per message. Used only to refuse a call before
-    it is made; the server's count is what is recorded."""
-    characters = len(json.dumps(messages)) + len(json.dumps(tools))
+    token (of the messages and the tools as JSON), plus a few tokens of framing per
+    message. Used only to refuse a call before it is made; the server's count is what
+    is recorded.
+
+    ``messages_chars``: the sum of ``json_chars`` of each message, where the caller keeps
+    it (the transcript does, message by message as the run grows), so that the whole
+    transcript is not encoded again each turn; the estimate is the same."""
+    if messages_chars is None:
+        messages_chars = sum(json_chars(message) for message in messages)
+    characters = list_chars(messages_chars, len(messages)) + len(json.dumps(tools))
     return characters // 3 + 8 * len(messages)
+
+
+def json_chars(value: Any) -> int:
+    """The length of ``value`` as JSON (``json.dumps`` with its defaults)."""
+    return len(json.dumps(value))
+
+
+def list_chars(items_chars: int, count: int) -> int:
+    """The length of a JSON list of ``count`` items whose own lengths sum to
+    ``items_chars``: ``json.dumps`` writes "[", the items separated by ", ", and "]"."""
+    return items_chars + 2 * max(count - 1, 0) + 2
 
 
 def cost(*, tokens_in: int, tokens_out: int, price_in: Decimal, price_out: Decimal) -> Decimal:

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentops.runtime.builtins import PLAN_TOOL
@@ -50,37 +50,63 @@ class ToolCallRecord:
 def loop_find(
     calls: Iterable[ToolCallRecord], *, repeat_limit: int, stall_limit: int
 ) -> LoopFinding | None:
-    seen: set[str] = set()
-    repeats: Counter[str] = Counter()
-    stale_in_a_row = 0
-    churn = PlanChurn()
+    """The first loop or stall in ``calls``, in order; None if there is none."""
+    watch = LoopWatch(repeat_limit=repeat_limit, stall_limit=stall_limit)
     for call in calls:
+        finding = watch.add(call)
+        if finding is not None:
+            return finding
+    return None
+
+
+@dataclass
+class LoopWatch:
+    """``loop_find`` one call at a time: what it has seen of a run's calls so far. The
+    engine keeps one for a slice and adds each finished call once, so that checking
+    before a turn costs the same at the run's two-hundredth step as at its first."""
+
+    repeat_limit: int
+    stall_limit: int
+    seen: set[str] = field(default_factory=set)
+    repeats: Counter[str] = field(default_factory=Counter)
+    stale_in_a_row: int = 0
+    churn: PlanChurn = field(default_factory=lambda: PlanChurn())
+
+    def add(self, call: ToolCallRecord) -> LoopFinding | None:
+        """The finding ``call`` completes, after the calls added before it, or None."""
+        repeat_limit, stall_limit = self.repeat_limit, self.stall_limit
         if call.tool == PLAN_TOOL:
-            finding = churn.add(call, repeat_limit=repeat_limit, stall_limit=stall_limit)
-            if finding is not None:
-                return finding
-            continue
-        churn = PlanChurn()  # the agent acted: the plans before this call were not churn
+            return self.churn.add(call, repeat_limit=repeat_limit, stall_limit=stall_limit)
+        self.churn = PlanChurn()  # the agent acted: the plans before this call were not churn
         digest = call.digest
-        repeats[digest] += 1
-        if repeat_limit and repeats[digest] >= repeat_limit:
+        self.repeats[digest] += 1
+        if repeat_limit and self.repeats[digest] >= repeat_limit:
             arguments = json.dumps(call.arguments, sort_keys=True, default=str)
             return LoopFinding(
                 "loop",
-                f"loop: {call.tool} was called {repeats[digest]} times with the same "
+                f"loop: {call.tool} was called {self.repeats[digest]} times with the same "
                 f"arguments {arguments[:200]} and returned the same result each time",
                 call.number,
             )
-        stale_in_a_row = stale_in_a_row + 1 if digest in seen else 0
-        seen.add(digest)
-        if stall_limit and stale_in_a_row >= stall_limit:
+        self.stale_in_a_row = self.stale_in_a_row + 1 if digest in self.seen else 0
+        self.seen.add(digest)
+        if stall_limit and self.stale_in_a_row >= stall_limit:
             return LoopFinding(
                 "stall",
-                f"stall: the last {stale_in_a_row} tool calls each repeated an earlier call "
-                "and its result; nothing new was learned",
+                f"stall: the last {self.stale_in_a_row} tool calls each repeated an earlier "
+                "call and its result; nothing new was learned",
                 call.number,
             )
-    return None
+        return None
+
+    def copy(self) -> LoopWatch:
+        """A watch that goes on from here without changing this one."""
+        return replace(
+            self,
+            seen=set(self.seen),
+            repeats=Counter(self.repeats),
+            churn=replace(self.churn),
+        )
 
 
 def plan_digest(arguments: Any) -> str:

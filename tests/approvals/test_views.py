@@ -12,7 +12,7 @@ from approvals.models import Approval, ApprovalStatus
 from lineage.models import LineageEvent
 from tasks.models import Run, RunStatus
 from tests.agent_tools import EFFECTS
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 
 pytestmark = pytest.mark.django_db
 
@@ -216,7 +216,9 @@ def test_the_other_kinds_are_decided_through_http(make_task, operator_client):
     from agentops.runtime.models.scripted import CHECKS, SCRIPTS, check_turn, scripted_turn
 
     # An outcome below the confidence threshold, sent back once, then accepted.
-    review = make_task([{"content": "first"}, {"content": "second"}], confidence_threshold=0.9)
+    review = make_task(
+        [PLANNED, {"content": "first"}, {"content": "second"}], confidence_threshold=0.9
+    )
     CHECKS[review.model.split(":", 1)[1]] = lambda messages: check_turn(0.5, "unsure")
     # A loop the task puts to a person.
     loop = make_task(

@@ -13,7 +13,7 @@ from django.db import IntegrityError, InternalError, connection, transaction
 from lineage.anchoring import run_checkpoint, trail_checkpoint
 from lineage.models import LineageEvent
 from lineage.services import chain_verify, event_append, events_append, json_canonical
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 from tests.lineage.forgery import chain_write, events_of, rewrite, run_param, tamper
 
 pytestmark = pytest.mark.django_db
@@ -62,7 +62,7 @@ def test_a_run_that_ends_is_sealed_by_a_checkpoint(
 ):
     from tasks.services import run_start
 
-    task = make_task([{"content": "done"}])
+    task = make_task([PLANNED, {"content": "done"}])
     with django_capture_on_commit_callbacks(execute=True):
         run = run_start(task=task, run_input={}, user=operator)
         run_until_rest(run)

@@ -20,7 +20,7 @@ from lineage.services import chain_verify
 from tasks.models import Run, RunStatus, Step, StepStatus
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 from tests.peers.workers import ROOT
 
 pytestmark = pytest.mark.django_db
@@ -448,11 +448,12 @@ def test_always_approve_holds_a_read_only_tool_too(make_task, operator):
 
 
 def test_the_trail_names_the_script_that_answered(make_task, operator):
-    task = make_task([{"content": "done"}])
+    task = make_task([PLANNED, {"content": "done"}])
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
-    responded = LineageEvent.objects.get(run_uuid=run.pk, kind="model.responded")
-    assert responded.payload["model"] == task.model and task.model.startswith("scripted:")
+    responded = LineageEvent.objects.filter(run_uuid=run.pk, kind="model.responded")
+    assert [event.payload["model"] for event in responded] == [task.model] * 2
+    assert task.model.startswith("scripted:")
 
 
 def test_a_held_calls_approval_shows_the_budget_as_the_run_has_it(make_task, operator):

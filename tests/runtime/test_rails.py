@@ -16,7 +16,7 @@ from lineage.models import LineageEvent
 from tasks.models import ModelPrice, RunStatus, StepKind, StepStatus
 from tasks.services import RunStartError, run_start
 from tests.agent_tools import EFFECTS
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, planning, run_until_rest
 
 pytestmark = pytest.mark.django_db
 
@@ -54,7 +54,7 @@ def test_the_answer_is_capped_to_the_tokens_left(make_task, operator):
 
     task = make_task([], max_tokens=3000, self_check=False)
     name = task.model.split(":", 1)[1]
-    SCRIPTS[name] = spy
+    SCRIPTS[name] = planning(spy)
     from agentops.runtime.models import scripted
 
     real = scripted.ScriptedClient.complete
@@ -95,7 +95,7 @@ def test_a_call_whose_projected_spend_would_cross_the_limit_is_not_made(make_tas
 
 
 def test_spend_is_counted_from_the_price_table(make_task, operator):
-    turns = [{"content": "done", "tokens_in": 1000, "tokens_out": 500}]
+    turns = [PLANNED, {"content": "done", "tokens_in": 1000, "tokens_out": 500}]
     task = make_task(turns, max_spend=Decimal("5"), self_check=False)
     ModelPrice.objects.create(
         model=task.model, input_per_million=Decimal("2"), output_per_million=Decimal("8")
@@ -305,7 +305,7 @@ def test_a_malformed_plan_is_refused_and_returned(make_task, operator):
 
 
 def test_a_confident_self_check_finishes_the_run(make_task, operator):
-    task = make_task([{"content": "the answer"}], confidence_threshold=0.8)
+    task = make_task([PLANNED, {"content": "the answer"}], confidence_threshold=0.8)
     CHECKS[task.model.split(":", 1)[1]] = lambda messages: check_turn(0.9, "verified")
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
@@ -315,7 +315,7 @@ def test_a_confident_self_check_finishes_the_run(make_task, operator):
 
 
 def test_low_confidence_waits_for_a_person_who_accepts_the_outcome(make_task, operator):
-    task = make_task([{"content": "probably right"}], confidence_threshold=0.8)
+    task = make_task([PLANNED, {"content": "probably right"}], confidence_threshold=0.8)
     CHECKS[task.model.split(":", 1)[1]] = lambda messages: check_turn(0.4, "one source only")
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
@@ -337,7 +337,7 @@ def test_a_rejected_outcome_goes_back_to_the_agent_with_the_reason(make_task, op
 
     task = make_task([], confidence_threshold=0.8)
     name = task.model.split(":", 1)[1]
-    SCRIPTS[name] = agent
+    SCRIPTS[name] = planning(agent)
     confidences = iter([0.4, 0.95])
     CHECKS[name] = lambda messages: check_turn(next(confidences), "evidence")
     run = run_start(task=task, run_input={}, user=operator)
@@ -366,7 +366,7 @@ def test_a_transient_model_error_is_retried_and_a_permanent_one_fails_the_run(
         return scripted_turn({"content": "done"}, 0)
 
     task = make_task([], self_check=False)
-    SCRIPTS[task.model.split(":", 1)[1]] = flaky
+    SCRIPTS[task.model.split(":", 1)[1]] = planning(flaky)
     run = run_start(task=task, run_input={}, user=operator)
     run_until_rest(run)
     assert run.status == RunStatus.SUCCEEDED
@@ -384,22 +384,24 @@ def test_a_transient_model_error_is_retried_and_a_permanent_one_fails_the_run(
 
 
 def test_a_model_that_does_not_report_its_check_gets_its_outcome_reviewed(make_task, operator):
-    task = make_task([{"content": "the answer"}])
+    task = make_task([PLANNED, {"content": "the answer"}])
     CHECKS[task.model.split(":", 1)[1]] = lambda messages: scripted_turn({"content": "fine"}, 0)
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
     check = run.steps.get(kind=StepKind.CHECK)
-    assert check.error == "the model did not report its self-check"
+    assert check.error == (
+        "the model did not report its self-check: it did not call report_check in 3 attempts"
+    )
     assert run.approvals.get().kind == ApprovalKind.OUTCOME_REVIEW
 
 
 def test_a_final_answer_the_budget_cannot_check_goes_to_a_person(make_task, operator):
-    task = make_task([{"content": "the answer"}], max_steps=1)
+    task = make_task([PLANNED, {"content": "the answer"}], max_steps=3)
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.WAITING
     approval = run.approvals.get()
     assert approval.kind == ApprovalKind.OUTCOME_REVIEW
-    assert approval.gate.startswith("the self-check could not run: step budget spent: 1 of 1")
+    assert approval.gate.startswith("the self-check could not run: step budget spent: 3 of 3")
     approval_decide(approval=approval, user=operator, approve=True)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED and run.outcome == "the answer"

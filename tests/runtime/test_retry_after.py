@@ -24,6 +24,8 @@ from tests.conftest import run_until_rest
 from tests.peers.openai_server import OpenAICompatibleServer, completion
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
+# The first turn's answer: the plan every run drafts first.
+PLANNED = completion(None, [("call_plan", "plan_update", {"steps": [{"title": "say done"}]})])
 
 
 def http_date(seconds_from_now: float) -> str:
@@ -102,12 +104,13 @@ def test_a_429_with_retry_after_in_seconds_waits_that_long_before_the_next_attem
     with OpenAICompatibleServer() as server:
         run = served_run(make_task, operator, settings, server)
         server.reply_busy("2")
+        server.reply(PLANNED)
         server.reply(completion("done"))
         assert run_until_rest(run) is Outcome.FINISHED
 
     assert run.status == RunStatus.SUCCEEDED, run.reason
     assert retry_delays(run) == [2.0]
-    first, second = server.arrivals
+    first, second, _answer = server.arrivals
     assert second - first >= 2.0
 
 
@@ -116,6 +119,7 @@ def test_a_503_with_retry_after_as_an_http_date_waits_until_then(make_task, oper
     with OpenAICompatibleServer() as server:
         run = served_run(make_task, operator, settings, server)
         server.reply_busy(http_date(3), status=503, message="warming up")
+        server.reply(PLANNED)
         server.reply(completion("done"))
         assert run_until_rest(run) is Outcome.FINISHED
 
@@ -123,7 +127,7 @@ def test_a_503_with_retry_after_as_an_http_date_waits_until_then(make_task, oper
     [delay] = retry_delays(run)
     # An HTTP date has whole seconds: the wait is what is left of the three of them.
     assert 1.0 < delay <= 3.0
-    first, second = server.arrivals
+    first, second, _answer = server.arrivals
     assert second - first >= delay
 
 

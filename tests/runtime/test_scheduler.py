@@ -13,7 +13,7 @@ from agentops.runtime.engine import Outcome, lease_claim
 from agentops.runtime.scheduler import REAPER_SCHEDULE_NAME, runs_reap
 from tasks.models import Run, RunStatus
 from tasks.services import run_start
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 
 pytestmark = pytest.mark.django_db
 
@@ -52,7 +52,7 @@ def test_waiting_and_finished_runs_are_left_alone(make_task, operator):
         user=operator,
     )
     run_until_rest(waiting)
-    done = run_start(task=make_task([{"content": "ok"}]), run_input={}, user=operator)
+    done = run_start(task=make_task([PLANNED, {"content": "ok"}]), run_input={}, user=operator)
     run_until_rest(done)
     Run.objects.update(queued_at=timezone.now() - timedelta(days=1))
     assert {waiting.status, done.status} == {RunStatus.WAITING, RunStatus.SUCCEEDED}

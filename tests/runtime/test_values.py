@@ -19,7 +19,7 @@ from lineage.services import chain_verify
 from tasks.models import AutonomyLevel, Run, RunStatus, Step, StepKind, StepStatus
 from tasks.services import run_start
 from tests.agent_tools import EFFECTS
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 from tests.peers.http_service import HttpService
 from tests.peers.openai_server import OpenAICompatibleServer, completion
 
@@ -179,18 +179,18 @@ def test_an_http_answer_nested_past_the_parser_is_kept_as_text(make_task, operat
 
 
 def test_a_models_text_no_database_stores_is_recorded_normalised_with_a_note(make_task, operator):
-    task = make_task([{"content": "the answer: \x00 and \ud800, done"}])
+    task = make_task([PLANNED, {"content": "the answer: \x00 and \ud800, done"}])
     run = run_start(task=task, run_input={}, user=operator)
     assert run_until_rest(run) is Outcome.FINISHED
 
     assert run.status == RunStatus.SUCCEEDED, run.reason
     assert run.outcome == "the answer: \ufffd and \ufffd, done"
-    step = Step.objects.get(run=run, kind=StepKind.MODEL)
+    step = Step.objects.filter(run=run, kind=StepKind.MODEL).order_by("number").last()
     assert step.content == run.outcome
     notes = step.result["normalised"]
     assert any(n.startswith("content: NUL characters") for n in notes), notes
     assert any(n.startswith("content: unpaired surrogates") for n in notes), notes
-    assert events(run, "model.responded")[0]["normalised"] == notes
+    assert events(run, "model.responded")[-1]["normalised"] == notes
     assert chain_verify(run.pk).intact
 
 
@@ -279,11 +279,17 @@ def test_a_question_longer_than_the_gate_is_asked_whole(make_task, operator):
 
 
 def served_run(make_task, operator, settings, reply: dict, *, status: int = 200):
-    """A run on the local OpenAI-compatible server answering ``reply``, worked until it
-    rests; returns (run, outcome)."""
+    """A run on the local OpenAI-compatible server answering ``reply`` after the plan
+    (which uses no tokens), worked until it rests; returns (run, outcome)."""
     with OpenAICompatibleServer() as server:
         settings.OPENAI_BASE_URL = server.base_url
         settings.OPENAI_API_KEY = "test"
+        plan = {"steps": [{"title": "answer"}]}
+        server.reply(
+            completion(
+                None, [("call_plan", "plan_update", plan)], prompt_tokens=0, completion_tokens=0
+            )
+        )
         server.reply(reply, status=status)
         task = make_task([], self_check=False)
         task.model = "test-model"
@@ -304,7 +310,7 @@ def test_a_served_models_odd_answer_is_recorded_normalised_with_notes(
     assert run.status == RunStatus.SUCCEEDED, run.reason
     assert run.outcome == "said \ufffd and \ufffd"
     assert (run.tokens_in, run.tokens_out) == (0, 0)
-    notes = Step.objects.get(run=run, kind=StepKind.MODEL).result["normalised"]
+    notes = Step.objects.filter(run=run, kind=StepKind.MODEL).last().result["normalised"]
     assert "tokens_in: -5 is not a count of tokens; counted as 0" in notes
     assert "tokens_out: nan is not a count of tokens; counted as 0" in notes
     assert any(n.startswith("content: NUL characters") for n in notes)

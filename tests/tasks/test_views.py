@@ -6,7 +6,7 @@ import pytest
 from django.urls import reverse
 
 from tasks.models import Run, RunStatus
-from tests.conftest import run_until_rest
+from tests.conftest import PLANNED, run_until_rest
 
 pytestmark = pytest.mark.django_db
 
@@ -100,7 +100,7 @@ def test_run_page_shows_the_timeline_and_labels_a_scripted_model(demo_task, oper
 def test_the_live_region_is_served_alone_to_htmx_and_stops_polling_when_done(
     make_task, operator_client
 ):
-    task = make_task([{"content": "all done"}])
+    task = make_task([PLANNED, {"content": "all done"}])
     operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
     run = Run.objects.get()
     partial = operator_client.get(

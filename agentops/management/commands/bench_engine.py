@@ -44,6 +44,10 @@ SCRATCH_FILE = "bench.sqlite3"
 REEXEC_MARKER = "AGENTOPS_BENCH_REEXEC"
 COMMITS_GOAL = 3.0
 RATIO_GOAL = 0.5  # agentops / LangGraph per-step overhead, on PostgreSQL
+# --positions: the last POSITION_WINDOW agent steps of a run cost at most POSITION_GOAL
+# times the first POSITION_WINDOW.
+POSITION_WINDOW = 20
+POSITION_GOAL = 1.2
 LANGGRAPH_MODULES = (
     "langgraph.graph",
     "langgraph.checkpoint.sqlite",
@@ -75,6 +79,12 @@ database refuses to delete it.
 PostgreSQL database), each of its runs right after one of agentops' so that both see the
 same load on the machine, and prints the ratio of the overheads. It needs LangGraph:
 pip install -e '.[bench]'.
+
+--positions measures instead what an agent step costs by its position within a long run
+(--steps 200 --runs 5, say): each position's median over the runs, the first 20 agent
+steps against the last 20, with the time spent in the parts that read the run's record
+each turn (the transcript, the loops check, the token estimate), and the machine's load
+before and after. A step that cost more the longer the run would show here.
 """
 
 
@@ -169,6 +179,12 @@ class Command(BaseCommand):
             action="store_true",
             help="delete the bench's runs and task at the end (their lineage stays)",
         )
+        parser.add_argument(
+            "--positions",
+            action="store_true",
+            help="instead, the cost of an agent step by its position within a long run "
+            "(e.g. --steps 200 --runs 5): the first 20 agent steps against the last 20",
+        )
 
     def handle(self, *args, **options) -> None:
         if options["compare"] == "langgraph":
@@ -190,7 +206,10 @@ class Command(BaseCommand):
             call_command("migrate", interactive=False, verbosity=0)
         else:
             migrations_check(connection)
-        self.bench(options, scratch=scratch)
+        if options["positions"]:
+            self.bench_positions(options, scratch=scratch)
+        else:
+            self.bench(options, scratch=scratch)
 
     def rerun_on(self, url: str, options: dict) -> None:
         """Run this command again in a child process whose Django is configured for
@@ -207,6 +226,8 @@ class Command(BaseCommand):
             arguments += ["--compare", options["compare"]]
         if options["cleanup"]:
             arguments.append("--cleanup")
+        if options["positions"]:
+            arguments.append("--positions")
         environment = {
             **os.environ,
             "DATABASE_URL": url,
@@ -315,6 +336,55 @@ class Command(BaseCommand):
                 "scratch database, or pass --cleanup to delete the runs (their lineage "
                 "events stay: the trail is append-only by design)"
             )
+
+    def bench_positions(self, options: dict, *, scratch: bool) -> None:
+        """What an agent step costs by its position within a long run: the first
+        ``POSITION_WINDOW`` agent steps against the last, each position's median over the
+        runs. A step whose cost grew with the run's length would show here."""
+        runs, steps = options["runs"], options["steps"]
+        window = max(1, min(POSITION_WINDOW, steps // 2))
+        database = connections["default"].settings_dict
+        self.say(
+            f"database: {database_described(database)}"
+            + (" (a scratch file the bench migrates)" if scratch else "")
+        )
+        self.say(f"runs: {runs}  agent steps per run: {steps}  (cost by position)")
+        self.say(f"load average before: {bench.load_average() or 'unknown'}")
+        with ExitStack() as stack:
+            stack.enter_context(mock.patch.object(dispatch, "send", lambda run_id: None))
+            stack.enter_context(mock.patch.object(settings, "DEBUG", False))
+            stack.enter_context(scratch_checkpoints())
+            task = bench_task_create(steps=steps)
+            bench_advance(bench_run_start(task, steps))  # warms the caches up
+            clocks = []
+            for _ in range(runs):
+                run = bench_run_start(task, steps)
+                with bench.positions_timed() as clock:
+                    bench_advance(run)
+                clocks.append(clock)
+        self.say(f"load average after: {bench.load_average() or 'unknown'}")
+        first, last = bench.position_windows(clocks, window=window)
+        for span in (first, last):
+            parts = ", ".join(f"{label} {ms:.3f}" for label, ms in span.parts.items())
+            self.say(
+                f"agent steps {span.first}-{span.last}: {span.milliseconds:.2f} ms per agent "
+                f"step (of which, ms: {parts})"
+            )
+        ratio = last.milliseconds / first.milliseconds
+        self.say(
+            f"last {window} / first {window}: {ratio:.2f}; goal at most {POSITION_GOAL:g}: "
+            + ("PASS" if ratio <= POSITION_GOAL else "MISS")
+        )
+        made = Run.objects.filter(task=task)
+        failed = made.exclude(status=RunStatus.SUCCEEDED)
+        self.say(f"bench task: {task.slug}  runs made: {made.count()}  failed: {failed.count()}")
+        if failed.exists():
+            first_failed = failed.first()
+            raise CommandError(
+                f"run {first_failed.pk} ended {first_failed.status}: {first_failed.reason}"
+            )
+        if options["cleanup"]:
+            self.cleanup(task)
 
     def workers_advance(self, runs: list[Run], warm_up_runs: list[Run]) -> float:
         """Advance ``runs`` in one worker process per warm-up run, all at once; return

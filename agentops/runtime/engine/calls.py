@@ -15,7 +15,13 @@ from agentops.runtime.builtins import (
     plan_errors,
 )
 from agentops.runtime.engine.context import GATE_CHARS, Context, Outcome, clipped
-from agentops.runtime.engine.doors import Doors, call_arguments, call_doors, confidence_threshold
+from agentops.runtime.engine.doors import (
+    Doors,
+    call_doors,
+    call_read,
+    confidence_threshold,
+    errors_said,
+)
 from agentops.runtime.engine.fire import call_fire
 from agentops.runtime.engine.leases import lease_fence
 from agentops.runtime.engine.ledger import (
@@ -48,11 +54,12 @@ from tasks.services import (
 
 def plan_record(ctx: Context, call: dict) -> Outcome:
     """The agent drafted or revised its plan: keep it on the run, as a step."""
-    arguments, refusal = call_arguments(call["arguments"])
+    parsed = call_read(call)
+    arguments, refusal = parsed.arguments, parsed.refusal
     if not refusal:
         errors = plan_errors(arguments)
         if errors:
-            refusal = "the plan does not match plan_update's schema: " + "; ".join(errors)
+            refusal = "the plan does not match plan_update's schema: " + errors_said(errors)
     version = (
         sum(1 for s in ctx.steps if s.kind == StepKind.PLAN and s.status == StepStatus.SUCCEEDED)
         + 1
@@ -93,11 +100,12 @@ def plan_record(ctx: Context, call: dict) -> Outcome:
 
 def question_ask(ctx: Context, model_step: Step, call: dict) -> Outcome:
     """The agent asks a person: the run waits, and the answer is the call's result."""
-    arguments, refusal = call_arguments(call["arguments"])
+    parsed = call_read(call)
+    arguments, refusal = parsed.arguments, parsed.refusal
     if not refusal:
         errors = arguments_errors(ASK_SCHEMA, arguments)
         refusal = (
-            "the question does not match ask_person's schema: " + "; ".join(errors)
+            "the question does not match ask_person's schema: " + errors_said(errors)
             if errors
             else ""
         )

@@ -121,6 +121,10 @@ class Context:
     steps: list[Step]
     stale: bool = False
     _committed: list[Callable[[], None]] | None = field(default=None, repr=False)
+    # What the slice carries forward turn by turn, made from ``steps`` as they grow (the
+    # transcript, the loop check's state: turns, rails), so a turn's cost does not grow
+    # with the run. Dropped when the record is read again.
+    carried: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def run_changed(self, added: dict[str, Any], values: dict[str, Any]) -> None:
         """What a committed fence did to the run's row, mirrored in memory."""
@@ -165,6 +169,7 @@ class Context:
         fresh = context_load(self.run.pk, self.owner)
         self.run, self.definition, self.steps = fresh.run, fresh.definition, fresh.steps
         self.stale = False
+        self.carried.clear()
 
     def setting(self, name: str) -> Any:
         return self.definition.get(name, DEFINITION_DEFAULTS.get(name))

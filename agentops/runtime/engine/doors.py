@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from agentops.runtime.engine.context import Context, slice_cached
+from agentops.runtime.engine.context import Context, clipped, slice_cached
 from agentops.runtime.gates import (
     GateDecision,
     Verdict,
@@ -76,6 +76,36 @@ def call_arguments(raw: str) -> tuple[Any, str]:
     return parsed.arguments, parsed.refusal
 
 
+def call_read(call: dict) -> ParsedCall:
+    """A requested call as stored on its model step (``calls_normalise``), parsed. Its
+    arguments, if they were over AGENTOPS_MAX_ARGUMENT_BYTES, were not kept: the call is
+    refused saying so, and its arguments are the stand-in that was kept."""
+    oversized = call.get("oversized")
+    if not oversized:
+        return call_parsed(call["arguments"])
+    stand_in = json.loads(call["arguments"])
+    return ParsedCall(stand_in, oversized_refusal(oversized))
+
+
+# The most of one validation error kept: a schema error quotes the value it refuses, and
+# a refusal is stored on the step and its event and sent back to the model.
+ERROR_CHARS = 500
+
+
+def errors_said(errors: list[str]) -> str:
+    """Validation errors as one refusal, each cut to ``ERROR_CHARS``."""
+    return "; ".join(clipped(error, ERROR_CHARS) for error in errors)
+
+
+def oversized_refusal(oversized: dict) -> str:
+    return (
+        f"the arguments are {oversized['bytes']:,} bytes, more than the limit of "
+        f"{oversized['limit']:,} bytes (AGENTOPS_MAX_ARGUMENT_BYTES): the call was refused "
+        f"and its arguments were not kept, only their first bytes and their sha256 "
+        f"({oversized['sha256']})"
+    )
+
+
 @dataclass(frozen=True)
 class Doors:
     """What the doors say of one requested call, before anything is written."""
@@ -106,15 +136,16 @@ def call_doors(ctx: Context, call: dict) -> Doors:
     """Granted, valid JSON, valid against the schema, (rules), and the gate."""
     tools = granted_tools(ctx.definition)
     tool = tools.get(call["name"])
-    parsed = call_parsed(call["arguments"])
+    parsed = call_read(call)
     arguments, refusal, confidence = parsed.arguments, parsed.refusal, parsed.confidence
-    if tool is None:
+    # An oversized call is refused for its size, whatever it names: nothing else was kept.
+    if tool is None and not call.get("oversized"):
         granted = ", ".join(sorted(tools)) or "none"
         refusal = f"the tool {call['name']!r} is not granted to this task (granted: {granted})"
-    elif not refusal:
+    elif tool is not None and not refusal:
         errors = executor_for(tool).validate(tool, arguments)
         if errors:
-            refusal = f"{tool.name} refused the arguments: " + "; ".join(errors)
+            refusal = f"{tool.name} refused the arguments: " + errors_said(errors)
     if refusal or tool is None:
         return Doors(tool, arguments, refusal, None, confidence)
     rules = [

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -25,9 +26,14 @@ class ToolCallRequest:
     id: str
     name: str
     arguments: str
+    # Set by ``turn_storable`` when the arguments were over AGENTOPS_MAX_ARGUMENT_BYTES:
+    # ``arguments`` is then a bounded stand-in (``arguments_stand_in``), and this says
+    # what was not kept: {"bytes", "limit", "sha256"}. The engine refuses such a call.
+    oversized: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+        call = {"id": self.id, "name": self.name, "arguments": self.arguments}
+        return {**call, "oversized": self.oversized} if self.oversized else call
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,27 @@ class ModelTurn:
 CALL_ID_CHARS = 100
 TOOL_NAME_CHARS = 64
 COUNT_MAX = 2**31 - 1
+# How much of oversized arguments their stand-in keeps, to show what they began with.
+ARGUMENT_HEAD_BYTES = 256
+
+
+def arguments_stand_in(arguments: str, limit: int) -> tuple[str, dict | None]:
+    """``arguments`` (a call's JSON text), or, past ``limit`` UTF-8 bytes, a stand-in
+    that is small whatever the arguments were: a JSON object that gives their size, the
+    limit, their sha256 and their first bytes. Returns the text to keep and, for a
+    stand-in, what was not kept ({"bytes", "limit", "sha256"}), else None."""
+    if len(arguments) * 4 <= limit:  # no UTF-8 character takes more than four bytes
+        return arguments, None
+    encoded = arguments.encode()  # text_storable made it encodable: no lone surrogates
+    if len(encoded) <= limit:
+        return arguments, None
+    oversized = {
+        "bytes": len(encoded),
+        "limit": limit,
+        "sha256": hashlib.sha256(encoded).hexdigest(),
+    }
+    head = encoded[:ARGUMENT_HEAD_BYTES].decode(errors="ignore")  # whole characters only
+    return json.dumps({"oversized": {**oversized, "head": head}}), oversized
 
 
 def turn_storable(turn: ModelTurn) -> ModelTurn:
@@ -54,7 +81,9 @@ def turn_storable(turn: ModelTurn) -> ModelTurn:
     change: text that is not text (None, a number, a list of parts) made text; NUL and
     unpaired surrogates replaced by U+FFFD; an id or a tool name too long for its column
     dropped (the engine gives the call an id) or cut (a cut name ends in "…", so it never
-    names a granted tool); a token count that is not a count made 0, one too large cut.
+    names a granted tool); a call's arguments over AGENTOPS_MAX_ARGUMENT_BYTES kept only
+    as a stand-in (``arguments_stand_in``; the engine refuses the call); a token count
+    that is not a count made 0, one too large cut.
 
     A model server is the far side: what it sent happened and is kept, never refused.
     Everything the engine derives from a turn (calls, the final answer) is read from
@@ -85,6 +114,7 @@ def turn_storable(turn: ModelTurn) -> ModelTurn:
             return COUNT_MAX
         return value
 
+    limit = settings.AGENTOPS_MAX_ARGUMENT_BYTES
     calls = []
     for position, call in enumerate(turn.tool_calls):
         where = f"tool_calls[{position}]"
@@ -97,7 +127,17 @@ def turn_storable(turn: ModelTurn) -> ModelTurn:
             notes.append(f"{where}.name: longer than {TOOL_NAME_CHARS} characters; cut")
             name = name[: TOOL_NAME_CHARS - 1] + "…"
         arguments = text(call.arguments, f"{where}.arguments")
-        calls.append(ToolCallRequest(id=call_id, name=name, arguments=arguments))
+        arguments, oversized = arguments_stand_in(arguments, limit)
+        if oversized:
+            notes.append(
+                f"{where}.arguments: {oversized['bytes']} bytes, more than the limit of "
+                f"{limit}; kept as a stand-in (their first bytes and their sha256)"
+            )
+        calls.append(
+            ToolCallRequest(
+                id=call_id, name=name, arguments=arguments, oversized=oversized or call.oversized
+            )
+        )
     return ModelTurn(
         content=text(turn.content, "content"),
         tool_calls=calls,
