@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "lineage",
     "tasks",
     "approvals",
+    "triggers",
     "demo",
 ]
 
@@ -262,6 +263,19 @@ AGENTOPS_LINEAGE_CHECKPOINT_MAX_AGE = env_float(
 AGENTOPS_LINEAGE_VERIFY_WORKERS = env_int(
     "AGENTOPS_LINEAGE_VERIFY_WORKERS", os.cpu_count() or 1, minimum=1
 )
+
+# Triggers (triggers/). The listeners' process (`manage.py triggers`, which `serve`
+# starts) consumes queue messages and inbound email, and ticks the schedules; the queue
+# cluster or Celery beat ticks them too, every minute, so a slot fires once whichever
+# comes first.
+AGENTOPS_TRIGGER_TICK_SECONDS = env_float("AGENTOPS_TRIGGER_TICK_SECONDS", 5.0, minimum=0.5)
+# How often the listeners read the triggers again, to start and stop their consumers.
+AGENTOPS_TRIGGER_RELOAD_SECONDS = env_float("AGENTOPS_TRIGGER_RELOAD_SECONDS", 10.0, minimum=1.0)
+# The SMTP listener for inbound-email triggers; empty host: none.
+AGENTOPS_SMTP_LISTEN_HOST = env_str("AGENTOPS_SMTP_LISTEN_HOST", "127.0.0.1")
+AGENTOPS_SMTP_LISTEN_PORT = env_int("AGENTOPS_SMTP_LISTEN_PORT", 8025, minimum=1)
+# Where inbound emails' attachments are kept (by their sha256), relative to VAR_DIR.
+AGENTOPS_ATTACHMENT_DIR = VAR_DIR / (env_str("AGENTOPS_ATTACHMENT_DIR") or "attachments")
 
 LOGGING = {
     "version": 1,

@@ -194,6 +194,13 @@ class Task(models.Model):
         help_text="Who decides this task's approvals (members holding the decide permission). "
         "Blank: anyone holding it.",
     )
+    max_live_runs = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Runs of this task that may be live (queued, running or waiting) at once; a "
+        "trigger's firing past it is refused and recorded. Blank: no limit.",
+    )
     four_eyes = models.BooleanField(
         default=False, help_text="Nobody decides an approval on a run they started."
     )
@@ -353,18 +360,78 @@ class GrantRule(models.Model):
             raise ValidationError({"expression": str(error)}) from None
 
 
+def trigger_public_id() -> str:
+    """An unguessable id for a trigger's URL (192 bits)."""
+    import secrets
+
+    return secrets.token_urlsafe(24)
+
+
 class Trigger(models.Model):
-    """How runs of a task start. Every firing names a unique key, so a firing seen twice
-    (two schedulers, a redelivered message) makes one run."""
+    """How runs of a task start on their own: a schedule, a webhook, a queue message or
+    an inbound email (a person's Run button needs no row). Every firing names a key
+    unique to the trigger (the slot, the webhook-id, the message id, the Message-ID), so
+    a firing seen twice (two schedulers, a redelivered message, a retried webhook)
+    starts one run. What each kind needs is in ``config``, checked by
+    ``triggers.config.config_errors``; the firings are ``triggers.Firing`` rows."""
 
     class Kind(models.TextChoices):
         MANUAL = "manual", "Manual (a person, the shell)"
+        CRON = "cron", "Schedule (cron)"
+        WEBHOOK = "webhook", "Webhook"
+        QUEUE = "queue", "Queue message"
+        EMAIL = "email", "Inbound email"
 
     task = models.ForeignKey(Task, on_delete=models.CASCADE, related_name="triggers")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.MANUAL)
     name = models.CharField(max_length=120)
     enabled = models.BooleanField(default=True)
+    config = models.JSONField(
+        default=dict, blank=True, help_text="What this kind of trigger needs (see the guide)."
+    )
+    input_mapping = models.TextField(
+        blank=True,
+        help_text="A JMESPath expression that makes the run's input from what arrived "
+        "(a webhook's JSON body, a message, an email's fields). Blank: all of it.",
+    )
+    public_id = models.CharField(
+        max_length=40,
+        unique=True,
+        default=trigger_public_id,
+        editable=False,
+        help_text="The unguessable part of a webhook's URL.",
+    )
+    secret = models.CharField(
+        max_length=100, blank=True, editable=False, help_text="A webhook's signing secret."
+    )
+    previous_secret = models.CharField(max_length=100, blank=True, editable=False)
+    previous_secret_until = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="Until when the previous secret holds."
+    )
+    max_per_minute = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Runs this trigger may start in any minute; a firing past it is refused "
+        "and recorded. Blank: no limit.",
+    )
+    max_per_hour = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="Runs this trigger may start in any hour. Blank: no limit.",
+    )
+    cursor = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="A schedule's last slot considered: fired, skipped or refused.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["task", "name", "pk"]
 
     def __str__(self) -> str:
         return f"{self.task.slug}: {self.name}"

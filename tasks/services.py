@@ -155,8 +155,15 @@ def run_start(
     user: AbstractBaseUser | None = None,
     trigger_kind: str = Trigger.Kind.MANUAL,
     firing_key: str | None = None,
+    trigger: Trigger | None = None,
+    firing_payload: Any = None,
 ) -> Run:
-    """Validate the input, pin the task's current version, queue the run."""
+    """Validate the input, pin the task's current version, queue the run. A run a
+    trigger starts names it (``trigger``, its kind, the firing's key and what arrived,
+    ``firing_payload``), on the run and in its first event; ``triggers.services.
+    trigger_fire`` is the only caller that passes them."""
+    if trigger is not None:
+        trigger_kind = trigger.kind
     if not isinstance(run_input, dict):
         raise RunStartError("the input must be a JSON object")
     errors = arguments_errors(task.input_schema or {"type": "object"}, run_input, whole="the input")
@@ -183,6 +190,7 @@ def run_start(
             id=uuid.uuid4(),
             task=task,
             task_version=version,
+            trigger=trigger,
             trigger_kind=trigger_kind,
             firing_key=firing_key,
             started_by=user if user is not None and user.is_authenticated else None,
@@ -194,13 +202,22 @@ def run_start(
         event_append(
             run_uuid=run.id,
             kind="run.queued",
-            actor=actor_for(user),
+            actor=f"trigger:{trigger.pk}" if trigger is not None else actor_for(user),
             payload={
                 "task": task.slug,
                 "task_version": version.number,
                 "definition_digest": version.digest,
                 "trigger": trigger_kind,
                 "firing_key": firing_key,
+                **(
+                    {
+                        "trigger_id": trigger.pk,
+                        "trigger_name": trigger.name,
+                        "firing": firing_payload,
+                    }
+                    if trigger is not None
+                    else {}
+                ),
                 "input": run_input,
                 "objective": objective,
                 "model": label,

@@ -1,0 +1,1 @@
+"""Triggers: schedules, webhooks, queue messages and inbound email that start runs."""

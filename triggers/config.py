@@ -1,0 +1,170 @@
+"""What each kind of trigger needs in its ``config``, and the checks a trigger passes
+before it is saved (the admin's form and ``trigger_check`` run the same ones).
+
+A trigger's config is written by an operator in the admin: hostile input like any
+other. Every fault is a sentence naming the field; nothing is saved until there are none.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from typing import Any
+from urllib.parse import urlsplit
+
+import jmespath
+import jmespath.exceptions
+from croniter import croniter
+
+from agentops.runtime.secrets import secret_errors
+from agentops.runtime.tools.base import arguments_errors
+from tasks.models import Trigger
+
+Kind = Trigger.Kind
+
+# The names a stream, a queue and a dead-letter place may have: plain enough to show
+# and to put in a Redis key or an AMQP queue name without quoting.
+PLACE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$"
+ADDRESS = r"^[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,255}$"
+SENDER = r"^([^@\s<>]{1,64}@[A-Za-z0-9.-]{1,255}|@[A-Za-z0-9.-]{1,255})$"
+EXPRESSION_CHARS = 2000
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    Kind.MANUAL: {"type": "object", "additionalProperties": False, "properties": {}},
+    Kind.CRON: {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["expression"],
+        "properties": {
+            "expression": {"type": "string", "minLength": 1, "maxLength": 200},
+            "timezone": {"type": "string", "minLength": 1, "maxLength": 64},
+            "overlap": {"enum": ["skip", "start"]},
+            "missed": {"enum": ["skip", "once"]},
+            "input": {"type": "object"},
+        },
+    },
+    Kind.WEBHOOK: {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "tolerance_seconds": {"type": "integer", "minimum": 1, "maximum": 3600},
+            "max_body_bytes": {"type": "integer", "minimum": 1024, "maximum": 10 * 1024**2},
+        },
+    },
+    Kind.QUEUE: {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["transport", "url"],
+        "properties": {
+            "transport": {"enum": ["redis", "amqp"]},
+            "url": {"type": "string", "minLength": 1, "maxLength": 500},
+            "stream": {"type": "string", "pattern": PLACE_NAME},
+            "group": {"type": "string", "pattern": PLACE_NAME},
+            "queue": {"type": "string", "pattern": PLACE_NAME},
+            "dead_letter": {"type": "string", "pattern": PLACE_NAME},
+            "max_message_bytes": {"type": "integer", "minimum": 1024, "maximum": 10 * 1024**2},
+        },
+    },
+    Kind.EMAIL: {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["address", "senders"],
+        "properties": {
+            "address": {"type": "string", "pattern": ADDRESS},
+            "senders": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 200,
+                "items": {"type": "string", "pattern": SENDER},
+            },
+            "dkim": {"type": "boolean"},
+            "max_attachment_bytes": {"type": "integer", "minimum": 0, "maximum": 25 * 1024**2},
+            "max_attachments": {"type": "integer", "minimum": 0, "maximum": 50},
+        },
+    },
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    Kind.CRON: {"timezone": "UTC", "overlap": "skip", "missed": "skip", "input": {}},
+    Kind.WEBHOOK: {"tolerance_seconds": 300, "max_body_bytes": 256 * 1024},
+    Kind.QUEUE: {"group": "agentops", "max_message_bytes": 256 * 1024},
+    Kind.EMAIL: {"dkim": False, "max_attachment_bytes": 1024**2, "max_attachments": 10},
+}
+
+
+def config_of(trigger: Trigger) -> dict[str, Any]:
+    """The trigger's config with its kind's defaults filled in (it passed the checks)."""
+    config = {**DEFAULTS.get(trigger.kind, {}), **(trigger.config or {})}
+    if trigger.kind == Kind.QUEUE:
+        place = config.get("stream") or config.get("queue") or ""
+        config.setdefault("dead_letter", f"{place}.dead")
+    return config
+
+
+def config_errors(*, kind: str, config: Any, input_mapping: str = "") -> list[str]:
+    """Every fault of a trigger's config and mapping, each naming its field."""
+    if kind not in SCHEMAS:
+        return [f"kind: {kind!r} is not a kind of trigger"]
+    errors = arguments_errors(SCHEMAS[kind], config, whole="config")
+    errors += mapping_errors(input_mapping)
+    if errors or not isinstance(config, dict):
+        return errors
+    errors += secret_errors(config)
+    check = KIND_CHECKS.get(kind)
+    return errors + (check(config) if check else [])
+
+
+def mapping_errors(expression: str) -> list[str]:
+    if not expression:
+        return []
+    if len(expression) > EXPRESSION_CHARS:
+        return [f"input_mapping: longer than {EXPRESSION_CHARS} characters"]
+    try:
+        jmespath.compile(expression)
+    except jmespath.exceptions.JMESPathError as error:
+        return [f"input_mapping: not a JMESPath expression ({error_said(error)})"]
+    return []
+
+
+def error_said(error: Exception) -> str:
+    return re.sub(r"\s+", " ", str(error)).strip()[:300]
+
+
+def cron_errors(config: dict[str, Any]) -> list[str]:
+    errors = []
+    expression = config["expression"]
+    if len(expression.split()) != 5 or not croniter.is_valid(expression):
+        errors.append(
+            f"config/expression: {expression!r} is not a cron expression of five fields "
+            "(minute hour day-of-month month day-of-week), such as '0 2 * * *'"
+        )
+    name = config.get("timezone", "UTC")
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        errors.append(f"config/timezone: {name!r} is not a time zone (such as 'Europe/Paris')")
+    return errors
+
+
+def queue_errors(config: dict[str, Any]) -> list[str]:
+    transport, url = config["transport"], config["url"]
+    errors = []
+    schemes = {"redis": ("redis", "rediss"), "amqp": ("amqp", "amqps")}[transport]
+    scheme = urlsplit(url).scheme
+    if scheme not in schemes:
+        errors.append(
+            f"config/url: a {transport} transport needs a {' or '.join(schemes)}:// URL, "
+            f"not {scheme or 'one without a scheme'}"
+        )
+    place = {"redis": "stream", "amqp": "queue"}[transport]
+    other = {"redis": "queue", "amqp": "stream"}[transport]
+    if not config.get(place):
+        errors.append(f"config/{place}: a {transport} transport names the {place} it reads")
+    if config.get(other):
+        errors.append(f"config/{other}: a {transport} transport has no {other}")
+    if config.get("dead_letter") and config.get("dead_letter") == config.get(place):
+        errors.append(f"config/dead_letter: must not be the {place} itself")
+    return errors
+
+
+KIND_CHECKS = {Kind.CRON: cron_errors, Kind.QUEUE: queue_errors}
