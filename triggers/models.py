@@ -31,6 +31,7 @@ class Firing(models.Model):
         RATE = "rate", "Over the trigger's rate limit"
         LIVE = "live", "Over the task's live runs"
         OVERLAP = "overlap", "The previous run still live"
+        MISSED = "missed", "Missed while nothing ran"
         INPUT = "input", "Input refused"
 
     accepted = models.BooleanField()
