@@ -228,7 +228,14 @@ CELERY_TASK_IGNORE_RESULT = True
 OPENAI_API_KEY = env_str("OPENAI_API_KEY")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
 AGENTOPS_MODEL = env_str("AGENTOPS_MODEL")
+# The longest one model call may take, request to last byte (less near a run's time
+# budget): a server that trickles its answer is cut off there, however steady its bytes.
 AGENTOPS_MODEL_TIMEOUT = env_float("AGENTOPS_MODEL_TIMEOUT", 60.0, minimum=1.0)
+# The most one model answer may carry, in bytes as read (after decompression): a server
+# that sends more is cut off as it sends, not read whole into the worker's memory.
+AGENTOPS_MODEL_MAX_ANSWER_BYTES = env_int(
+    "AGENTOPS_MODEL_MAX_ANSWER_BYTES", 8 * 1024 * 1024, minimum=64 * 1024
+)
 # The cap on one answer's tokens (sent as max_tokens): it bounds a call's projected cost.
 AGENTOPS_MAX_OUTPUT_TOKENS = env_int("AGENTOPS_MAX_OUTPUT_TOKENS", 4096, minimum=64)
 # The most a model's tool call may carry as arguments (UTF-8 bytes of its JSON). A call

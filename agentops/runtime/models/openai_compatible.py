@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
+import httpx2
 import openai
+from django.conf import settings
 
 from agentops.runtime.models.base import (
     ModelError,
@@ -19,11 +23,19 @@ TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 RETRY_AFTER_STATUSES = {429, 503}
 
 
+T = TypeVar("T")
+
+
 class OpenAICompatibleClient:
     """Chat Completions with tool calling, through the openai package.
 
     The client does not retry by itself (``max_retries=0``): the engine owns retries, so
     every attempt is visible in the run's record.
+
+    A call ends at its deadline and an answer at AGENTOPS_MODEL_MAX_ANSWER_BYTES, both
+    transient errors: httpx's timeouts bound each read, not the call, so a server that
+    trickles its answer a byte at a time, or sends hundreds of MB, would otherwise hold
+    the worker as long as it liked and fill its memory.
     """
 
     def __init__(self, *, model: str, api_key: str, base_url: str | None, timeout: float) -> None:
@@ -35,23 +47,36 @@ class OpenAICompatibleClient:
         self.timeout = timeout
 
     def complete(self, **request: Any) -> ModelTurn:
-        """One turn, blocking (the inline mode)."""
-        client = openai.OpenAI(
-            api_key=self.api_key, base_url=self.base_url, timeout=self.timeout, max_retries=0
+        """One turn, blocking (the inline mode). It is ``acomplete``'s call, on an event
+        loop and with a client of its own: the blocking httpx client can bound each read
+        but not the whole call, while a task on a loop is cancelled at its deadline
+        wherever it waits (connecting, in the headers, in the body)."""
+        return coroutine_run(self._complete_alone(request))
+
+    async def _complete_alone(self, request: dict[str, Any]) -> ModelTurn:
+        client = openai.AsyncOpenAI(
+            api_key=self.api_key,
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=0,
+            http_client=http_client_capped(),
         )
-        try:
-            with self._errors_read():
-                response = client.chat.completions.create(**self.request(**request))
-        finally:
-            client.close()
-        return self.response_read(response)
+        async with client:
+            return await self.turn_ask(client, request)
 
     async def acomplete(self, **request: Any) -> ModelTurn:
         """One turn, awaited on the async worker's loop: the connection pool is shared by
         every run the worker has waiting on this server (``async_client``)."""
         client = async_client(self.api_key, self.base_url, self.timeout)
-        with self._errors_read():
-            response = await client.chat.completions.create(**self.request(**request))
+        return await self.turn_ask(client, request)
+
+    async def turn_ask(self, client: openai.AsyncOpenAI, request: dict[str, Any]) -> ModelTurn:
+        """One turn from ``client``, ended at the call's deadline: its ``timeout`` (the
+        engine's, less when the run's time budget is nearly spent), else the client's."""
+        deadline = request.get("timeout") or self.timeout
+        with self._errors_read(deadline):
+            async with asyncio.timeout(deadline):
+                response = await client.chat.completions.create(**self.request(**request))
         return self.response_read(response)
 
     def request(
@@ -76,13 +101,27 @@ class OpenAICompatibleClient:
         return request
 
     @contextmanager
-    def _errors_read(self) -> Iterator[None]:
-        """The package's errors as ``ModelError``: transient or not, with Retry-After."""
+    def _errors_read(self, deadline: float) -> Iterator[None]:
+        """The package's errors as ``ModelError``: transient or not, with Retry-After.
+        A call past its deadline, or an answer over the cap, is transient: the server may
+        answer the next attempt within bounds, and the engine's attempts are counted."""
         try:
             yield
+        except TimeoutError as error:  # asyncio.timeout's: the deadline, not one read's
+            raise ModelError(
+                f"the model server timed out: no whole answer within {deadline:g} s, the "
+                "call's deadline (AGENTOPS_MODEL_TIMEOUT, or what the run's time budget "
+                "left); the call was ended there",
+                transient=True,
+            ) from error
+        except AnswerTooLarge as error:
+            raise ModelError(str(error), transient=True) from error
         except openai.APITimeoutError as error:
             raise ModelError(f"the model server timed out: {error}", transient=True) from error
         except openai.APIConnectionError as error:
+            if isinstance(error.__cause__, AnswerTooLarge):
+                # Older openai versions wrap any failure of a send in this error.
+                raise ModelError(str(error.__cause__), transient=True) from error
             raise ModelError(
                 f"could not reach the model server: {error}", transient=True
             ) from error
@@ -161,6 +200,89 @@ def async_client(api_key: str, base_url: str | None, timeout: float) -> openai.A
     client = _async_clients.get(key)
     if client is None:
         client = _async_clients[key] = openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0
+            api_key=api_key,
+            base_url=base_url,
+            timeout=timeout,
+            max_retries=0,
+            http_client=http_client_capped(),
         )
     return client
+
+
+def coroutine_run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``coroutine`` run to its end from blocking code, on an event loop of its own. The
+    inline worker calls in without a loop; where this thread already runs one (which
+    ``asyncio.run`` will not nest in), it runs on a thread of its own (as MCP's
+    ``run_sync`` does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-call") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+class AnswerTooLarge(Exception):
+    """A model server's answer went past AGENTOPS_MODEL_MAX_ANSWER_BYTES as it was read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the model server's answer was more than {limit} bytes "
+            "(AGENTOPS_MODEL_MAX_ANSWER_BYTES); it was cut off there, unread"
+        )
+
+
+def http_client_capped() -> httpx2.AsyncClient:
+    """The httpx client under openai's, with every answer read through ``answer_cap``."""
+    return openai.DefaultAsyncHttpxClient(event_hooks={"response": [answer_cap]})
+
+
+async def answer_cap(response: httpx2.Response) -> None:
+    """httpx's response hook, run before the body is read: the body is then read through
+    ``CappedStream`` twice over, on the wire and decoded. Decoded, since a few hundred KB
+    of gzip can inflate to GBs; on the wire, since bytes sent past a compressed body's
+    end are never decoded (zlib keeps them aside, in memory). A scratch response over
+    the counted wire decodes it with httpx's own decoders, as the response would have."""
+    limit = settings.AGENTOPS_MODEL_MAX_ANSWER_BYTES
+    wire = CappedStream(response.stream, limit)
+    scratch = httpx2.Response(response.status_code, headers=response.headers, stream=wire)
+    response.stream = CappedStream(scratch.aiter_bytes(), limit, wire=wire)
+    # The stream now yields the decoded bytes, which must not be decoded again.
+    if "content-encoding" in response.headers:
+        del response.headers["content-encoding"]
+
+
+class CappedStream(httpx2.AsyncByteStream):
+    """The bytes of ``source``, counted as they are read: past ``limit`` the read raises
+    ``AnswerTooLarge`` and httpx closes the connection, so no more than ``limit`` and one
+    chunk (httpx decodes at most a MiB at a time) is ever held. Closing it closes
+    ``source`` and ``wire``, the stream ``source`` reads from, which may not have begun."""
+
+    def __init__(
+        self,
+        source: httpx2.AsyncByteStream | AsyncGenerator[bytes, None],
+        limit: int,
+        *,
+        wire: httpx2.AsyncByteStream | None = None,
+    ) -> None:
+        self.source = source
+        self.limit = limit
+        self.wire = wire
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = 0
+        async for chunk in self.source:
+            read += len(chunk)
+            if read > self.limit:
+                raise AnswerTooLarge(self.limit)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.source.aclose()
+        if self.wire is not None:
+            await self.wire.aclose()
+
+    @property
+    def elapsed(self) -> timedelta | None:
+        """The connection's, which httpx's ``response.elapsed`` reads from its stream."""
+        return getattr(self.wire or self.source, "elapsed", None)
