@@ -256,25 +256,50 @@ def redaction_passes(
 
 def redact(value: Any, secrets: dict[str, str]) -> Any:
     """``value`` with every occurrence of a secret's value, in any of its usual encodings
-    (``secret_forms``), replaced by ``[secret:NAME]``."""
+    (``secret_forms``), replaced by ``[secret:NAME]``, at any depth."""
     if not secrets:
         return value
     passes = redaction_passes(tuple(sorted(secrets.items())))
     if not passes:
         return value
 
-    def clean(item: Any) -> Any:
-        if isinstance(item, str):
-            for pattern, replacement in passes:
-                item = pattern.sub(replacement, item)
-            return item
-        if isinstance(item, dict):
-            return {clean(key): clean(inner) for key, inner in item.items()}
-        if isinstance(item, list):
-            return [clean(inner) for inner in item]
-        return item
+    def clean(text: str) -> str:
+        for pattern, replacement in passes:
+            text = pattern.sub(replacement, text)
+        return text
 
-    return clean(value)
+    return strings_map(value, clean)
+
+
+def strings_map(value: Any, change: Callable[[str], str]) -> Any:
+    """A copy of ``value`` (JSON-like: dicts, lists, scalars) with ``change`` applied to
+    every string in it, dict keys too. Iterative, not recursive: a far side's answer or a
+    model's arguments may nest deeper than Python's recursion limit (json.loads alone
+    reaches 600 levels, a value built in code any depth), and redaction must not fail
+    where it matters most. A container met twice is copied once, so a shared part stays
+    shared and a cycle ends."""
+    copies: dict[int, Any] = {}
+    pending: list[tuple[Any, Any]] = []
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, str):
+            return change(item)
+        if not isinstance(item, dict | list):
+            return item
+        if id(item) not in copies:
+            copies[id(item)] = {} if isinstance(item, dict) else []
+            pending.append((item, copies[id(item)]))
+        return copies[id(item)]
+
+    result = copy(value)
+    while pending:
+        source, target = pending.pop()
+        if isinstance(source, dict):
+            for key, inner in source.items():
+                target[copy(key)] = copy(inner)
+        else:
+            target.extend(copy(inner) for inner in source)
+    return result
 
 
 def cut_margin(secrets: dict[str, str]) -> int:

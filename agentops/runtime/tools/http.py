@@ -22,18 +22,20 @@ The guards: the URL's host is fixed in the config (no placeholders) and must be 
 ``allow_private``); the connection goes to that checked address, so a second lookup cannot
 answer differently (DNS rebinding), while the Host header and the TLS certificate check
 still use the name. Redirects are not followed. The response is cut off past
-``max_response_bytes``, and the whole call (lookup, connect, send, read) ends at
-``tool.timeout_seconds``.
+``max_response_bytes``; one that takes far more than that as sent (a body of tiny chunks,
+long chunk extensions), or that sends more than ``MAX_INFORMATIONAL`` informational (1xx)
+responses before its answer, ends the call (``AnswerReading``); and the whole call
+(lookup, connect, send, read) ends at ``tool.timeout_seconds``.
 
-Two paths make the call, and differ only in how they wait: ``execute`` blocks its thread
-(http.client on a pinned socket); ``aexecute`` awaits on an event loop (the loop's
-resolver, a socket of its own connected to the checked address, h11 for HTTP/1.1), so a
-call in flight holds no thread. Everything else is one code: the request (its headers
-as sent, ``request_build``), the fence (``host_admit``, ``addresses_judge``), the limits,
-and what each failure means (``connect_failure``, ``exchange_failure``,
-``response_judge``). Each call has its own connection, closed after it, on either path:
-a pool shared between calls would let one tool's call ride a connection opened under
-another tool's fence.
+Two paths make the call, and differ only in how they wait: ``execute`` blocks its thread;
+``aexecute`` awaits on an event loop, a little at a time, so a call in flight holds no
+thread and a far side that floods it cannot hold the loop. Everything else is one code:
+the lookup (``Lookups``), the request (its headers as sent, ``request_build``, and its
+bytes, ``h11_request``), the fence (``host_admit``, ``addresses_judge``), the reading of
+the answer and its limits (``AnswerReading``, h11 for HTTP/1.1), and what each failure
+means (``connect_failure``, ``exchange_failure``, ``response_judge``). Each call has its
+own connection, closed after it, on either path: a pool shared between calls would let
+one tool's call ride a connection opened under another tool's fence.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ import socket
 import ssl
 import threading
 import time
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -112,13 +116,20 @@ KEPT_HEADERS = (
 EXCERPT_CHARS = 300
 ERROR_BODY_BYTES = 16384
 READ_CHUNK = 65536
+# The most the event loop's path takes in before it lets the loop's other calls run: 4 KB
+# of the smallest chunks a server can send (6 bytes each) is some 700 parser events, a
+# few milliseconds (h11's work per event grows with what it holds: 64 KB took 60 ms).
+LOOP_READ_BYTES = 4096
 # The most a response's status line and headers may take (http.client's line limit).
 MAX_HEAD_BYTES = 65536
+# Informational (1xx) responses a server may send before its answer: one 100 Continue or
+# a 103 Early Hints or two is usual; a server that goes on is stalling, not answering.
+MAX_INFORMATIONAL = 10
 # A body up to this size is judged and redacted on the event loop (a millisecond or two);
 # a larger one in a thread, so the loop's other calls do not wait behind it.
 SETTLE_ON_LOOP_BYTES = 262_144
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
-# The methods http.client sends a Content-Length with even when there is no body.
+# The methods sent with a Content-Length even when there is no body (as http.client does).
 BODY_METHODS = ("PATCH", "POST", "PUT")
 # Control characters a header value may not hold (a tab may be inside one).
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -244,13 +255,7 @@ class HttpExecutor:
             errors.append(f"a {method} request has no body: remove body or use another method")
         if not isinstance(config.get("allow_private", False), bool):
             errors.append("allow_private must be true or false")
-        size = config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            errors.append(f"max_response_bytes must be a positive whole number, not {size!r}")
-        elif size > MAX_RESPONSE_BYTES_CEILING:
-            errors.append(
-                f"max_response_bytes may be at most {MAX_RESPONSE_BYTES_CEILING}, not {size}"
-            )
+        errors += max_response_bytes_errors(config)
         errors += secret_errors(config)
         return errors
 
@@ -363,6 +368,17 @@ def side_effect_errors(config: Any, side_effect: str) -> list[str]:
                 "reversible or irreversible"
             )
     return errors
+
+
+def max_response_bytes_errors(config: dict) -> list[str]:
+    """What is wrong with a config's ``max_response_bytes`` (absent: the default), the
+    largest answer the tool takes. Shared by the http and MCP tools."""
+    size = config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        return [f"max_response_bytes must be a positive whole number, not {size!r}"]
+    if size > MAX_RESPONSE_BYTES_CEILING:
+        return [f"max_response_bytes may be at most {MAX_RESPONSE_BYTES_CEILING}, not {size}"]
+    return []
 
 
 def allowed_hosts_errors(allowed: Any) -> list[str]:
@@ -480,8 +496,8 @@ def request_build(config: dict, arguments: Any, idempotency_key: str) -> HttpReq
         body=body,
         secrets=filler.secrets,
     )
-    # What http.client adds by itself, named here so that both paths send the same
-    # headers: it adds none of these when the request already has them.
+    # What an HTTP client adds by itself (http.client does), named here so that the
+    # request's headers are what is sent: none is added where the config set it.
     request.headers = {"Host": request.netloc, **headers}
     if "accept-encoding" not in named:
         request.headers["Accept-Encoding"] = "identity"
@@ -769,6 +785,222 @@ def body_decode(answer: HttpAnswer, data: bytes) -> Any:
     return text
 
 
+# Address lookups: both paths' ------------------------------------------------------------
+
+
+class Lookups:
+    """The address lookups of both paths. The system resolver has no timeout we can set,
+    so each lookup runs on a thread of its own that a call can stop waiting for; and the
+    lookups of one host and port in flight at once are one lookup, whose answer each call
+    waits for up to its own deadline. A resolver that never answers (a blackholed DNS
+    server) then holds one thread per name it is asked, however many calls ask, until
+    the system resolver gives up (its own timeouts and attempts); and there is no pool
+    for hung lookups to fill, so other names' lookups start at once. (Not the loop's
+    ``getaddrinfo``: it runs in the loop's default executor, a pool shared with
+    ``asyncio.to_thread``, which as many hung lookups as it has threads would fill,
+    leaving every other call's lookup queued past its timeout.) Nothing is cached: the
+    next call after an answer looks up afresh."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight: dict[tuple[str, int], Future] = {}
+
+    def start(self, host: str, port: int) -> Future:
+        """The lookup of ``host`` and ``port`` in flight, or a new one."""
+        key = (host, port)
+        with self.lock:
+            lookup = self.in_flight.get(key)
+            if lookup is None:
+                lookup = self.in_flight[key] = Future()
+                # Running: a waiter that gives up (an asyncio wrapper cancelled at its
+                # deadline) cannot cancel the lookup the other waiters share.
+                lookup.set_running_or_notify_cancel()
+                threading.Thread(
+                    target=self.run, args=(key, lookup), daemon=True, name="http-tool-resolve"
+                ).start()
+        return lookup
+
+    def run(self, key: tuple[str, int], lookup: Future) -> None:
+        try:
+            lookup.set_result(socket.getaddrinfo(*key, type=socket.SOCK_STREAM))
+        except Exception as error:  # each waiting call judges it (lookup_judge)
+            lookup.set_exception(error)
+        finally:
+            with self.lock:
+                del self.in_flight[key]
+
+
+LOOKUPS = Lookups()
+
+
+def addresses_checked(
+    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) ``host`` resolves to, each one checked
+    (``addresses_judge``). ``label`` names the call in messages. Shared by the http tool
+    and the MCP http transport."""
+    addresses = host_resolve(host, port, label=label, deadline=deadline)
+    return addresses_judge(host, addresses, allow_private=allow_private)
+
+
+def host_resolve(
+    host: str, port: int, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """Every (family, socket address) the host resolves to, within the deadline
+    (``Lookups``), blocking this thread."""
+    lookup = LOOKUPS.start(host, port)
+    futures.wait([lookup], timeout=deadline.remaining())
+    return lookup_judge(lookup, host, label=label, deadline=deadline)
+
+
+async def addresses_checked_async(
+    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """``addresses_checked``, awaited. Shared by the http tool and the MCP http transport."""
+    addresses = await host_resolve_async(host, port, label=label, deadline=deadline)
+    return addresses_judge(host, addresses, allow_private=allow_private)
+
+
+async def host_resolve_async(
+    host: str, port: int, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """``host_resolve``, awaited: the loop waits, no thread of its own does."""
+    lookup = LOOKUPS.start(host, port)
+    # Judged below, as on the other path (TimeoutError is an OSError); the wrapper is this
+    # call's own, so cancelling it at the deadline leaves the lookup to the other calls.
+    with contextlib.suppress(OSError, UnicodeError):
+        async with asyncio.timeout(deadline.remaining()):
+            await asyncio.wrap_future(lookup)
+    return lookup_judge(lookup, host, label=label, deadline=deadline)
+
+
+def lookup_judge(
+    lookup: Future, host: str, *, label: str, deadline: Deadline
+) -> list[tuple[int, tuple]]:
+    """The addresses a lookup found, or ``ToolError``: it failed, or it has not answered
+    by the deadline."""
+    if not lookup.done():
+        raise lookup_failure(label, host, deadline, None)
+    try:
+        return addresses_distinct(lookup.result())
+    except (OSError, UnicodeError) as error:
+        raise lookup_failure(label, host, deadline, error) from None
+
+
+# Reading the answer: both paths', whichever receives the bytes ----------------------------
+
+
+class AnswerReading:
+    """One response, read from the bytes the server sends as either path receives them:
+    h11 parses them and this keeps the limits, so both paths cut off the same answers with
+    the same words. Past the body's limit, reading stops (``Answered.cut``). Past
+    ``wire_limit`` bytes as sent (tiny chunks, long chunk extensions, headers and
+    trailers all count) or ``MAX_INFORMATIONAL`` informational responses, the call ends
+    (``ToolError``): a server that sends those is stalling, not answering. ``feed``
+    raises ``h11.RemoteProtocolError`` for what is not HTTP."""
+
+    def __init__(self, call: HttpCall, protocol: h11.Connection) -> None:
+        self.call = call
+        self.protocol = protocol
+        self.wire_limit = wire_limit(call.max_bytes)
+        self.received = 0
+        self.informational = 0
+        self.answer: HttpAnswer | None = None
+        self.limit = 0  # of the body, once the status is known (body_limit)
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Take what one read returned (b"": the server closed the connection), and every
+        event it completes."""
+        self.received += len(data)
+        if self.received > self.wire_limit:
+            raise self.refusal(
+                f"the response took more than {self.wire_limit} bytes as sent (status lines, "
+                "headers and chunk framing count)"
+            )
+        self.protocol.receive_data(data)
+        while not self.done:
+            event = self.protocol.next_event()
+            if event is h11.NEED_DATA:
+                return
+            self.event_take(event)
+
+    def event_take(self, event: Any) -> None:
+        if isinstance(event, h11.InformationalResponse):  # 100 Continue, 103 Early Hints
+            self.informational += 1
+            if self.informational > MAX_INFORMATIONAL:
+                raise self.refusal(
+                    f"the server sent more than {MAX_INFORMATIONAL} informational (1xx) "
+                    "responses and no answer"
+                )
+        elif isinstance(event, h11.Response):
+            self.answer = answer_of(event)
+            self.limit = body_limit(self.answer, self.call.max_bytes)
+        elif isinstance(event, h11.Data):
+            self.chunks.append(event.data)
+            self.size += len(event.data)
+            self.done = self.size > self.limit
+        elif isinstance(event, h11.EndOfMessage):
+            self.done = True
+        else:
+            raise h11.RemoteProtocolError(f"expected a response, not {event!r}")
+
+    def refusal(self, why: str) -> ToolError:
+        """A limit passed: permanent, as the same server would do it again; the request
+        was sent, so unless the call is repeatable it may have had an effect."""
+        effect = "" if self.call.repeatable else "; it may have had an effect"
+        return ToolError(f"{self.call.request.label}: {why}; cut off{effect}")
+
+    def answered(self) -> Answered:
+        """What was read: the answer, at most the body's limit, and whether it went on."""
+        data = b"".join(self.chunks)[: self.limit]
+        return Answered(self.answer, data, self.size > self.limit)
+
+
+def wire_limit(max_bytes: int) -> int:
+    """The most bytes a response may take as sent: twice the body's limit (an honest
+    server's chunk framing adds a few bytes a chunk), and a head's worth
+    (``MAX_HEAD_BYTES``) for each informational response, the answer's own and its
+    trailers."""
+    return 2 * max_bytes + (MAX_INFORMATIONAL + 2) * MAX_HEAD_BYTES
+
+
+def answer_of(event: h11.Response) -> HttpAnswer:
+    """The status line and headers h11 read."""
+    headers = http.client.HTTPMessage()
+    for name, value in event.headers:
+        headers[name.decode("latin-1")] = value.decode("latin-1")
+    return HttpAnswer(
+        status=event.status_code, reason=event.reason.decode("latin-1"), headers=headers
+    )
+
+
+def h11_request(request: HttpRequest) -> tuple[h11.Connection, bytes]:
+    """The request as h11 writes it (with the client state to read the answer), made
+    before anything is connected: both paths send these bytes. ``request_build`` has made
+    every header sendable; should h11 still refuse one, nothing has been sent."""
+    protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        head = protocol.send(
+            h11.Request(
+                method=request.method,
+                target=request.target.encode("ascii"),
+                headers=[
+                    (name.encode("latin-1"), value.encode("latin-1"))
+                    for name, value in request.headers.items()
+                ],
+            )
+        )
+        if request.body:
+            head += protocol.send(h11.Data(data=request.body))
+        head += protocol.send(h11.EndOfMessage())
+    except h11.LocalProtocolError as error:
+        raise ToolError(f"{request.label}: the request cannot be sent: {error}") from None
+    return protocol, head
+
+
 # Blocking I/O: execute's, on the calling thread -----------------------------------------
 
 
@@ -785,106 +1017,41 @@ def request_send(call: HttpCall) -> Answered:
         allow_private=call.allow_private,
         deadline=deadline,
     )
-    connection = connection_open(request, addresses, deadline)
+    protocol, head = h11_request(request)
+    sock = connection_open(request, addresses, deadline)
     try:
-        with Watchdog(connection, deadline):
-            return exchange(connection, request, deadline, call.max_bytes, call.repeatable)
+        with Watchdog(sock, deadline):
+            return exchange(sock, AnswerReading(call, protocol), head, deadline)
+    except (OSError, h11.ProtocolError) as error:
+        raise exchange_failure(request, error, deadline, call.repeatable) from None
     finally:
-        connection.close()
-
-
-def addresses_checked(
-    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
-) -> list[tuple[int, tuple]]:
-    """Every (family, socket address) ``host`` resolves to, each one checked
-    (``addresses_judge``). ``label`` names the call in messages. Shared by the http tool
-    and the MCP http transport."""
-    addresses = host_resolve(host, port, label=label, deadline=deadline)
-    return addresses_judge(host, addresses, allow_private=allow_private)
-
-
-def host_resolve(
-    host: str, port: int, *, label: str, deadline: Deadline
-) -> list[tuple[int, tuple]]:
-    """Every (family, socket address) the host resolves to, within the deadline. The
-    system resolver has no timeout of its own, so it runs in a thread we stop waiting for."""
-    answer: list[Any] = []
-
-    def lookup() -> None:
-        try:
-            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except (OSError, UnicodeError) as error:
-            answer.append(error)
-
-    thread = threading.Thread(target=lookup, daemon=True, name="http-tool-resolve")
-    thread.start()
-    thread.join(deadline.remaining())
-    if not answer:
-        raise lookup_failure(label, host, deadline, None)
-    if isinstance(answer[0], Exception):
-        raise lookup_failure(label, host, deadline, answer[0])
-    return addresses_distinct(answer[0])
-
-
-class PinnedConnection(http.client.HTTPConnection):
-    """An HTTP or HTTPS connection to one address already resolved and checked, so the
-    name is not looked up again between the check and the connect. The Host header and
-    the certificate check still use the host name."""
-
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        *,
-        family: int,
-        sockaddr: tuple,
-        tls: ssl.SSLContext | None,
-        timeout: float,
-    ) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self.family = family
-        self.sockaddr = sockaddr
-        self.tls = tls
-        # Kept past close(): a response that ends the connection still reads from it.
-        self.pinned: socket.socket | None = None
-        if tls is not None:
-            self.default_port = 443  # the Host header leaves out the scheme's own port
-
-    def connect(self) -> None:
-        sock = socket.socket(self.family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.sockaddr)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls is not None:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = self.pinned = sock
+        sock.close()
 
 
 def connection_open(
     request: HttpRequest, addresses: list[tuple[int, tuple]], deadline: Deadline
-) -> PinnedConnection:
-    """Connect to the first checked address that answers. Nothing is sent yet, so every
-    failure here but a bad certificate is safe to retry."""
+) -> socket.socket:
+    """A socket connected to the first checked address that answers, so the name is not
+    looked up again between the check and the connect; under TLS, the certificate check
+    uses the host name. Nothing is sent yet, so every failure here but a bad certificate
+    is safe to retry."""
     tls = ssl.create_default_context() if request.scheme == "https" else None
     failures = []
     for family, sockaddr in addresses:
-        connection = PinnedConnection(
-            request.host,
-            request.port,
-            family=family,
-            sockaddr=sockaddr,
-            tls=tls,
-            timeout=deadline.remaining(),
-        )
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            connection.connect()
-            return connection
+            sock.settimeout(deadline.remaining())
+            sock.connect(sockaddr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is None:
+                return sock
+            return tls.wrap_socket(sock, server_hostname=request.host)
         except OSError as error:
+            sock.close()
             failures.append(connect_failure(request, sockaddr, error))
+        except BaseException:
+            sock.close()
+            raise
         if deadline.passed:
             break
     raise connect_refused(request, failures)
@@ -892,20 +1059,18 @@ def connection_open(
 
 class Watchdog:
     """Ends the exchange at the deadline: a socket timeout bounds each read, not the sum
-    of them, so a server that trickles its headers could otherwise hold the call."""
+    of them, so a server that trickles its answer could otherwise hold the call."""
 
-    def __init__(self, connection: PinnedConnection, deadline: Deadline) -> None:
-        self.connection = connection
+    def __init__(self, sock: socket.socket, deadline: Deadline) -> None:
+        self.sock = sock
         self.timer = threading.Timer(deadline.remaining(), self.expire)
         self.timer.daemon = True
 
     def expire(self) -> None:
-        sock = self.connection.pinned
-        if sock is not None:
-            # The plain socket's shutdown, also under TLS: it wakes a blocked read without
-            # touching the TLS object the reading thread is using.
-            with contextlib.suppress(OSError):  # already closed
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        # The plain socket's shutdown, also under TLS: it wakes a blocked read without
+        # touching the TLS object the reading thread is using.
+        with contextlib.suppress(OSError):  # already closed
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
     def __enter__(self) -> Watchdog:
         self.timer.start()
@@ -916,60 +1081,28 @@ class Watchdog:
 
 
 def exchange(
-    connection: PinnedConnection,
-    request: HttpRequest,
-    deadline: Deadline,
-    max_bytes: int,
-    repeatable: bool,
+    sock: socket.socket, reading: AnswerReading, head: bytes, deadline: Deadline
 ) -> Answered:
-    """Send the request and read the answer."""
-    try:
-        connection.pinned.settimeout(deadline.remaining())
-        # The request's headers hold Host, Accept-Encoding and Content-Length, so
-        # http.client adds none of its own.
-        connection.request(
-            request.method, request.target, body=request.body, headers=request.headers
-        )
-        connection.pinned.settimeout(deadline.remaining())
-        response = connection.getresponse()
-        answer = HttpAnswer(status=response.status, reason=response.reason, headers=response.msg)
-        data, more = body_read(response, connection, deadline, body_limit(answer, max_bytes))
-    except (OSError, http.client.HTTPException) as error:
-        raise exchange_failure(request, error, deadline, repeatable) from None
-    return Answered(answer, data, more)
-
-
-def body_read(
-    response: http.client.HTTPResponse,
-    connection: PinnedConnection,
-    deadline: Deadline,
-    max_bytes: int,
-) -> tuple[bytes, bool]:
-    """At most ``max_bytes`` of the body, and whether there was more."""
-    chunks, size = [], 0
-    while size <= max_bytes:
+    """Send the request and read the answer (``AnswerReading``)."""
+    sock.settimeout(deadline.remaining())
+    sock.sendall(head)
+    while not reading.done:
+        sock.settimeout(deadline.remaining())
+        data = sock.recv(READ_CHUNK)
         if deadline.passed:
+            # The watchdog shut the socket (an end of the stream that is not the server's),
+            # or the server is still sending: either way the call is out of time.
             raise TimeoutError
-        connection.pinned.settimeout(deadline.remaining())
-        chunk = response.read1(min(READ_CHUNK, max_bytes + 1 - size))
-        if not chunk:
-            if deadline.passed:
-                raise TimeoutError  # the watchdog closed the socket
-            if response.length:  # the server promised more than it sent
-                raise http.client.IncompleteRead(b"".join(chunks), response.length)
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)[:max_bytes], size > max_bytes
+        reading.feed(data)
+    return reading.answered()
 
 
 # On the event loop: aexecute's I/O, which holds no thread while it waits ---------------
 #
-# The same steps as above, each awaited: the loop's resolver (``getaddrinfo`` in the
-# loop's executor, as asyncio resolves every name), a socket connected to the checked
-# address with ``sock_connect`` and wrapped in a stream (TLS with the host's name), and
-# h11 to write the request and read the answer. One ``asyncio.timeout`` bounds the
-# exchange as the Watchdog does above.
+# The same steps as above, each awaited: the lookup (``Lookups``), a socket connected to
+# the checked address with ``sock_connect`` and wrapped in a stream (TLS with the host's
+# name), the same bytes sent and the same reading of the answer. One ``asyncio.timeout``
+# bounds the exchange as the Watchdog does above.
 
 
 async def request_send_async(call: HttpCall) -> Answered:
@@ -987,34 +1120,12 @@ async def request_send_async(call: HttpCall) -> Answered:
     protocol, head = h11_request(request)
     reader, writer = await connection_open_async(request, addresses, deadline)
     try:
-        return await exchange_async(
-            reader, writer, protocol, head, request, deadline, call.max_bytes, call.repeatable
-        )
+        async with asyncio.timeout(deadline.remaining()):
+            return await exchange_async(reader, writer, AnswerReading(call, protocol), head)
+    except (OSError, h11.ProtocolError) as error:
+        raise exchange_failure(request, error, deadline, call.repeatable) from None
     finally:
         writer.transport.abort()  # nothing more to say to it, as close() on the other path
-
-
-async def addresses_checked_async(
-    host: str, port: int, *, label: str, allow_private: bool, deadline: Deadline
-) -> list[tuple[int, tuple]]:
-    """``addresses_checked``, awaited. Shared by the http tool and the MCP http transport."""
-    addresses = await host_resolve_async(host, port, label=label, deadline=deadline)
-    return addresses_judge(host, addresses, allow_private=allow_private)
-
-
-async def host_resolve_async(
-    host: str, port: int, *, label: str, deadline: Deadline
-) -> list[tuple[int, tuple]]:
-    """``host_resolve`` with the loop's resolver, never blocking the loop."""
-    loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(deadline.remaining()):
-            answer = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except TimeoutError:
-        raise lookup_failure(label, host, deadline, None) from None
-    except (OSError, UnicodeError) as error:
-        raise lookup_failure(label, host, deadline, error) from None
-    return addresses_distinct(answer)
 
 
 async def connection_open_async(
@@ -1050,87 +1161,22 @@ async def connection_open_async(
     raise connect_refused(request, failures)
 
 
-def h11_request(request: HttpRequest) -> tuple[h11.Connection, bytes]:
-    """The request as h11 writes it (with the client state to read the answer), made
-    before anything is connected. ``request_build`` has made every header sendable; should
-    h11 still refuse one, nothing has been sent."""
-    protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-    try:
-        head = protocol.send(
-            h11.Request(
-                method=request.method,
-                target=request.target.encode("ascii"),
-                headers=[
-                    (name.encode("latin-1"), value.encode("latin-1"))
-                    for name, value in request.headers.items()
-                ],
-            )
-        )
-        if request.body:
-            head += protocol.send(h11.Data(data=request.body))
-        head += protocol.send(h11.EndOfMessage())
-    except h11.LocalProtocolError as error:
-        raise ToolError(f"{request.label}: the request cannot be sent: {error}") from None
-    return protocol, head
-
-
 async def exchange_async(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    protocol: h11.Connection,
+    reading: AnswerReading,
     head: bytes,
-    request: HttpRequest,
-    deadline: Deadline,
-    max_bytes: int,
-    repeatable: bool,
 ) -> Answered:
-    """``exchange``, awaited."""
-    try:
-        async with asyncio.timeout(deadline.remaining()):
-            writer.write(head)
-            await writer.drain()
-            event = await h11_event(protocol, reader)
-            while isinstance(event, h11.InformationalResponse):  # 100 Continue and such
-                event = await h11_event(protocol, reader)
-            if not isinstance(event, h11.Response):
-                raise h11.RemoteProtocolError(f"expected a response, not {event!r}")
-            headers = http.client.HTTPMessage()
-            for name, value in event.headers:
-                headers[name.decode("latin-1")] = value.decode("latin-1")
-            answer = HttpAnswer(
-                status=event.status_code, reason=event.reason.decode("latin-1"), headers=headers
-            )
-            data, more = await body_read_async(protocol, reader, body_limit(answer, max_bytes))
-    except (OSError, h11.ProtocolError) as error:
-        raise exchange_failure(request, error, deadline, repeatable) from None
-    return Answered(answer, data, more)
-
-
-async def h11_event(protocol: h11.Connection, reader: asyncio.StreamReader) -> Any:
-    """The next thing the server said, reading as much as that takes. An end of the
-    stream mid-message raises ``h11.RemoteProtocolError``."""
-    while True:
-        event = protocol.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        protocol.receive_data(await reader.read(READ_CHUNK))
-
-
-async def body_read_async(
-    protocol: h11.Connection, reader: asyncio.StreamReader, max_bytes: int
-) -> tuple[bytes, bool]:
-    """``body_read``, awaited: at most ``max_bytes`` of the body, and whether there was
-    more."""
-    chunks, size = [], 0
-    while size <= max_bytes:
-        event = await h11_event(protocol, reader)
-        if isinstance(event, h11.EndOfMessage):
-            break
-        if not isinstance(event, h11.Data):
-            raise h11.RemoteProtocolError(f"expected the body, not {event!r}")
-        chunks.append(event.data)
-        size += len(event.data)
-    return b"".join(chunks)[:max_bytes], size > max_bytes
+    """``exchange``, awaited, a little at a time."""
+    writer.write(head)
+    await writer.drain()
+    while not reading.done:
+        reading.feed(await reader.read(LOOP_READ_BYTES))
+        # A read the stream's buffer can serve returns without waiting: without this, a
+        # server that keeps the buffer full (a flood of tiny chunks) would hold the loop,
+        # and every other call on it, for as long as it went on sending.
+        await asyncio.sleep(0)
+    return reading.answered()
 
 
 def secrets_redact(result: ToolResult, secrets: dict[str, str]) -> ToolResult:

@@ -23,6 +23,16 @@ address lookup (``server_addresses`` / ``server_addresses_async``); what a call 
 session blocks its loop: the stdio server's stderr file and the TLS context (which reads
 the trust store) are made and read in a thread.
 
+The limits: what a server sends in a session (a tool's result; a listing, every page;
+whatever else it says) may take at most the tool's ``max_response_bytes``, the http
+tool's setting with its default and ceiling (``AnswerMeter``): over HTTP the bytes are
+counted as they arrive and the reading stops at the limit (``MeteredTransport``); over
+stdio each message is counted once the mcp package has read its line
+(``MeteredReadStream``). Past it, the call fails saying so (``answer_refused``). Closing
+a session (a stdio server's shutdown, an http server's DELETE of its session) is cut
+short after ``CLOSE_SECONDS``, and never runs past the call's own deadline: a far side
+that does not let go cannot hold up an outcome already in hand.
+
 What a failure means for a retry: a server that cannot be started, reached or
 initialised was never asked anything, so that failure is transient. Once the call is
 sent, a timeout or a lost connection leaves its effect unknown: transient only for a
@@ -32,7 +42,6 @@ tool that is idempotent. A server's error answer goes back to the model.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import shlex
 import ssl
@@ -53,7 +62,9 @@ from httpcore2._backends.auto import AutoBackend
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
 from mcp.types import CONNECTION_CLOSED, REQUEST_TIMEOUT, CallToolResult, PaginatedRequestParams
+from pydantic_core import to_json
 
 from agentops.config import EXACT_COMMAND_MARK
 from agentops.runtime.secrets import (
@@ -65,10 +76,13 @@ from agentops.runtime.secrets import (
 )
 from agentops.runtime.tools.base import ToolContext, ToolError, ToolResult, arguments_errors
 from agentops.runtime.tools.http import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    MAX_RESPONSE_BYTES_CEILING,
     Deadline,
     addresses_checked,
     addresses_checked_async,
     allowed_hosts_errors,
+    max_response_bytes_errors,
 )
 
 if TYPE_CHECKING:
@@ -77,7 +91,7 @@ if TYPE_CHECKING:
 STDIO = "stdio"
 HTTP = "http"
 TRANSPORTS = (STDIO, HTTP)
-CONFIG_KEYS = {"server", "tool", "annotations"}
+CONFIG_KEYS = {"server", "tool", "annotations", "max_response_bytes"}
 SERVER_KEYS = {
     STDIO: {"transport", "command", "env"},
     HTTP: {"transport", "url", "headers", "allowed_hosts", "allow_private"},
@@ -160,6 +174,10 @@ ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 # that has not finished the handshake in this long is taken as down. Not part of the
 # tool's timeout_seconds, which bounds the call itself.
 CONNECT_SECONDS = 15.0
+# How long closing a session may take once its outcome is in hand (or lost): enough for a
+# polite DELETE of an http session; a stdio server's shutdown bounds itself (the mcp
+# package stops it after a grace period and a kill).
+CLOSE_SECONDS = 5.0
 SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 STDERR_TAIL = 500
 STDERR_READ = 65536
@@ -207,6 +225,7 @@ def config_errors(config: Any) -> list[str]:
         problems.append("tool: missing; name the server's tool (as the server lists it)")
     if "annotations" in config and not isinstance(config["annotations"], dict):
         problems.append("annotations: must be a JSON object (the tool's annotations as listed)")
+    problems += max_response_bytes_errors(config)
     problems += secret_errors(config.get("server"))
     return problems
 
@@ -466,42 +485,164 @@ class PinnedBackend(AutoBackend):
         raise failure or httpcore2.ConnectError(f"{host}: no address to connect to")
 
 
+class AnswerTooLarge(Exception):
+    """A server sent more than its session may take (``AnswerMeter``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"it sent more than {limit} bytes in answer")
+        self.limit = limit
+
+
+class AnswerMeter:
+    """The bytes a server has sent in one session: an http server's response bodies as
+    they arrive (``MeteredTransport``), a stdio server's messages (``MeteredReadStream``).
+    Past ``limit`` the read in progress fails (``AnswerTooLarge``), so no more is held,
+    and ``over`` tells the outcome, whatever the mcp client made of the failed read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.received = 0
+        self.over = False
+
+    def count(self, size: int) -> None:
+        self.received += size
+        if self.received > self.limit:
+            self.over = True
+            raise AnswerTooLarge(self.limit)
+
+
+class MeteredStream(httpx2.AsyncByteStream):
+    """A response body that counts itself on an ``AnswerMeter`` as it is read."""
+
+    def __init__(self, stream: httpx2.AsyncByteStream, meter: AnswerMeter) -> None:
+        self.stream = stream
+        self.meter = meter
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            self.meter.count(len(chunk))
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class MeteredTransport(httpx2.AsyncHTTPTransport):
+    """httpx's transport, every response body metered (``MeteredStream``). The client
+    asks for no compression, and a compressed answer is refused: metered as sent, a small
+    body could unpack into one far past the limit."""
+
+    def __init__(self, meter: AnswerMeter, **options: Any) -> None:
+        super().__init__(**options)
+        self.meter = meter
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await super().handle_async_request(request)
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            await response.aclose()
+            raise httpx2.DecodingError(
+                f"the server compressed its answer ({encoding}) though it was asked not to; "
+                "refused, as it could unpack past max_response_bytes"
+            )
+        response.stream = MeteredStream(response.stream, self.meter)
+        return response
+
+
 @asynccontextmanager
-async def http_streams(server: dict, addresses: Addresses) -> AsyncIterator[tuple[Any, Any]]:
+async def http_streams(
+    server: dict, addresses: Addresses, meter: AnswerMeter
+) -> AsyncIterator[tuple[Any, Any]]:
     # The mcp package takes headers through the HTTP client it is given; it leaves
     # closing a client it did not create to the caller. No proxy or certificate from the
     # environment (trust_env off: a proxy would make the checked address moot); the
     # system's trust store, as the http tool has it: read in a thread, not on the loop.
     tls = await anyio.to_thread.run_sync(ssl.create_default_context)
-    transport = httpx2.AsyncHTTPTransport(verify=tls, trust_env=False)
+    transport = MeteredTransport(meter, verify=tls, trust_env=False)
     # httpx2 takes no network backend; its pool reads this one for every connection
     # (tests/runtime/tools/test_mcp.py proves the pin holds).
     transport._pool._network_backend = PinnedBackend(
         urlsplit(server["url"]).hostname or "", addresses
     )
+    # Whatever the config says, no compression (MeteredTransport refuses it).
+    headers = {
+        name: value
+        for name, value in (server.get("headers") or {}).items()
+        if name.lower() != "accept-encoding"
+    }
     async with (
         httpx2.AsyncClient(
             transport=transport,
             trust_env=False,
             follow_redirects=False,
-            headers=server.get("headers") or {},
+            headers={**headers, "Accept-Encoding": "identity"},
             timeout=httpx2.Timeout(30.0, read=300.0),
         ) as client,
-        streamable_http_client(server["url"], http_client=client) as streams,
+        # One event of the stream is at most the answer the meter allows.
+        streamable_http_client(
+            server["url"], http_client=client, max_sse_event_size=meter.limit
+        ) as streams,
     ):
         yield streams
 
 
+class MeteredReadStream:
+    """A stdio transport's stream of the server's messages (the mcp package's
+    ``ReadStream``), each counted on an ``AnswerMeter`` as its JSON: past the limit the
+    stream ends, as if the server had closed it, so the session's requests fail at once
+    and ``over`` says why. The mcp package has read each line whole by then: this bounds
+    what a session keeps and hands on, not what it reads."""
+
+    def __init__(self, stream: Any, meter: AnswerMeter) -> None:
+        self.stream = stream
+        self.meter = meter
+
+    async def receive(self) -> Any:
+        item = await self.stream.receive()
+        if isinstance(item, SessionMessage):
+            try:
+                self.meter.count(len(to_json(item.message, by_alias=True, exclude_none=True)))
+            except AnswerTooLarge:
+                raise anyio.EndOfStream from None
+        return item
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def __aiter__(self) -> MeteredReadStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> MeteredReadStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@asynccontextmanager
+async def stdio_streams(
+    server: dict, errlog: TextIO, meter: AnswerMeter
+) -> AsyncIterator[tuple[Any, Any]]:
+    async with stdio_client(stdio_parameters(server), errlog=errlog) as (read, write):
+        yield MeteredReadStream(read, meter), write
+
+
 def transport_open(
-    server: dict, errlog: TextIO | None, addresses: Addresses | None
+    server: dict, errlog: TextIO | None, addresses: Addresses | None, meter: AnswerMeter
 ) -> AbstractAsyncContextManager:
     if server["transport"] == STDIO:
         if errlog is None:  # session_run gives a stdio server a file for its stderr
             raise McpUnavailable("the MCP server has nowhere to write its stderr")
-        return stdio_client(stdio_parameters(server), errlog=errlog)
+        return stdio_streams(server, errlog, meter)
     if addresses is None:  # a caller that skipped the check reaches nothing
         raise McpRefused("the MCP server's address was not checked; nothing was sent")
-    return http_streams(server, addresses)
+    return http_streams(server, addresses, meter)
 
 
 @dataclass
@@ -523,42 +664,51 @@ async def session_run(
     *,
     connect_seconds: float,
     work_seconds: float,
+    max_bytes: int,
     addresses: Addresses | None = None,
 ) -> Attempt:
     """Open a session with a resolved server config, initialise it, and run ``work``;
-    the handshake and the work each have their own deadline. Never raises for the
-    server's sake: the Attempt says what happened. An http server is reached only at
-    ``addresses`` (``server_addresses``)."""
+    the handshake and the work each have their own deadline, and closing the session
+    its own short one (``CLOSE_SECONDS``). Never raises for the server's sake: the
+    Attempt says what happened (``AnswerTooLarge`` as its error if the server sent more
+    than ``max_bytes``). An http server is reached only at ``addresses``
+    (``server_addresses``)."""
     attempt = Attempt()
+    meter = AnswerMeter(max_bytes)
     # A stdio server writes its stderr to a file (a pipe it filled would stall it). The
     # file is made and read in a thread: this may run on the async worker's shared loop.
     errlog = (
         await anyio.to_thread.run_sync(stderr_file_open) if server["transport"] == STDIO else None
     )
     try:
-        # One scope whose deadline moves from the handshake to the work: a scope of
-        # its own around the handshake would close before the transport's task groups.
+        # One scope whose deadline moves from the handshake to the work, then to the
+        # close: a scope of its own around the handshake would close before the
+        # transport's task groups.
         with anyio.CancelScope() as scope:
             scope.deadline = anyio.current_time() + connect_seconds
             try:
                 async with AsyncExitStack() as stack:
-                    read, write = await stack.enter_async_context(
-                        transport_open(server, errlog, addresses)
-                    )
-                    session = await stack.enter_async_context(ClientSession(read, write))
-                    await session.initialize()
-                    attempt.phase = "work"
-                    scope.deadline = anyio.current_time() + work_seconds
-                    attempt.value = await work(session)
-                    attempt.phase = "done"
-                    # Closing is bounded by the transport itself (a stdio server is
-                    # killed after a grace period); the answer is in hand.
-                    scope.deadline = math.inf
-            except Exception as error:
-                attempt.error = error_leaf(error)
-        attempt.timed_out = attempt.phase != "done" and (
-            scope.cancel_called or scope.cancelled_caught
-        )
+                    try:
+                        read, write = await stack.enter_async_context(
+                            transport_open(server, errlog, addresses, meter)
+                        )
+                        session = await stack.enter_async_context(ClientSession(read, write))
+                        await session.initialize()
+                        attempt.phase = "work"
+                        scope.deadline = anyio.current_time() + work_seconds
+                        attempt.value = await work(session)
+                        attempt.phase = "done"
+                    except Exception as error:
+                        # Kept now: a close cut short would end its propagation.
+                        attempt.error = error_leaf(error)
+                    finally:
+                        # Judged before the close, which may yet be cut short.
+                        attempt.timed_out = attempt.phase != "done" and scope.cancel_called
+                        scope.deadline = min(scope.deadline, anyio.current_time() + CLOSE_SECONDS)
+            except Exception as error:  # from the transport's own tasks, as it closed
+                attempt.error = attempt.error or error_leaf(error)
+        if meter.over:  # whatever the mcp client made of the read the meter stopped
+            attempt.error = AnswerTooLarge(meter.limit)
     finally:
         if errlog is not None:
             # Shielded: a call cancelled from outside still closes its file.
@@ -595,6 +745,8 @@ def error_text(error: BaseException | None) -> str:
         return "no error was given"
     if isinstance(error, MCPError):
         return error.message
+    if isinstance(error, AnswerTooLarge):
+        return str(error)  # a sentence of ours, not a library's exception
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
     text = str(error)
@@ -647,9 +799,12 @@ def tools_list(
     """The tools a server lists, every page. ``server`` is resolved (secrets filled
     in, their values in ``secrets``); ``describe_as`` is the stored form used in
     messages. Raises McpRefused for an address the config does not allow,
-    McpUnavailable for a server that cannot be reached or does not list."""
+    McpUnavailable for a server that cannot be reached or does not list. A listing is
+    read by a person's import, not stored in a step or shown to a model: all its pages
+    together may take up to ``MAX_RESPONSE_BYTES_CEILING``, the most any answer may."""
 
     async def listing(session: ClientSession) -> list[Any]:
+        # Every page counts on the session's meter: paging forever is answering too much.
         tools, cursor = [], None
         while True:
             page = await session.list_tools(
@@ -664,12 +819,17 @@ def tools_list(
     addresses = server_addresses(server, seconds=timeout) if server["transport"] == HTTP else None
     attempt = run_sync(
         lambda: session_run(
-            server, listing, connect_seconds=timeout, work_seconds=timeout, addresses=addresses
+            server,
+            listing,
+            connect_seconds=timeout,
+            work_seconds=timeout,
+            max_bytes=MAX_RESPONSE_BYTES_CEILING,
+            addresses=addresses,
         )
     )
     if attempt.phase == "connect":
         raise McpUnavailable(unavailable_message(shown, attempt, timeout, secrets or {}))
-    if attempt.phase == "work":
+    if attempt.phase == "work" or isinstance(attempt.error, AnswerTooLarge):
         why = f"no answer within {timeout:g} s" if attempt.timed_out else error_text(attempt.error)
         raise McpUnavailable(
             f"the MCP server {server_describe(shown)} did not list its tools: {why}"
@@ -712,7 +872,8 @@ def content_texts(result: CallToolResult) -> list[str]:
 class McpCall:
     """One call made ready, the same for ``execute`` and ``aexecute``: the server as
     stored (for messages) and resolved (secrets filled in, their values in ``secrets``),
-    the server's name for the tool, the arguments, and what goes in the request's _meta."""
+    the server's name for the tool, the arguments, what goes in the request's _meta, and
+    the limits: the call's seconds and its answer's bytes."""
 
     stored: dict
     server: dict
@@ -721,6 +882,7 @@ class McpCall:
     arguments: Any
     meta: dict
     work_seconds: float
+    max_bytes: int
 
 
 def call_prepare(tool: Tool, arguments: Any, context: ToolContext) -> McpCall | ToolResult:
@@ -743,6 +905,18 @@ def call_prepare(tool: Tool, arguments: Any, context: ToolContext) -> McpCall | 
         arguments=arguments,
         meta={IDEMPOTENCY_META_KEY: context.idempotency_key},
         work_seconds=tool.timeout_seconds,
+        max_bytes=tool.config.get("max_response_bytes", DEFAULT_MAX_RESPONSE_BYTES),
+    )
+
+
+def answer_refused(tool: Tool, stored: dict, error: AnswerTooLarge) -> ToolResult:
+    """The server's answer was larger than the tool takes: refused, and final (the same
+    call would meet the same answer). The call was sent, so it may have had an effect."""
+    effect = "" if tool.idempotent else "; the call may have taken effect"
+    return ToolResult(
+        ok=False,
+        error=f"the MCP server {server_describe(stored)} answered with more than "
+        f"{error.limit} bytes (the tool's max_response_bytes); the answer was refused{effect}",
     )
 
 
@@ -766,6 +940,7 @@ async def call_session(call: McpCall, addresses: Addresses | None) -> Attempt:
         work,
         connect_seconds=CONNECT_SECONDS,
         work_seconds=call.work_seconds,
+        max_bytes=call.max_bytes,
         addresses=addresses,
     )
 
@@ -820,6 +995,8 @@ class McpExecutor:
                 + "; nothing was called",
                 transient=True,
             )
+        if isinstance(attempt.error, AnswerTooLarge):
+            return answer_refused(tool, call.stored, attempt.error)
         if attempt.phase == "work":
             return self.lost(tool, call.stored, attempt)
         result: CallToolResult = attempt.value
