@@ -23,13 +23,19 @@ the prompts of the calls out at that moment."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from agentops.runtime.models.base import COUNT_MAX
+
+logger = logging.getLogger("agentops.providers")
 
 WINDOW_SECONDS = 60.0
 LIMIT_NAMES = ("concurrency", "rpm", "tpm")
@@ -98,6 +104,40 @@ def key_normal(key: str) -> str:
     return key.rstrip("/") if "://" in key else key
 
 
+def token_count(value: object) -> int | None:
+    """``value`` if it is a count of tokens a call can have used (a whole number from 0
+    to ``COUNT_MAX``, as ``turn_storable`` keeps a turn's), else None. A server's usage
+    is the far side's word: None, a negative, a float (NaN, inf), a string or an absurd
+    size in the window would stop its sum meaning anything, or stop it adding up."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= COUNT_MAX:
+        return None
+    return value
+
+
+class Reservation:
+    """One call let through, in its provider's window: when, and the tokens it holds
+    there (its answer's cap until it is answered, then what it used). ``done`` settles
+    this one and no other, so two calls that reserved the same number of tokens never
+    settle each other's."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, at: float, tokens: int) -> None:
+        self.at, self.tokens = at, tokens
+
+
+class Admission(tuple[float, str]):
+    """What ``admission`` answers: ``(delay, why)``, as before, and for a call let
+    through (``(0.0, "")``) the ``reservation`` its ``done`` settles."""
+
+    reservation: Reservation | None
+
+    def __new__(cls, delay: float, why: str, reservation: Reservation | None = None) -> Admission:
+        admission = super().__new__(cls, (delay, why))
+        admission.reservation = reservation
+        return admission
+
+
 class Provider:
     """One key's limits and what is using them in this process. Thread-safe: inline
     workers' threads and the async worker's engine thread share it."""
@@ -107,52 +147,54 @@ class Provider:
         self._lock = threading.Lock()
         self.active = 0
         self._requests: deque[float] = deque()  # when each call of the window went
-        self._tokens: deque[list] = deque()  # [when, tokens] of each call of the window
+        self._tokens: deque[Reservation] = deque()  # each call of the window
         self._held_until = 0.0  # a 429's Retry-After, for every call to the provider
-        self._released: list[Callable[[], None]] = []  # who waits for a call to end
+        self._released: deque[Callable[[], None]] = deque()  # who waits for a call to end
 
-    def admission(self, tokens: int, *, now: float | None = None) -> tuple[float, str]:
-        """Let one call through now, counting it (``(0, "")``), or say how long to wait
-        before asking again and why (``math.inf``: until a call ends)."""
+    def admission(self, tokens: int, *, now: float | None = None) -> Admission:
+        """Let one call through now, counting it (``(0, "")``, with its reservation), or
+        say how long to wait before asking again and why (``math.inf``: until a call
+        ends)."""
         now = time.monotonic() if now is None else now
         limits = self.limits
         with self._lock:
             while self._requests and self._requests[0] <= now - WINDOW_SECONDS:
                 self._requests.popleft()
-            while self._tokens and self._tokens[0][0] <= now - WINDOW_SECONDS:
+            while self._tokens and self._tokens[0].at <= now - WINDOW_SECONDS:
                 self._tokens.popleft()
             if now < self._held_until:
-                return self._held_until - now, "the provider asked to wait (429 Retry-After)"
+                return Admission(
+                    self._held_until - now, "the provider asked to wait (429 Retry-After)"
+                )
             if limits.concurrency and self.active >= limits.concurrency:
-                return math.inf, f"{limits.concurrency} calls at once"
+                return Admission(math.inf, f"{limits.concurrency} calls at once")
             if limits.rpm and len(self._requests) >= limits.rpm:
                 wait = self._requests[0] + WINDOW_SECONDS - now
-                return wait, f"{limits.rpm} requests a minute"
+                return Admission(wait, f"{limits.rpm} requests a minute")
             if limits.tpm:
-                used = sum(entry[1] for entry in self._tokens)
+                used = sum(entry.tokens for entry in self._tokens)
                 if used and used + tokens > limits.tpm:
-                    wait = self._tokens[0][0] + WINDOW_SECONDS - now
-                    return wait, f"{limits.tpm} tokens a minute"
+                    wait = self._tokens[0].at + WINDOW_SECONDS - now
+                    return Admission(wait, f"{limits.tpm} tokens a minute")
+            reservation = Reservation(now, tokens)
             self.active += 1
             self._requests.append(now)
-            self._tokens.append([now, tokens])
-            return 0.0, ""
+            self._tokens.append(reservation)
+            return Admission(0.0, "", reservation)
 
-    def done(self, *, reserved: int, used: int | None) -> None:
-        """The call let through by ``admission`` ended: its slot is free, and the tokens
-        it reserved become what it used (if it said)."""
+    def done(self, *, reserved: Reservation | int, used: object = None) -> None:
+        """The call let through by ``admission`` ended: its slot is free, and its
+        reservation (``reserved``) holds what it used where it said so as a count
+        (``token_count``); anything else leaves what it reserved counted. A bare
+        number names no one call, so it settles nothing. Never raises: it is every
+        call's ``finally``, and a slot not given back is lost to the process."""
         with self._lock:
             self.active -= 1
-            if used is not None:
-                for entry in reversed(self._tokens):
-                    if entry[1] == reserved:
-                        entry[1] = used
-                        break
-            # One call ended, so one waiter may go: the first (a waiter gone meanwhile
-            # looks again within a second by itself).
-            wake = self._released.pop(0) if self._released else None
-        if wake is not None:
-            wake()
+            counted = token_count(used)
+            if counted is not None and isinstance(reserved, Reservation):
+                reserved.tokens = counted
+            wake = self._waiter_next()
+        wake_safely(wake)
 
     def hold(self, seconds: float) -> None:
         """The provider answered 429 with Retry-After: no call to it until then."""
@@ -160,7 +202,11 @@ class Provider:
             self._held_until = max(self._held_until, time.monotonic() + seconds)
 
     def on_release(self, wake: Callable[[], None]) -> None:
-        """Call ``wake()`` once, when a call ends (or at once if none is out)."""
+        """Call ``wake()`` once: when a call ends, or at once if one may start now. The
+        look and the registration hold the lock together, so a call that ends between a
+        waiter's ``admission`` and this is not missed. A waiter whose wait ends takes
+        ``wake`` back (``on_release_cancel``), so no call that ends spends its wake-up
+        on a waiter gone while another sleeps."""
         with self._lock:
             if self.active < (self.limits.concurrency or math.inf):
                 ready = True
@@ -168,7 +214,38 @@ class Provider:
                 self._released.append(wake)
                 ready = False
         if ready:
-            wake()
+            wake_safely(wake)
+
+    def on_release_cancel(self, wake: Callable[[], None]) -> None:
+        """``wake`` waits no more (its wait timed out, or it was woken: then it is
+        gone already)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._released.remove(wake)
+
+    def waiter_left(self) -> None:
+        """A waiter went without a slot (its run went back to the queue, or its wait
+        failed). It may have been woken for a slot that it leaves free: the next waiter
+        is woken in its place."""
+        with self._lock:
+            wake = self._waiter_next()
+        wake_safely(wake)
+
+    def _waiter_next(self) -> Callable[[], None] | None:
+        """Under the lock: the first waiter, taken off the list, if a call may start."""
+        if self._released and self.active < (self.limits.concurrency or math.inf):
+            return self._released.popleft()
+        return None
+
+
+def wake_safely(wake: Callable[[], None] | None) -> None:
+    """``wake()``, if any, logged rather than raised: the waiter looks again by itself
+    within ``waits.RELEASE_WAIT_SECONDS``, and the call that ends must not fail for it."""
+    if wake is None:
+        return
+    try:
+        wake()
+    except Exception:
+        logger.exception("waking a call that waits for its provider's capacity failed")
 
 
 _providers: dict[str, Provider] = {}

@@ -20,19 +20,22 @@ The queues feed it unchanged: their job (``engine.jobs.run_advance_job``) hands 
 to this process's runner and returns, so a django-q2 or Celery worker process takes the
 next message at once, up to ``AGENTOPS_WORKER_CONCURRENCY`` runs in flight; past that, the
 job waits for a free slot. When the process stops, its runs go back to the queue at their
-next step (``drain``); any still out after ``AGENTOPS_WORKER_DRAIN_SECONDS`` are recovered
-by the reaper when their leases lapse, as after a crash.
+next step (``drain``); any still out after ``AGENTOPS_WORKER_DRAIN_SECONDS`` are abandoned
+(``abandon``: the engine thread ends, so no beat renews their leases) and recovered by the
+reaper when their leases lapse, as after a crash. So are the runs of a worker whose I/O
+loop ended; ``runner()`` starts a new worker in its place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -52,6 +55,18 @@ LOOKUP_THREADS = 32
 SLOT_WAIT_SECONDS = 30.0
 
 
+class CallInterrupted(RuntimeError):
+    """A call raised what is not an ordinary error (SystemExit, KeyboardInterrupt, a
+    cancellation: a BaseException). Handed across threads as it is, it would end the I/O
+    loop that awaits it, or a run's slice without its error handling; it is this one
+    call's error instead, as any other the call could raise."""
+
+    @classmethod
+    def of(cls, error: BaseException) -> CallInterrupted:
+        said = str(error)
+        return cls(f"the call raised {type(error).__name__}" + (f": {said}" if said else ""))
+
+
 class Runner:
     """One worker process's async worker (``runner()`` makes it, once a process)."""
 
@@ -67,13 +82,18 @@ class Runner:
         # thread's alone).
         self.leases: dict[str, RunGreenlet] = {}
         self.stopping = threading.Event()
-        self.stopped = threading.Event()
+        self.stopped = threading.Event()  # the engine thread has ended
+        # The runs still out are given up (a drain past its time, the I/O loop ended).
+        self.abandoned = threading.Event()
         # Figures, for the benchmark and the logs (written by the engine thread only).
         self.in_flight = 0  # runs adopted and not yet done
         self.waiting = 0  # of those, suspended on I/O now
         self.waiting_peak = 0
+        # Both daemons: an abandoned worker's threads never hold the process at its exit.
         self._io = threading.Thread(target=self._io_run, name="agentops-io", daemon=True)
-        self._engine = threading.Thread(target=self._engine_run, name="agentops-engine")
+        self._engine = threading.Thread(
+            target=self._engine_run, name="agentops-engine", daemon=True
+        )
 
     def start(self) -> Runner:
         self._io.start()
@@ -100,28 +120,45 @@ class Runner:
         self.events.put(("start", run_id, claim_failures))
         return True
 
+    def taking_runs(self) -> bool:
+        """Whether a run handed over now will be worked: not stopping, both threads up."""
+        return not self.stopping.is_set() and self._io.is_alive() and self._engine.is_alive()
+
     def drain(self, seconds: float | None = None) -> bool:
         """Stop taking runs, let the runs in flight go back to the queue at their next
-        step, and wait up to ``seconds`` for them. True if all went back."""
+        step, and wait up to ``seconds`` for them. True if all went back; else the rest
+        are abandoned (``abandon``), and the process may exit."""
         seconds = settings.AGENTOPS_WORKER_DRAIN_SECONDS if seconds is None else seconds
         self.stopping.set()
         self.events.put(("stop",))
-        done = self.stopped.wait(seconds)
-        if not done:
-            logger.warning(
-                "async worker: %d runs still out after %.0f s; their leases will lapse and "
-                "the reaper hands them on",
-                self.in_flight, seconds,
-            )  # fmt: skip
+        if not self.stopped.wait(seconds):
+            self.abandon(f"still out after the drain's {seconds:g} s")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.threads.shutdown(wait=False, cancel_futures=True)
-        return done
+        return not self.abandoned.is_set()
+
+    def abandon(self, why: str) -> None:
+        """Give up the runs still out: the engine thread ends at its next event, so no
+        beat renews their leases; they lapse, and the reaper hands the runs on, as after
+        a crash. Their slices stay suspended where they are, writing nothing more."""
+        if self.abandoned.is_set():
+            return
+        self.abandoned.set()
+        self.stopping.set()
+        self.events.put(("stop",))
+        logger.warning(
+            "async worker: %d runs %s are given up; their leases will lapse and the reaper "
+            "hands them on",
+            self.in_flight, why,
+        )  # fmt: skip
 
     # The engine's side (waits.py) -------------------------------------------------------
 
     def in_thread(self, call: Callable[[], T]) -> Awaitable[T]:
-        """``call()`` on the bounded pool, as an awaitable for the loop."""
-        return asyncio.get_running_loop().run_in_executor(self.threads, call)
+        """``call()`` on the bounded pool, as an awaitable for the loop. What the call
+        raises that is no ordinary error comes back as one (``CallInterrupted``): as it
+        is, awaited on the loop, a SystemExit or a KeyboardInterrupt would end the loop."""
+        return asyncio.get_running_loop().run_in_executor(self.threads, contained, call)
 
     def lease_hold(self, run_id: uuid.UUID, owner: str) -> None:
         self.leases[owner] = greenlet.getcurrent()
@@ -132,6 +169,9 @@ class Runner:
     # The threads --------------------------------------------------------------------------
 
     def _io_run(self) -> None:
+        """The I/O loop, until ``drain`` stops it. Should it end before (whatever ended
+        it), the runs waiting on it would wait for ever, and the runs handed over after
+        would too: the worker stops taking runs, and abandons those it has."""
         asyncio.set_event_loop(self.loop)
         # The loop's own executor does its address lookups (getaddrinfo blocks): sized
         # for many calls at once, not for the CPUs (the default), so that a slow DNS
@@ -139,7 +179,13 @@ class Runner:
         self.loop.set_default_executor(
             ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="agentops-dns")
         )
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+        except BaseException:
+            logger.exception("async worker: the I/O loop failed")
+        finally:
+            if not self.stopped.is_set():
+                self.abandon("waiting on an I/O loop that ended")
 
     def _engine_run(self) -> None:
         interval = settings.AGENTOPS_LEASE_SECONDS / 3
@@ -150,6 +196,8 @@ class Runner:
                     event = self.events.get(timeout=max(0.0, next_beat - time.monotonic()))
                 except queue.Empty:
                     event = None
+                if self.abandoned.is_set():
+                    break
                 if time.monotonic() >= next_beat:
                     # After a failed beat, sooner: the leases run out while the database is away.
                     next_beat = time.monotonic() + (interval if self.beat() else min(interval, 1.0))
@@ -165,6 +213,7 @@ class Runner:
                     event[1].waiting_since = None
                     self._resume(event[1], event[2])
         finally:
+            self.stopping.set()  # whatever ended it: no run is handed to it any more
             try:
                 connection.close()
             except DatabaseError:
@@ -241,8 +290,29 @@ class Runner:
         return True
 
 
+@contextlib.contextmanager
+def interruptions_contained() -> Iterator[None]:
+    """What the block raises that is not an ``Exception`` goes on as ``CallInterrupted``."""
+    try:
+        yield
+    except BaseException as error:
+        if isinstance(error, Exception):
+            raise
+        raise CallInterrupted.of(error) from error
+
+
+def contained(call: Callable[[], T]) -> T:
+    """``call()`` on a pool thread, for the loop to await (``Runner.in_thread``)."""
+    with interruptions_contained():
+        return call()
+
+
 async def _awaited(make: Callable[[], Awaitable[T]]) -> T:
-    return await make()
+    """``make()`` awaited on the loop for a run's greenlet, its interruptions contained:
+    a SystemExit or KeyboardInterrupt out of a task ends the loop, and a cancellation
+    would end the run's slice past its error handling."""
+    with interruptions_contained():
+        return await make()
 
 
 _runner: Runner | None = None
@@ -256,7 +326,9 @@ def runner() -> Runner | None:
     if settings.AGENTOPS_WORKER_CONCURRENCY <= 0:
         return None
     with _runner_lock:
-        if _runner is None or _runner.stopping.is_set():
+        # A worker stopping, or whose thread ended (its I/O loop failed), takes no run:
+        # a new one does.
+        if _runner is None or not _runner.taking_runs():
             _runner = Runner(settings.AGENTOPS_WORKER_CONCURRENCY).start()
             # When the process ends (a django-q2 worker recycled or stopped, a Celery
             # child shut down), its runs go back to the queue first.

@@ -23,17 +23,21 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import greenlet
-from django.db import connections
+from django.conf import settings
+from django.db import connections, transaction
+from django.utils import timezone
 
+from agentops.runtime.engine.context import LeaseLost
 from agentops.runtime.models.base import (
     RETRY_AFTER_MAX_SECONDS,
     SCRIPTED_PREFIX,
     ModelError,
 )
-from agentops.runtime.providers import Provider, provider_for
+from agentops.runtime.providers import Provider, Reservation, provider_for, token_count
 
 if TYPE_CHECKING:
     from agentops.runtime.engine.runner import Runner
@@ -92,21 +96,27 @@ def model_complete(client: ModelClient, **request: Any) -> ModelTurn:
     provider = None
     if not client.label.startswith(SCRIPTED_PREFIX):
         provider = provider_for(client.label, getattr(client, "base_url", None))
-    reserved = int(request.get("max_tokens") or 0)
-    if provider is not None:
-        provider_admit(provider, reserved)
+    if provider is None:
+        return model_call(client, request)
+    reservation = provider_admit(provider, int(request.get("max_tokens") or 0))
     used = None
     try:
         turn = model_call(client, request)
-        used = turn.tokens_in + turn.tokens_out
+        used = turn_tokens(turn)
         return turn
     except ModelError as error:
-        if provider is not None and error.status == 429 and error.retry_after:
+        if error.status == 429 and error.retry_after:
             provider.hold(min(error.retry_after, RETRY_AFTER_MAX_SECONDS))
         raise
     finally:
-        if provider is not None:
-            provider.done(reserved=reserved, used=used)
+        provider.done(reserved=reservation, used=used)
+
+
+def turn_tokens(turn: ModelTurn) -> int | None:
+    """What the turn used, prompt and answer, where the server said both as counts
+    (``token_count``): the answer as it came, before ``turn_storable`` made it storable."""
+    counts = (token_count(turn.tokens_in), token_count(turn.tokens_out))
+    return None if None in counts else sum(counts)
 
 
 def model_call(client: ModelClient, request: dict[str, Any]) -> ModelTurn:
@@ -122,38 +132,176 @@ def model_call(client: ModelClient, request: dict[str, Any]) -> ModelTurn:
 # The run whose slice this code works, for what it notes on the run while it waits
 # (``loop.advance`` sets it): (run id, the worker's lease owner name).
 slice_run: ContextVar[tuple[uuid.UUID, str] | None] = ContextVar("agentops_slice_run", default=None)
-# How long a call waiting for a provider's slot sleeps before it looks again by itself
-# (a slot freed is signalled at once; this covers a signal meant for a waiter gone).
+# How long a call waiting for a provider's slot sleeps before it looks again by itself:
+# a slot freed wakes a waiter at once; this bounds how late a waiter sees its slice
+# spent or its worker stopping.
 RELEASE_WAIT_SECONDS = 1.0
+# The longest sleep between two looks at a provider's limits on requests and tokens.
+LIMIT_WAIT_SECONDS = 5.0
+# In the payload of the yield that gives a run back to the queue from a wait on its
+# provider's capacity: since when it has waited (ISO 8601, UTC), for the next slice.
+CAPACITY_SINCE = "capacity_waiting_since"
 
 
-def provider_admit(provider: Provider, tokens: int) -> None:
-    """Wait until ``provider``'s limits let one more call through. On the async worker
-    the run holds nothing meanwhile; the run's page says what it waits for."""
-    noted = ""
+class CapacityYielded(LeaseLost):
+    """The run went back to the queue from a wait on its provider's capacity: this
+    worker no longer holds it, and the slice ends here writing nothing more."""
+
+
+def provider_admit(provider: Provider, tokens: int) -> Reservation:
+    """Wait until ``provider``'s limits let one more call through; its reservation, for
+    the caller's ``provider.done`` (in a ``finally``). On the async worker the run holds
+    nothing meanwhile; the run's page says what it waits for.
+
+    A wait that has lasted a slice (``AGENTOPS_SLICE_SECONDS``), or on a worker that is
+    stopping, gives the run back to the queue (``capacity_yield``), as a slice that is
+    spent does: a run never holds a worker's slot for longer waiting on capacity, and a
+    draining worker is not held by it."""
+    wait = CapacityWait(provider)
+    reservation = None
     try:
-        while True:
-            delay, why = provider.admission(tokens)
-            if not delay:
-                return
-            if why != noted:
-                waiting_note(f"{provider.key}: {why}")
-                noted = why
-            if math.isinf(delay):
-                released_wait(provider)
-            else:
-                pause(min(delay, 5.0))
+        reservation = wait.admitted(tokens)
+        return reservation
     finally:
-        if noted:
+        wait.end(reservation)
+
+
+class CapacityWait:
+    """One call's wait on its provider's capacity: when it began (in this slice, and
+    since when the run has waited, across its yields), and what the run's page says."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.run = slice_run.get()
+        # A wait outside a run's slice (none to give back to the queue) has no end.
+        self.ends = math.inf
+        if self.run is not None:
+            self.ends = time.monotonic() + settings.AGENTOPS_SLICE_SECONDS
+        self._since: datetime | None = None
+        self.carried = False  # the run has waited since a slice before this one
+        self.noted = ""
+
+    def admitted(self, tokens: int) -> Reservation:
+        while True:
+            admission = self.provider.admission(tokens)
+            if admission.reservation is not None:
+                return admission.reservation
+            delay, why = admission
+            if self.over():
+                capacity_yield(self, why)
+            self.note(why)
+            if math.isinf(delay):
+                released_wait(self.provider)
+            else:
+                pause(min(delay, LIMIT_WAIT_SECONDS, self.ends - time.monotonic()))
+
+    def over(self) -> bool:
+        """Whether the wait gives the run back to the queue now: it has lasted its slice,
+        or the worker is stopping."""
+        if self.run is None:
+            return False
+        runner = current_runner()
+        return time.monotonic() >= self.ends or (runner is not None and runner.stopping.is_set())
+
+    def since(self) -> datetime:
+        """Since when the run has waited: from its first wait, across its yields."""
+        if self._since is None:
+            carried = capacity_since_carried(self.run[0]) if self.run else None
+            self.carried = carried is not None
+            self._since = carried or timezone.now()
+        return self._since
+
+    def note(self, why: str) -> None:
+        """Say on the run what it waits for; since when, once the wait has outlasted a
+        slice (within its first, it is never older than a slice)."""
+        if self.run is None:
+            return
+        since = self.since()
+        text = f"{self.provider.key}: {why}"
+        if self.carried:
+            text += f", since {since:%Y-%m-%d %H:%M:%S} UTC"
+        if text != self.noted:
+            waiting_note(text)
+            self.noted = text
+
+    def end(self, reservation: Reservation | None) -> None:
+        """The wait is over. A wait that leaves without a slot lets the next waiter look
+        (it may have been woken for the slot it leaves free); the note is taken back,
+        and if that fails, the slot it took is given back before the error goes on."""
+        if reservation is None:
+            self.provider.waiter_left()
+        if not self.noted:
+            return
+        try:
             waiting_note("")
+        except BaseException:
+            if reservation is not None:
+                self.provider.done(reserved=reservation)
+            raise
+
+
+def capacity_since_carried(run_id: uuid.UUID) -> datetime | None:
+    """Since when the run has waited on its provider's capacity, if its slice before this
+    one gave it back to the queue from that wait (``capacity_yield``) and nothing has
+    happened to it since but this slice's claim; else None."""
+    from lineage.models import LineageEvent
+
+    last = list(
+        LineageEvent.objects.filter(run_uuid=run_id)
+        .order_by("-seq")
+        .values_list("kind", "payload")[:2]
+    )
+    if [kind for kind, _ in last] != ["run.running", "run.queued"]:
+        return None
+    since = last[1][1].get(CAPACITY_SINCE)
+    return datetime.fromisoformat(since) if since else None
+
+
+def capacity_yield(wait: CapacityWait, why: str) -> NoReturn:
+    """Give the slice's run back to the queue from its wait on capacity: the commit of
+    ``stops.run_yield`` (``running -> queued``, the lease given up, a new queue
+    message, under the fence), made from what a wait knows (the run's id and its
+    owner), with since when the run has waited, for its next slice's note."""
+    from agentops.runtime import dispatch
+    from agentops.runtime.engine.leases import fence
+    from tasks.models import Run, RunStatus
+    from tasks.services import run_transition
+
+    run_id, owner = wait.run
+    since = wait.since()
+    with transaction.atomic():
+        fence(run_id, owner)
+        run_transition(
+            run=Run.objects.get(pk=run_id),
+            to=RunStatus.QUEUED,
+            actor="engine",
+            reason="",
+            lease_owner="",
+            lease_expires_at=None,
+            waiting_on="",
+            payload={
+                "why": f"it waited on its provider's capacity ({wait.provider.key}: {why}) "
+                "for a slice, or its worker is stopping; the run goes back to the queue",
+                CAPACITY_SINCE: since.isoformat(),
+            },
+        )
+        dispatch.enqueue(run_id)
+    wait.noted = ""  # the yield took the note back with the lease
+    raise CapacityYielded(f"run {run_id} went back to the queue from a wait on capacity")
 
 
 def released_wait(provider: Provider) -> None:
-    """Until one of the provider's calls ends, or ``RELEASE_WAIT_SECONDS``."""
+    """Until one of the provider's calls ends, or ``RELEASE_WAIT_SECONDS``. The wake-up
+    is taken back when the wait ends, so a call that ends later wakes a waiter still
+    there, not this one gone."""
     if current_runner() is None:
         released = threading.Event()
-        provider.on_release(released.set)
-        released.wait(RELEASE_WAIT_SECONDS)
+        wake = released.set
+        provider.on_release(wake)
+        try:
+            released.wait(RELEASE_WAIT_SECONDS)
+        finally:
+            provider.on_release_cancel(wake)
         return
 
     async def released() -> None:
@@ -164,8 +312,11 @@ def released_wait(provider: Provider) -> None:
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
 
         provider.on_release(wake)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(future, RELEASE_WAIT_SECONDS)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, RELEASE_WAIT_SECONDS)
+        finally:
+            provider.on_release_cancel(wake)
 
     wait(released)
 
