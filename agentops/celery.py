@@ -48,8 +48,23 @@ def trail_checkpoint_task() -> int:
     return trail_checkpoint_job()
 
 
+@app.task(name="agentops.cron_tick", ignore_result=True)
+def cron_tick_task() -> int:
+    from triggers.cron import cron_tick_job
+
+    return cron_tick_job()
+
+
 # `celery -A agentops worker --beat` (or a separate `celery -A agentops beat`) runs them.
 app.conf.beat_schedule = {
     "agentops-reap-runs": {"task": "agentops.runs_reap", "schedule": 60.0},
     "agentops-trail-checkpoint": {"task": "agentops.trail_checkpoint", "schedule": 300.0},
+    # The schedules' tick: the listeners' process ticks more often; this is the backstop.
+    # A tick that waited past the next one is dropped (expires): the next covers its
+    # slots, so a backlog of ticks is not worked through one by one.
+    "agentops-tick-schedules": {
+        "task": "agentops.cron_tick",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
 }

@@ -10,4 +10,5 @@ urlpatterns = [
     path("runs/", include("tasks.urls_runs")),
     path("tools/", include("tasks.urls_tools")),
     path("approvals/", include("approvals.urls")),
+    path("hooks/", include("triggers.urls")),
 ]

@@ -328,12 +328,47 @@ class TaskAdmin(admin.ModelAdmin):
             "Loops and retries",
             {"fields": ["loop_repeat_limit", "stall_limit", "on_loop", "model_max_attempts"]},
         ),
+        (
+            "Triggers",
+            {
+                "fields": ["max_live_runs", "triggers_listed"],
+                "description": "What starts this task's runs without a person: each "
+                "trigger has its own page (Triggers in the admin).",
+            },
+        ),
     ]
 
     def get_readonly_fields(self, request, obj=None):
         # Once a task exists, its dial turns on the task page, where raising it takes a
-        # second person and every turn is recorded in the task's trail.
-        return ["autonomy_level"] if obj is not None else []
+        # second person and every turn is recorded in the task's trail. The live-run cap
+        # is shown, not edited, here: governance does not govern it yet, and a change
+        # page that saves only governed fields would drop it silently.
+        listed = ["triggers_listed", "max_live_runs"]
+        return ["autonomy_level", *listed] if obj is not None else listed
+
+    @admin.display(description="triggers")
+    def triggers_listed(self, obj: Task | None) -> str:
+        if obj is None or obj.pk is None:
+            return "Add triggers once the task is saved."
+        rows = format_html_join(
+            "",
+            '<li><a href="{}">{}</a> ({}{})</li>',
+            (
+                (
+                    reverse("admin:tasks_trigger_change", args=[trigger.pk]),
+                    trigger.name,
+                    trigger.get_kind_display(),
+                    "" if trigger.enabled else ", disabled",
+                )
+                for trigger in obj.triggers.order_by("name", "pk")
+            ),
+        )
+        add = reverse("admin:tasks_trigger_add") + f"?task={obj.pk}"
+        return format_html(
+            '<ul>{}</ul><a class="addlink" href="{}">Add a trigger</a>',
+            rows or format_html("<li>{}</li>", "none: only a person starts its runs"),
+            add,
+        )
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         governed_waiting_notice(request, task_id=object_id)

@@ -7,7 +7,7 @@ import uuid
 from django.db.models import Avg, Count, Max, Q, QuerySet
 
 from approvals.models import ApprovalStatus
-from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool
+from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool, Trigger
 
 RUN_LIST_LIMIT = 100
 
@@ -23,18 +23,41 @@ def task_for_detail(slug: str) -> Task:
     return Task.objects.prefetch_related("grants__tool").get(slug=slug)
 
 
-def runs_for_list(*, status: str = "", task_slug: str = "") -> QuerySet[Run]:
-    runs = Run.objects.select_related("task", "task_version", "started_by").order_by("-created_at")
+def runs_for_list(
+    *, status: str = "", task_slug: str = "", started: str = "", trigger_id: int | None = None
+) -> QuerySet[Run]:
+    """The latest runs; ``started`` is how they started (a trigger kind, "manual" for a
+    person or the shell), ``trigger_id`` the trigger that started them."""
+    runs = Run.objects.select_related("task", "task_version", "started_by", "trigger").order_by(
+        "-created_at"
+    )
     if status:
         runs = runs.filter(status=status)
     if task_slug:
         runs = runs.filter(task__slug=task_slug)
+    if started:
+        runs = runs.filter(trigger_kind=started)
+    if trigger_id is not None:
+        runs = runs.filter(trigger_id=trigger_id)
     return runs[:RUN_LIST_LIMIT]
 
 
-def run_for_detail(run_id: uuid.UUID) -> Run:
+def trigger_for_filter(trigger_id: int) -> Trigger:
+    """The trigger the runs list is filtered by, with its task's name. (The list names
+    each run's trigger, linked to this filter, rather than listing every trigger: the
+    unfiltered list stays one query for its rows.)"""
     return (
-        Run.objects.select_related("task", "task_version", "started_by")
+        Trigger.objects.select_related("task")
+        .only("pk", "name", "kind", "task__name")
+        .get(pk=trigger_id)
+    )
+
+
+def run_for_detail(run_id: uuid.UUID) -> Run:
+    # The firing (a reverse one-to-one) comes in the same query: a run a trigger
+    # started shows the trigger, the firing's key and what arrived.
+    return (
+        Run.objects.select_related("task", "task_version", "started_by", "trigger", "firing")
         .annotate(
             pending_approvals=Count("approvals", filter=Q(approvals__status=ApprovalStatus.PENDING))
         )

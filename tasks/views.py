@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
@@ -10,7 +11,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import trigger_client_event
 
-from agentops.bad_input import bad_request, id_refusal, text_refusal
+from agentops.bad_input import BadInput, bad_request, id_parse, id_refusal, text_refusal
 from agentops.http import see_other
 from agentops.states import InvalidTransition
 from tasks import selectors
@@ -25,8 +26,10 @@ from tasks.autonomy import (
     track_record,
 )
 from tasks.forms import RunStartForm
-from tasks.models import AutonomyChange, AutonomyLevel, Run, RunStatus, Task, Tool
+from tasks.models import AutonomyChange, AutonomyLevel, Run, RunStatus, Task, Tool, Trigger
 from tasks.services import RunStartError, run_cancel, run_start
+from triggers.models import Firing
+from triggers.selectors import payload_shown, trigger_cards_for_task
 
 
 @require_GET
@@ -65,6 +68,7 @@ def _task_page(
         "changes": task.autonomy_changes.select_related("requested_by", "confirmed_by")[:10],
         "levels": AutonomyLevel.choices,
         "trail": task_trail_uuid(task),
+        "triggers": trigger_cards_for_task(task, base_url=request.build_absolute_uri("/")),
     }
     return render(request, "tasks/detail.html", context, status=status)
 
@@ -93,8 +97,24 @@ def _task_refused(request: HttpRequest, task: Task, said: str) -> HttpResponse:
 def _run_refused(request: HttpRequest, run: Run, said: str) -> HttpResponse:
     """The run page again, with why the request changed nothing: a 400."""
     messages.error(request, said)
+    return render(request, "runs/detail.html", _run_context(run), status=400)
+
+
+def _run_context(run: Run) -> dict:
     context = {"run": run, "steps": selectors.steps_for_run(run)}
-    return render(request, "runs/detail.html", context, status=400)
+    firing = _firing_of(run)
+    if firing is not None:
+        context["firing"] = firing
+        context["payload"] = payload_shown(firing.payload)
+    return context
+
+
+def _firing_of(run: Run) -> Firing | None:
+    """The firing that started the run (fetched with it), or None."""
+    try:
+        return run.firing
+    except Run.firing.RelatedObjectDoesNotExist:
+        return None
 
 
 @require_POST
@@ -114,20 +134,71 @@ def task_run(request: HttpRequest, slug: str) -> HttpResponse:
     return _task_page(request, task, form, status=400)
 
 
+# How a run started, for the runs list's filter: its trigger's kind, or a person.
+RUN_STARTS = [
+    (Trigger.Kind.MANUAL, "by a person"),
+    (Trigger.Kind.CRON, "by a schedule"),
+    (Trigger.Kind.WEBHOOK, "by a webhook"),
+    (Trigger.Kind.QUEUE, "by a queue message"),
+    (Trigger.Kind.EMAIL, "by an email"),
+]
+
+
 @require_GET
 @login_required
 def run_list(request: HttpRequest) -> HttpResponse:
+    """The latest runs, filtered by status, by how they started and by the trigger that
+    started them; the filters live in the URL (GET), so a filtered list can be linked
+    and its rows refresh with the same filters."""
+    status, started, trigger, refusals = _run_list_filters(request)
+    if refusals and not request.htmx:
+        said = "; ".join(refusals)
+        messages.warning(
+            request,
+            f"{said}: the other filters apply."
+            if status or started or trigger
+            else f"{said}: all runs are shown.",
+        )
+    trigger_id = trigger.pk if trigger is not None else None
+    filters = {"status": status, "started": started, "trigger": trigger_id}
+    context = {
+        "runs": selectors.runs_for_list(status=status, started=started, trigger_id=trigger_id),
+        "status": status,
+        "statuses": RunStatus.values,
+        "started": started,
+        "starts": RUN_STARTS,
+        "trigger": trigger,
+        "query": urlencode({name: value for name, value in filters.items() if value}),
+    }
+    # The filters push their URL: going back to it restores the whole page.
+    partial = request.htmx and not request.htmx.history_restore_request
+    template = "runs/list.html#run-rows" if partial else "runs/list.html"
+    return render(request, template, context)
+
+
+def _run_list_filters(request: HttpRequest) -> tuple[str, str, Trigger | None, list[str]]:
+    """The runs list's filters from the query (status, started, trigger), each one it
+    cannot take left off, with a sentence saying why."""
+    refusals = []
     status = request.GET.get("status", "")
     if status and status not in RunStatus.values:
-        if not request.htmx:
-            statuses = ", ".join(RunStatus.values)
-            messages.warning(
-                request, f"No run status is called {status!r} ({statuses}): all runs are shown."
-            )
+        refusals.append(f"No run status is called {status!r} ({', '.join(RunStatus.values)})")
         status = ""
-    runs = selectors.runs_for_list(status=status)
-    template = "runs/list.html#run-rows" if request.htmx else "runs/list.html"
-    return render(request, template, {"runs": runs, "status": status, "statuses": RunStatus.values})
+    started = request.GET.get("started", "")
+    if started and started not in Trigger.Kind.values:
+        refusals.append(f"No run starts {started!r} ({', '.join(Trigger.Kind.values)})")
+        started = ""
+    trigger = None
+    if raw := request.GET.get("trigger", ""):
+        try:
+            trigger = selectors.trigger_for_filter(
+                id_parse(raw, field="trigger", what="a trigger's id")
+            )
+        except BadInput as error:
+            refusals.append(f"No such trigger: {error}")
+        except Trigger.DoesNotExist:
+            refusals.append(f"No trigger has the id {raw}")
+    return status, started, trigger, refusals
 
 
 def _run_or_404(run_id: uuid.UUID) -> Run:
@@ -141,7 +212,7 @@ def _run_or_404(run_id: uuid.UUID) -> Run:
 @login_required
 def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
-    context = {"run": run, "steps": selectors.steps_for_run(run)}
+    context = _run_context(run)
     if not request.htmx:
         return render(request, "runs/detail.html", context)
     response = render(request, "runs/detail.html#run-live", context)

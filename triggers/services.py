@@ -70,10 +70,11 @@ def trigger_fire(
     (what arrived, as JSON), or refuse it and say why; record it either way.
 
     ``overlap="skip"``: refuse while a run this trigger started is still live (a
-    schedule's policy). The trigger's row is locked for the decision (SELECT ... FOR
-    UPDATE; on SQLite the IMMEDIATE transaction serialises writers), so the rate limits
-    count exactly and the duplicate check sees every firing committed before it; the
-    unique constraint on accepted keys holds even where neither lock does."""
+    schedule's policy). Where the decision counts (``counted``), the trigger's row is
+    locked for it (SELECT ... FOR UPDATE; on SQLite the IMMEDIATE transaction
+    serialises writers anyway), so the limits count exactly and the duplicate check sees
+    every firing committed before it. The unique constraint on accepted keys holds
+    whether or not a lock is taken: a lost race is answered as a duplicate."""
     if len(key) > KEY_CHARS:
         # A key the column cannot hold is named by its digest: the same key always
         # gives the same digest, so duplicates are still found.
@@ -81,7 +82,11 @@ def trigger_fire(
     now = now or timezone.now()
     try:
         with transaction.atomic():
-            trigger = Trigger.objects.select_for_update().select_related("task").get(pk=trigger_id)
+            trigger = Trigger.objects.select_related("task").get(pk=trigger_id)
+            if counted(trigger, overlap=overlap):
+                trigger = (
+                    Trigger.objects.select_for_update().select_related("task").get(pk=trigger_id)
+                )
             first = accepted_firing(trigger, key)
             if first is not None:
                 return Fired(first, duplicate=True)
@@ -93,6 +98,19 @@ def trigger_fire(
         if first is None:
             raise
         return Fired(first, duplicate=True)
+
+
+def counted(trigger: Trigger, *, overlap: str) -> bool:
+    """Whether the decision counts runs or firings (a rate limit, the task's live runs,
+    a schedule's overlap): only then must firings of the trigger wait for each other.
+    Without, the unique constraint alone keeps a key to one run, and deliveries to one
+    trigger start their runs side by side."""
+    return (
+        trigger.max_per_minute is not None
+        or trigger.max_per_hour is not None
+        or trigger.task.max_live_runs is not None
+        or overlap == "skip"
+    )
 
 
 def accepted_firing(trigger: Trigger, key: str) -> Firing | None:

@@ -5,8 +5,15 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from demo.ledger import ledger_create
-from tasks.models import Task, Tool, ToolGrant
+from demo.triggers import (
+    DEMO_WEBHOOK_BODY,
+    DEMO_WEBHOOK_SECRET,
+    demo_triggers_create,
+    webhook_curl,
+)
+from tasks.models import Task, Tool, ToolGrant, Trigger
 from tasks.services import task_version_current, tools_sync
+from triggers.selectors import webhook_path
 
 DEMO_SLUG = "reconcile-invoices"
 
@@ -17,6 +24,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--username", default="demo")
         parser.add_argument("--password", default="demo-password")
+        parser.add_argument(
+            "--base-url",
+            default="http://127.0.0.1:8000",
+            help="Where the demo is served, for the webhook's curl line.",
+        )
 
     @transaction.atomic
     def handle(self, *args, **options):
@@ -50,11 +62,17 @@ class Command(BaseCommand):
                 "model": "scripted:invoice-reconcile",
                 "max_steps": 20,
                 "autonomy_level": 1,
+                "max_live_runs": 3,
             },
         )
         if created:
             for name in ("ledger_invoices", "ledger_payments", "email_send"):
                 ToolGrant.objects.create(task=task, tool=Tool.objects.get(name=name))
+        # The triggers come with the task, or once to a task an earlier load_demo made
+        # before there were triggers; a task with any trigger is left as it is.
+        triggers_made = not task.triggers.exists()
+        if triggers_made:
+            demo_triggers_create(task)
         version = task_version_current(task=task)
 
         User = get_user_model()
@@ -70,3 +88,27 @@ class Command(BaseCommand):
             + ("" if created else ", as it was: an existing task is left as it is")
         )
         self.stdout.write(f"Login: {user.username} / {options['password']}")
+        self.triggers_said(task, made=triggers_made, base_url=options["base_url"])
+
+    def triggers_said(self, task: Task, *, made: bool, base_url: str) -> None:
+        triggers = list(task.triggers.order_by("name", "pk"))
+        for trigger in triggers:
+            self.stdout.write(
+                f"Trigger: {trigger.name} ({trigger.get_kind_display()}"
+                f"{'' if trigger.enabled else ', disabled'})"
+            )
+        if triggers and not made:
+            self.stdout.write("  (the task had triggers: they are left as they are)")
+        webhook = next((t for t in triggers if t.kind == Trigger.Kind.WEBHOOK and t.enabled), None)
+        if webhook is None:
+            return
+        url = base_url.rstrip("/") + webhook_path(webhook)
+        if webhook.secret != DEMO_WEBHOOK_SECRET:
+            self.stdout.write(
+                f"Webhook: POST to {url}, signed with its secret (rotated: not the demo's)."
+            )
+            return
+        self.stdout.write(
+            "Start a run with a signed webhook (the demo's secret, known to all: demo only):"
+        )
+        self.stdout.write(webhook_curl(url=url, secret=webhook.secret, body=DEMO_WEBHOOK_BODY))
