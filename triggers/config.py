@@ -7,6 +7,8 @@ other. Every fault is a sentence naming the field; nothing is saved until there 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import zoneinfo
 from typing import Any
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import jmespath
 import jmespath.exceptions
 from croniter import croniter
+from dkim.util import InvalidTagValueList, parse_tag_value
 
 from agentops.runtime.secrets import secret_errors
 from agentops.runtime.tools.base import arguments_errors
@@ -27,6 +30,7 @@ Kind = Trigger.Kind
 PLACE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,199}$"
 ADDRESS = r"^[^@\s<>]{1,64}@[A-Za-z0-9.-]{1,255}$"
 SENDER = r"^([^@\s<>]{1,64}@[A-Za-z0-9.-]{1,255}|@[A-Za-z0-9.-]{1,255})$"
+DKIM_KEY_NAME = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\._domainkey\.[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$"
 EXPRESSION_CHARS = 2000
 
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -78,6 +82,14 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "items": {"type": "string", "pattern": SENDER},
             },
             "dkim": {"type": "boolean"},
+            # Public keys pinned by their DNS name, read instead of DNS (air-gapped
+            # sites, tests): {"selector._domainkey.example.com": "v=DKIM1; k=rsa; p=..."}.
+            "dkim_keys": {
+                "type": "object",
+                "maxProperties": 50,
+                "propertyNames": {"pattern": DKIM_KEY_NAME},
+                "additionalProperties": {"type": "string", "minLength": 1, "maxLength": 5000},
+            },
             "max_attachment_bytes": {"type": "integer", "minimum": 0, "maximum": 25 * 1024**2},
             "max_attachments": {"type": "integer", "minimum": 0, "maximum": 50},
         },
@@ -167,4 +179,30 @@ def queue_errors(config: dict[str, Any]) -> list[str]:
     return errors
 
 
-KIND_CHECKS = {Kind.CRON: cron_errors, Kind.QUEUE: queue_errors}
+def email_errors(config: dict[str, Any]) -> list[str]:
+    keys = config.get("dkim_keys") or {}
+    if keys and not config.get("dkim"):
+        return ["config/dkim_keys: pinned DKIM keys are read only when dkim is true"]
+    return [error for name, record in keys.items() if (error := dkim_key_error(name, record))]
+
+
+def dkim_key_error(name: str, record: str) -> str:
+    """What is wrong with a pinned DKIM key record (a DNS TXT record's text), or ""."""
+    where = f"config/dkim_keys/{name}"
+    try:
+        tags = parse_tag_value(record.encode())
+    except (InvalidTagValueList, UnicodeEncodeError) as error:
+        return f"{where}: not a DKIM key record ({error_said(error)})"
+    if tags.get(b"k", b"rsa") not in (b"rsa", b"ed25519"):
+        return f"{where}: k= must be rsa or ed25519"
+    key = re.sub(rb"\s+", b"", tags.get(b"p", b""))
+    if not key:
+        return f"{where}: no public key (p=): 'v=DKIM1; k=rsa; p=<base64>'"
+    try:
+        base64.b64decode(key, validate=True)
+    except binascii.Error:
+        return f"{where}: p= is not base64"
+    return ""
+
+
+KIND_CHECKS = {Kind.CRON: cron_errors, Kind.QUEUE: queue_errors, Kind.EMAIL: email_errors}

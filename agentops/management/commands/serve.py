@@ -1,12 +1,15 @@
-"""Start the web server and a django-q2 worker cluster together: the embedded default,
-one command, no service beyond the database."""
+"""Start the web server, a django-q2 worker cluster and the triggers' listeners
+(``manage.py triggers``: schedules, queue consumers, inbound email) together: the
+embedded default, one command, no service beyond the database."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 
 from django.conf import settings
 from django.core.management import call_command
@@ -16,10 +19,16 @@ from agentops.processes import group_stop
 
 # How long the worker may take to finish the job in hand when asked to stop.
 STOP_GRACE_SECONDS = 15
+# The listeners stop within their own bound (triggers.listeners.STOP_SECONDS); past
+# this, they are killed: what a consumer had not acknowledged is offered again.
+LISTENERS_GRACE_SECONDS = 12
 
 
 class Command(BaseCommand):
-    help = "Run the web server and a worker together (django-q2), until interrupted."
+    help = (
+        "Run the web server, a worker (django-q2) and the triggers' listeners together, "
+        "until interrupted."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
@@ -40,6 +49,13 @@ class Command(BaseCommand):
             # Ctrl-C from reaching the cluster straight: it stops when serve stops it.
             start_new_session=True,
         )
+        # The schedules, the queue consumers and the SMTP listener: a process of their
+        # own, so a stuck broker never holds up the web server, stopped with the worker.
+        listeners = subprocess.Popen(
+            [sys.executable, "manage.py", "triggers"],
+            cwd=settings.BASE_DIR,
+            start_new_session=True,
+        )
 
         def stop(signum, frame):
             raise KeyboardInterrupt
@@ -55,12 +71,12 @@ class Command(BaseCommand):
         )
         banner = [
             f"agentops: web at {url} and a django-q2 worker (pid {worker.pid}): "
-            f"{processes} processes, {each}"
+            f"{processes} processes, {each}; the triggers' listeners (pid {listeners.pid})"
         ]
         if options["login"]:
             banner.append(f"Log in as {options['login']}")
         # Not `make demo`'s pid: make does not pass a SIGTERM on to what it started.
-        banner.append(f"Stop both with Ctrl-C, or SIGTERM to this process (pid {os.getpid()}).")
+        banner.append(f"Stop them with Ctrl-C, or SIGTERM to this process (pid {os.getpid()}).")
         self.stdout.write(self.style.SUCCESS("\n  " + "\n  ".join(banner) + "\n"))
         try:
             # With DEBUG off, runserver serves no static files: the app does
@@ -75,9 +91,19 @@ class Command(BaseCommand):
             pass
         finally:
             self.stdout.write(
-                f"Stopping the worker (up to {STOP_GRACE_SECONDS} s; Ctrl-C again stops it now)"
+                f"Stopping the worker and the listeners (up to {STOP_GRACE_SECONDS} s; "
+                "Ctrl-C again stops them now)"
             )
-            group_stop(worker, grace=STOP_GRACE_SECONDS)
+            # Both asked at once: the listeners stop in a few seconds while the worker
+            # finishes the job in hand; their grace counts from now too.
+            asked = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                listeners.terminate()
+            try:
+                group_stop(worker, grace=STOP_GRACE_SECONDS)
+            finally:
+                left = LISTENERS_GRACE_SECONDS - (time.monotonic() - asked)
+                group_stop(listeners, grace=max(left, 0.5))
 
     def warnings_say(self, host: str) -> None:
         """What would make this server unsafe or unreachable, said before it starts."""
