@@ -362,6 +362,10 @@ class LatencyServer:
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away mid-request: nothing to answer
+        except asyncio.CancelledError:
+            # The server stops (``_main``). Ended quietly, not raised: asyncio's stream
+            # protocol logs every connection task that ends cancelled as an error.
+            pass
         finally:
             with self._lock:
                 self._connections -= 1
