@@ -38,7 +38,7 @@ from tasks.services import actor_for
 from triggers.config import config_errors, config_of, mapping_errors
 from triggers.cron import cron_next, slot_payload
 from triggers.models import Firing
-from triggers.selectors import secret_fingerprint, webhook_path
+from triggers.selectors import secret_fingerprint, url_redacted, webhook_path
 from triggers.services import (
     ROTATION_OVERLAP,
     MappingRefused,
@@ -234,6 +234,10 @@ def trigger_recorded(*, trigger: Trigger, user: Any, what: str) -> None:
 
 
 def value_said(value: Any) -> str:
+    """A value as the trail says it. A config's URL is said with any password written in
+    it replaced by dots (the trail cannot be edited afterwards)."""
+    if isinstance(value, dict) and isinstance(value.get("url"), str):
+        value = {**value, "url": url_redacted(value["url"])}
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True)
     return repr(value)

@@ -160,13 +160,16 @@ def cron_errors(config: dict[str, Any]) -> list[str]:
 
 def queue_errors(config: dict[str, Any]) -> list[str]:
     transport, url = config["transport"], config["url"]
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return ["config/url: not a URL that can be read (check its brackets)"]
     errors = []
     schemes = {"redis": ("redis", "rediss"), "amqp": ("amqp", "amqps")}[transport]
-    scheme = urlsplit(url).scheme
-    if scheme not in schemes:
+    if parts.scheme not in schemes:
         errors.append(
             f"config/url: a {transport} transport needs a {' or '.join(schemes)}:// URL, "
-            f"not {scheme or 'one without a scheme'}"
+            f"not {parts.scheme or 'one without a scheme'}"
         )
     place = {"redis": "stream", "amqp": "queue"}[transport]
     other = {"redis": "queue", "amqp": "stream"}[transport]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -75,10 +76,11 @@ def trigger_fire(
     serialises writers anyway), so the limits count exactly and the duplicate check sees
     every firing committed before it. The unique constraint on accepted keys holds
     whether or not a lock is taken: a lost race is answered as a duplicate."""
-    if len(key) > KEY_CHARS:
-        # A key the column cannot hold is named by its digest: the same key always
-        # gives the same digest, so duplicates are still found.
-        key = "sha256:" + hashlib.sha256(key.encode(errors="replace")).hexdigest()
+    key = key_storable(key)
+    # What arrived, as the database can hold it (NUL, lone surrogates, numbers past
+    # JSON's range made storable, with notes): the mapping reads the same value the
+    # firing keeps, and no far side's bytes can fail the firing's own commit.
+    payload, _notes = json_storable(payload)
     now = now or timezone.now()
     try:
         with transaction.atomic():
@@ -98,6 +100,21 @@ def trigger_fire(
         if first is None:
             raise
         return Fired(first, duplicate=True)
+
+
+# A key the firing's column and the run's (``<trigger id>:<key>``) can both hold, with
+# room for the id.
+KEY_STORED_CHARS = KEY_CHARS - 21
+UNSTORABLE = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def key_storable(key: str) -> str:
+    """The key as stored: itself, or, when the columns cannot hold it (too long, or
+    holding a control character or a lone surrogate), ``sha256:`` and its digest. The
+    same key always gives the same digest, so a duplicate is still found."""
+    if len(key) <= KEY_STORED_CHARS and not UNSTORABLE.search(key):
+        return key
+    return "sha256:" + hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()
 
 
 def counted(trigger: Trigger, *, overlap: str) -> bool:

@@ -129,7 +129,9 @@ def test_the_time_budget_counts_work_and_halts(make_task, operator):
     assert run.status == RunStatus.HALTED
     assert run.reason.startswith("time budget spent:")
     assert run.seconds_used >= 1.0
-    assert 3 <= run.steps.filter(kind=StepKind.MODEL).count() <= 5
+    # A turn (0.3 s) is begun only while less than the budget's second is spent: four at
+    # most; on a loaded machine the engine's own work takes more of the second.
+    assert 2 <= run.steps.filter(kind=StepKind.MODEL).count() <= 4
 
 
 def test_a_breach_can_ask_a_person_for_more_and_go_on(make_task, operator):

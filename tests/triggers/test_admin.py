@@ -119,6 +119,16 @@ def test_a_new_trigger_is_written_in_the_tasks_trail_without_its_secret(editor, 
     assert trigger.secret.removeprefix("whsec_") not in json.dumps(event.payload)
 
 
+def test_a_password_written_in_a_queue_url_is_not_written_in_the_trail(editor, task):
+    queue = {"transport": "redis", "url": "redis://:hunter2-SUPERSECRET@127.0.0.1:6379/9",
+             "stream": "leads"}  # fmt: skip
+    response = editor.post(ADD, form(task, kind=Kind.QUEUE, config=queue, name="Leads"))
+    assert response.status_code == 302
+    event = LineageEvent.objects.get(run_uuid=task_trail_uuid(task), kind="config.changed")
+    assert "hunter2" not in json.dumps(event.payload)
+    assert "127.0.0.1:6379/9" in event.payload["note"]
+
+
 def test_a_schedule_is_added_with_its_next_slots_and_no_secret(editor, task):
     config = {"expression": "0 2 * * *", "timezone": "UTC", "input": {"batch": "2026-11"}}
     response = editor.post(

@@ -182,3 +182,25 @@ def test_good_configs_pass():
         ("email", {"address": "in@example.com", "senders": ["a@example.com", "@example.org"]}),
     ):
         assert config_errors(kind=kind, config=config, input_mapping="data") == [], kind
+
+
+@pytest.mark.parametrize(
+    "key", ["k" * 199, "k" * 200, "a\x00b", "line\nbreak", "lone \ud800 surrogate", "x" * 5000]
+)
+def test_a_key_the_columns_cannot_hold_is_stored_as_its_digest_and_still_dedupes(make_trigger, key):
+    # 199 and 200 characters fit the firing's column but not the run's "<id>:<key>";
+    # NUL and lone surrogates fit no PostgreSQL text column.
+    trigger = make_trigger()
+    fired = trigger_fire(trigger_id=trigger.pk, key=key, payload={})
+    assert fired.accepted and fired.firing.key.startswith("sha256:")
+    assert len(fired.run.firing_key) <= 200
+    assert trigger_fire(trigger_id=trigger.pk, key=key, payload={}).duplicate
+
+
+def test_what_no_database_stores_in_a_payload_is_stored_normalised(make_trigger):
+    trigger = make_trigger()
+    payload = {"subject": "nul \x00 and \ud800", "n": float("nan")}
+    fired = trigger_fire(trigger_id=trigger.pk, key="odd", payload=payload)
+    assert fired.accepted
+    assert fired.run.input["subject"] == "nul \ufffd and \ufffd"
+    assert fired.firing.payload["subject"] == "nul \ufffd and \ufffd"
