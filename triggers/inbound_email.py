@@ -14,13 +14,27 @@ What a message passes, in order, each refusal an SMTP reply naming what was wron
    verifies, covers the From header and the whole body, and is the From domain's (550);
    attachments within the trigger's count and size (552).
 
+Where DKIM is required, what the payload reads must be what the signature vouches
+for: one copy each of the headers the payload or the MIME parsing reads
+(``HEADERS_READ``: a second Subject above a signed message would be the one read,
+unsigned), CRLF line ends only in the header block (so Python's parser and dkimpy's
+see the same headers), and a signature whose ``h=`` covers Subject and, when the
+message has them, Message-ID, Date and Content-Type. A signature not of the From
+domain is set aside before its key is looked up; pinned keys (``dkim_keys``) are the
+only keys then, no DNS; and the whole check has ``DKIM_DEADLINE_SECONDS``.
+
+At most ``SMTP_SESSIONS`` connections are served at once (421 beyond), and a client
+silent for ``SMTP_TIMEOUT_SECONDS`` (between commands, or between lines of DATA) is let
+go.
+
 Mail refused before the firing records nothing: anyone can send mail, and a refusal
 row for each would let them fill the table (the log says what was refused). Past
 those checks the message is a firing: its attachments are stored by their sha256 under
 ``AGENTOPS_ATTACHMENT_DIR``, and ``trigger_fire`` decides, with the Message-ID as the
 key, so a message the sending server delivers twice starts one run. A rate or live-runs
 refusal is answered 451: the sending server tries again later, as a queue's consumer
-would. Refused input is 550, with the reason, in the sender's bounce.
+would. Refused input is 550, with the reason, in the sender's bounce; so is a value the
+database refuses (a ``DatabaseError`` other than a lost connection, which is 451).
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -44,10 +59,11 @@ from typing import Any
 
 import dkim
 import dkim.dnsplug
+import dkim.util
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
 from tasks.models import Trigger
 from triggers.config import config_of
@@ -68,6 +84,26 @@ TEXT_CHARS = 256 * 1024
 DKIM_SIGNATURES = 5
 DKIM_MIN_KEY_BITS = 1024
 DNS_TIMEOUT_SECONDS = 5
+# The most all of one message's DKIM checking (lookups, hashing) may take.
+DKIM_DEADLINE_SECONDS = 15.0
+# Headers the payload or the MIME parsing reads: with DKIM required, one copy each.
+HEADERS_READ = (
+    "from",
+    "to",
+    "subject",
+    "message-id",
+    "date",
+    "content-type",
+    "content-transfer-encoding",
+    "mime-version",
+)
+# Headers a signature's h= must cover: Subject always (signing an absent one keeps
+# one from being added), the others when the message has them. From is checked apart.
+HEADERS_SIGNED_ALWAYS = ("subject",)
+HEADERS_SIGNED_PRESENT = ("message-id", "date", "content-type")
+# Connections served at once, and how long a silent client is waited for.
+SMTP_SESSIONS = 50
+SMTP_TIMEOUT_SECONDS = 30
 # An SMTP reply's text is one line; a reason longer than this is cut.
 REPLY_CHARS = 400
 
@@ -215,25 +251,70 @@ class InboundEmailHandler:
             return reply_line("451 4.3.0", "a temporary failure here; try again later")
 
 
+class InboundEmailSMTP(SMTP):
+    """aiosmtpd's SMTP session, counted: past the controller's ``sessions_max`` open at
+    once, a new connection is answered 421 and closed before it may say anything."""
+
+    def __init__(
+        self, handler: InboundEmailHandler, *, controller: InboundEmailController, **kwargs
+    ):
+        super().__init__(handler, **kwargs)
+        self.controller = controller
+        self.counted = False
+
+    def connection_made(self, transport) -> None:
+        # Called on the listener's one event loop thread: the count needs no lock.
+        # (A second call is STARTTLS on the same connection, never here: no TLS.)
+        if not self.counted and self.controller.sessions < self.controller.sessions_max:
+            self.controller.sessions += 1
+            self.counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.counted:
+            self.controller.sessions -= 1
+            self.counted = False
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if not self.counted:
+            await self.push("421 4.3.2 too many connections here; try again later")
+            self.transport.close()
+            return
+        await super()._handle_client()
+
+
 class InboundEmailController(Controller):
     """aiosmtpd's threaded controller, its size limit read from the handler for each
-    connection, so a trigger's new limits hold without restarting the server."""
+    connection, so a trigger's new limits hold without restarting the server; at most
+    ``sessions_max`` connections served at once."""
+
+    def __init__(
+        self, handler: InboundEmailHandler, *, sessions_max: int = SMTP_SESSIONS, **kwargs
+    ):
+        super().__init__(handler, **kwargs)
+        self.sessions_max = sessions_max
+        self.sessions = 0
 
     def factory(self) -> SMTP:
         kwargs = {**self.SMTP_kwargs, "data_size_limit": self.handler.data_size_limit()}
-        return SMTP(self.handler, **kwargs)
+        return InboundEmailSMTP(self.handler, controller=self, **kwargs)
 
 
-def smtp_listener(handler: InboundEmailHandler, *, host: str, port: int) -> InboundEmailController:
+def smtp_listener(
+    handler: InboundEmailHandler, *, host: str, port: int, sessions_max: int = SMTP_SESSIONS
+) -> InboundEmailController:
     """The listener, not yet started (``.start()`` binds and raises if it cannot)."""
     return InboundEmailController(
         handler,
         hostname=host,
         port=port,
+        sessions_max=sessions_max,
         server_hostname="agentops",
         ident="agentops inbound email",
-        # A client that says nothing for this long is let go.
-        timeout=60,
+        # A client that says nothing for this long (between commands, or between the
+        # lines of DATA) is let go: a connection held open costs one of SMTP_SESSIONS.
+        timeout=SMTP_TIMEOUT_SECONDS,
     )
 
 
@@ -252,7 +333,9 @@ def email_receive(*, route: EmailRoute, mail_from: str, content: bytes) -> str:
                 f"the From address <{sender}> may not send to <{route.address}> (not on its list)",
             )
         if route.dkim:
-            problem = dkim_problem(content, sender, dkim_dns(route.dkim_keys))
+            problem = headers_problem(message, content) or dkim_problem(
+                content, sender, dkim_dns(route.dkim_keys)
+            )
             if problem:
                 raise EmailRefused("550 5.7.20", f"DKIM: {problem}")
         attachments = attachments_checked(message, route)
@@ -267,9 +350,14 @@ def email_receive(*, route: EmailRoute, mail_from: str, content: bytes) -> str:
         for part, entry in attachments:
             attachment_store(entry["sha256"], part_bytes(part))
         fired = trigger_fire(trigger_id=route.trigger_id, key=key, payload=payload)
-    except DatabaseError as error:
+    except (OperationalError, InterfaceError) as error:
         logger.warning("email to %s: the database failed (%s); deferred", route.address, error)
         return reply_line("451 4.3.0", "a temporary failure here; try again later")
+    except DatabaseError as error:
+        # Not a lost connection: the database refused something of this message's,
+        # and would again on every try. Permanent; the reason stays in our log.
+        logger.warning("email to %s: the database refused the message: %s", route.address, error)
+        return reply_line("550 5.6.0", f"the message could not be stored ({type(error).__name__})")
     except OSError as error:
         logger.error("email to %s: storing an attachment failed: %s", route.address, error)
         return reply_line("451 4.3.0", "a temporary failure here; try again later")
@@ -335,18 +423,33 @@ def message_key(message: EmailMessage, content: bytes) -> str:
 
 
 def dkim_dns(pinned: dict[str, str]) -> Callable[..., bytes | None]:
-    """dkimpy's DNS lookup: a key pinned in the trigger's config (``dkim_keys``, by
-    ``selector._domainkey.domain``) when there is one, else a real TXT lookup."""
+    """dkimpy's DNS lookup: with keys pinned in the trigger's config (``dkim_keys``, by
+    ``selector._domainkey.domain``), those keys only (a name not pinned has none: the
+    trigger said which keys it trusts); with none pinned, a real TXT lookup."""
     keys = {name.lower().rstrip("."): record for name, record in pinned.items()}
 
     def txt(name: bytes | str, timeout: float = DNS_TIMEOUT_SECONDS) -> bytes | None:
-        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
-        record = keys.get(text.lower().rstrip("."))
-        if record is not None:
-            return record.encode()
+        if keys:
+            text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+            record = keys.get(text.lower().rstrip("."))
+            return record.encode() if record is not None else None
         return dkim.dnsplug.get_txt(name, timeout=timeout)
 
     return txt
+
+
+def headers_problem(message: EmailMessage, content: bytes) -> str:
+    """What keeps the headers the payload reads from being the ones a DKIM signature
+    can vouch for, or "": a header block with a line end other than CRLF (Python's
+    parser would split a line dkimpy reads whole), or a second copy of a header in
+    ``HEADERS_READ`` (the payload would read one copy, the signature cover another)."""
+    head = re.split(rb"\r\n\r\n", content, maxsplit=1)[0]
+    if re.search(rb"\r(?!\n)|(?<!\r)\n", head):
+        return "the header block has a line end other than CRLF"
+    repeated = [name for name in HEADERS_READ if len(message.get_all(name) or []) > 1]
+    if repeated:
+        return f"the message has more than one {', '.join(repeated)} header"
+    return ""
 
 
 def domain_aligned(from_domain: str, signer: str) -> bool:
@@ -355,41 +458,94 @@ def domain_aligned(from_domain: str, signer: str) -> bool:
     return from_domain == signer or from_domain.endswith("." + signer)
 
 
-def dkim_problem(content: bytes, sender: str, dnsfunc: Callable[..., bytes | None]) -> str:
+def dkim_deadlined(
+    dnsfunc: Callable[..., bytes | None], deadline: float
+) -> Callable[..., bytes | None]:
+    """``dnsfunc``, each lookup given no more than the time left before ``deadline``
+    (``time.monotonic()``), and refused once it has passed."""
+
+    def txt(name: bytes | str, timeout: float = DNS_TIMEOUT_SECONDS) -> bytes | None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("out of time for DKIM key lookups")
+        return dnsfunc(name, timeout=min(timeout, left))
+
+    return txt
+
+
+def dkim_signer(value: bytes) -> str:
+    """A DKIM-Signature header's d= domain, read without verifying anything ("" when
+    the header does not parse or has none)."""
+    try:
+        tags = dkim.util.parse_tag_value(value)
+    except Exception:
+        return ""
+    return re.sub(rb"\s+", b"", tags.get(b"d", b"")).decode("ascii", "replace")
+
+
+def dkim_problem(
+    content: bytes,
+    sender: str,
+    dnsfunc: Callable[..., bytes | None],
+    *,
+    deadline_seconds: float = DKIM_DEADLINE_SECONDS,
+) -> str:
     """What keeps the message from being DKIM-authenticated for ``sender``, or "" when
-    one signature verifies, is the From domain's, signs the From header and covers the
-    whole body (a signature with ``l=`` lets anyone append to it)."""
+    one signature is the From domain's, verifies, signs the From header and
+    ``HEADERS_SIGNED_*``, and covers the whole body (a signature with ``l=`` lets anyone
+    append to it). A signature of another domain is set aside before its key is looked
+    up, so a sender cannot make this listener query names of its choosing; all of it
+    within ``deadline_seconds``."""
+    deadline = time.monotonic() + deadline_seconds
+    dnsfunc = dkim_deadlined(dnsfunc, deadline)
     from_domain = sender.rsplit("@", 1)[1]
     try:
         first = dkim.DKIM(content, minkey=DKIM_MIN_KEY_BITS, timeout=DNS_TIMEOUT_SECONDS)
     except dkim.DKIMException as error:
         return f"the message could not be read ({error})"
-    signatures = [name for name, _ in first.headers if name.lower() == b"dkim-signature"]
+    signatures = [value for name, value in first.headers if name.lower() == b"dkim-signature"]
     if not signatures:
         return "the message has no DKIM signature, and this address requires one"
+    present = {name.strip().lower().decode("ascii", "replace") for name, _ in first.headers}
+    wanted = [*HEADERS_SIGNED_ALWAYS, *(h for h in HEADERS_SIGNED_PRESENT if h in present)]
     problems = []
-    for index in range(min(len(signatures), DKIM_SIGNATURES)):
+    checker = first
+    for index, value in enumerate(signatures[:DKIM_SIGNATURES]):
+        signer = dkim_signer(value)
+        if not signer or not domain_aligned(from_domain, signer):
+            problems.append(
+                f"the signature is {signer or 'of no domain'}'s, not the From domain's "
+                f"({from_domain})"
+            )
+            continue
+        if time.monotonic() >= deadline:
+            problems.append("out of time checking the signatures")
+            break
         # One checker a signature: verifying leaves the last one's state behind.
-        checker = (
-            first
-            if index == 0
-            else dkim.DKIM(content, minkey=DKIM_MIN_KEY_BITS, timeout=DNS_TIMEOUT_SECONDS)
-        )
+        if checker is None:
+            checker = dkim.DKIM(content, minkey=DKIM_MIN_KEY_BITS, timeout=DNS_TIMEOUT_SECONDS)
         try:
             verified = checker.verify(idx=index, dnsfunc=dnsfunc)
         except Exception as error:  # dkimpy's refusals, and a DNS lookup's failures
             problems.append(f"a signature does not verify ({error})")
+            checker = None
             continue
-        fields = checker.signature_fields
+        fields, signed = checker.signature_fields, checker.include_headers
+        checker = None
         signer = fields[b"d"].decode("ascii", "replace")
+        unsigned = [name for name in wanted if name.encode() not in signed]
         if not verified:
             problems.append(f"the signature of {signer} does not verify")
         elif b"l" in fields:
             problems.append(f"the signature of {signer} covers only part of the body (l=)")
-        elif b"from" not in checker.include_headers:
+        elif b"from" not in signed:
             problems.append(f"the signature of {signer} does not sign the From header")
         elif not domain_aligned(from_domain, signer):
             problems.append(f"the signature is {signer}'s, not the From domain's ({from_domain})")
+        elif unsigned:
+            problems.append(
+                f"the signature of {signer} does not sign the {', '.join(unsigned)} header"
+            )
         else:
             return ""
     return "; ".join(problems) or "no signature verifies"

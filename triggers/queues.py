@@ -14,7 +14,11 @@ What both keep, whatever happens:
   (not UTF-8 JSON, over ``max_message_bytes``, its input refused) goes to the trigger's
   dead-letter place with the reason beside the original, then is acknowledged. A
   message whose handling fails ``ATTEMPTS`` times in a row for a reason other than the
-  database (a bug) goes there too.
+  database connection (a bug, or a value the database refuses: ``DataError``,
+  ``IntegrityError``) goes there too. An entry over ``max_message_bytes`` is put aside
+  as a stub (its size, sha256 and id), never copied: the dead-letter place is not a
+  second home for what was too large to take. A dead-letter stream is trimmed
+  (approximately) to ``DEAD_LETTER_MAXLEN`` entries.
 - **A refusal for the moment holds the line.** Over the trigger's rate limit or the
   task's live runs, the message is not acknowledged: the consumer pauses (``hold``,
   doubling up to ``HOLD_MAX_SECONDS``) and offers the same message again, reading
@@ -23,8 +27,14 @@ What both keep, whatever happens:
 - **A disabled trigger stops its consumer**; what it had read stays unacknowledged, for
   when it is enabled again.
 
-Database and broker errors are not the message's fault: they end the consumer with the
-error, and the listeners start it again after a backoff (the message is offered again).
+Connection errors (the database's ``OperationalError``/``InterfaceError``, the
+broker's) are not the message's fault: they end the consumer with the error, and the
+listeners start it again after a backoff (the message is offered again, uncounted).
+
+Firing keys say where they came from, so one producer cannot choose an id that reads
+as a key derived for another's message: ``id:<the producer's id>`` (a Redis entry's
+``id`` field, an AMQP ``message_id``), ``entry:<stream>:<entry id>`` (a Redis entry
+without one), ``body:sha256:<hex>`` (an AMQP message without one).
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ import amqp
 import amqp.exceptions
 import kombu
 import redis
-from django.db import DatabaseError, close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 from django.utils import timezone
 
 from agentops.runtime.secrets import config_resolve
@@ -80,6 +90,9 @@ HOLD_MAX_SECONDS = 60.0
 ATTEMPTS = 5
 # The most of a reason a dead letter carries.
 REASON_CHARS = 1000
+# A dead-letter stream is trimmed to about this many entries (MAXLEN ~): poison sent
+# without end cannot fill Redis's memory.
+DEAD_LETTER_MAXLEN = 10_000
 
 # The fields of a Redis stream entry: the message's JSON, and the producer's own id.
 PAYLOAD_FIELD = b"payload"
@@ -100,6 +113,8 @@ class Handled:
     verdict: str
     reason: str = ""
     firing: Firing | None = None
+    # Put aside as a stub (size, sha256), without its body: it was over the limit.
+    oversize: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,9 @@ def message_fire(*, trigger_id: int, key: str, body: bytes, max_bytes: int) -> H
     does with the message. Database errors propagate: the message is offered again."""
     if len(body) > max_bytes:
         return Handled(
-            Verdict.DEAD, f"the message is {len(body)} bytes, over max_message_bytes ({max_bytes})"
+            Verdict.DEAD,
+            f"the message is {len(body)} bytes, over max_message_bytes ({max_bytes})",
+            oversize=True,
         )
     try:
         payload = json_loads_strict(body.decode("utf-8"))
@@ -204,7 +221,10 @@ ATTEMPTS_SEEN = Attempts()
 def message_handle(*, trigger: QueueTrigger, key: str, body: bytes) -> Handled:
     """``message_fire``, with an unexpected error counted: raised again (the consumer
     restarts and the message is offered again) until the ``ATTEMPTS``-th in a row, which
-    puts the message aside. A database error is never the message's fault: raised."""
+    puts the message aside. A lost or broken database connection (``OperationalError``,
+    ``InterfaceError``) is never the message's fault: raised, not counted. Any other
+    database error (``DataError``, ``IntegrityError``...) may be the message's own, so
+    it is counted: a value the database refuses every time must not stop the line."""
     try:
         handled = message_fire(
             trigger_id=trigger.pk,
@@ -212,13 +232,14 @@ def message_handle(*, trigger: QueueTrigger, key: str, body: bytes) -> Handled:
             body=body,
             max_bytes=trigger.config["max_message_bytes"],
         )
-    except DatabaseError:
+    except (OperationalError, InterfaceError):
         raise
     except Exception as error:
         count = ATTEMPTS_SEEN.failed(trigger.pk, key)
         if count < ATTEMPTS:
             raise
         logger.exception("%s: the message %s failed %d times; put aside", trigger, key, count)
+        ATTEMPTS_SEEN.forget(trigger.pk, key)
         return Handled(Verdict.DEAD, f"handling it failed {count} times: {error!r}")
     ATTEMPTS_SEEN.forget(trigger.pk, key)
     return handled
@@ -258,7 +279,11 @@ def redis_group_ensure(client: redis.Redis, trigger: QueueTrigger) -> None:
     """Create the consumer group if it is missing, starting at the trigger's creation:
     entries added to the stream since then are read, an older history is not."""
     config = trigger.config
-    start = f"{int(trigger.created_at.timestamp() * 1000)}-0"
+    # The group is given the last id before the trigger's millisecond (Redis delivers
+    # ids greater than the one given): "<ms>-0" would skip an entry added in the very
+    # millisecond the trigger was created, which is that millisecond's first id.
+    created_ms = int(trigger.created_at.timestamp() * 1000)
+    start = f"{created_ms - 1}-{2**64 - 1}"
     try:
         client.xgroup_create(config["stream"], config["group"], id=start, mkstream=True)
     except redis.ResponseError as error:
@@ -345,13 +370,14 @@ def redis_consume(
 
 
 def redis_entry_key(stream: str, entry_id: bytes, fields: dict[bytes, bytes]) -> str:
-    """The firing key: the producer's ``id`` field when it gives one (a producer that
-    retries its XADD makes a second entry, with a new entry id, and the same ``id``),
-    else the stream and the entry's id, which redelivery keeps."""
+    """The firing key: ``id:`` and the producer's ``id`` field when it gives one (a
+    producer that retries its XADD makes a second entry, with a new entry id, and the
+    same ``id``), else ``entry:``, the stream and the entry's id, which redelivery
+    keeps. The prefixes keep a producer's id from ever equalling a derived key."""
     supplied = fields.get(ID_FIELD)
     if supplied:
-        return supplied.decode("utf-8")  # UnicodeDecodeError: the caller puts it aside
-    return f"{stream}:{entry_id.decode()}"
+        return "id:" + supplied.decode("utf-8")  # UnicodeDecodeError: put aside
+    return f"entry:{stream}:{entry_id.decode()}"
 
 
 def redis_entry_handle(
@@ -364,7 +390,7 @@ def redis_entry_handle(
         # Deleted from the stream (XDEL, a trim) after it was read: nothing to fire.
         client.xack(stream, group, entry_id)
         return Verdict.ACK
-    size = sum(len(name) + len(value) for name, value in fields.items())
+    size = entry_size(fields)
     try:
         key = redis_entry_key(stream, entry_id, fields)
     except UnicodeDecodeError:
@@ -375,6 +401,7 @@ def redis_entry_handle(
                 Verdict.DEAD,
                 f"the entry is {size} bytes, over max_message_bytes "
                 f"({config['max_message_bytes']})",
+                oversize=True,
             )
         elif PAYLOAD_FIELD not in fields:
             names = ", ".join(sorted(name.decode(errors="replace") for name in fields))
@@ -398,6 +425,20 @@ def redis_entry_handle(
     return handled.verdict
 
 
+def entry_size(fields: dict[bytes, bytes]) -> int:
+    return sum(len(name) + len(value) for name, value in fields.items())
+
+
+def entry_digest(fields: dict[bytes, bytes]) -> str:
+    """The sha256 of an entry's fields, each name and value preceded by its length, so
+    the digest names one set of fields only."""
+    digest = hashlib.sha256()
+    for name, value in fields.items():
+        for part in (name, value):
+            digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
 def redis_dead_letter(
     client: redis.Redis,
     trigger: QueueTrigger,
@@ -406,11 +447,20 @@ def redis_dead_letter(
     handled: Handled,
 ) -> None:
     """Add the entry, its fields as they were and ``dead_*`` fields saying why, to the
-    dead-letter stream, and acknowledge it, in one MULTI/EXEC: both or neither."""
+    dead-letter stream (trimmed to about ``DEAD_LETTER_MAXLEN``), and acknowledge it,
+    in one MULTI/EXEC: both or neither. An oversize entry is a stub: its size and
+    digest (``dead_bytes``, ``dead_sha256``) instead of its fields."""
     config = trigger.config
     reason = reason_cut(handled.reason)
+    if handled.oversize:
+        kept = {
+            b"dead_bytes": str(entry_size(fields)).encode(),
+            b"dead_sha256": entry_digest(fields).encode(),
+        }
+    else:
+        kept = fields
     dead = {
-        **fields,
+        **kept,
         b"dead_reason": reason.encode(),
         b"dead_trigger": str(trigger.pk).encode(),
         b"dead_stream": config["stream"].encode(),
@@ -420,7 +470,7 @@ def redis_dead_letter(
     if handled.firing is not None:
         dead[b"dead_firing"] = str(handled.firing.pk).encode()
     with client.pipeline(transaction=True) as pipe:
-        pipe.xadd(config["dead_letter"], dead)
+        pipe.xadd(config["dead_letter"], dead, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         pipe.xack(config["stream"], config["group"], entry_id)
         pipe.execute()
     logger.warning(
@@ -473,13 +523,14 @@ def amqp_body(message: amqp.Message) -> bytes:
 
 
 def amqp_message_key(message: amqp.Message, body: bytes) -> str:
-    """The firing key: the message's ``message_id`` property when it has one, else the
-    sha256 of its body. AMQP gives a message no id of its own (a delivery tag counts
-    deliveries on one channel), and a redelivery carries the same body."""
+    """The firing key: ``id:`` and the message's ``message_id`` property when it has
+    one, else ``body:sha256:`` and the sha256 of its body. AMQP gives a message no id
+    of its own (a delivery tag counts deliveries on one channel), and a redelivery
+    carries the same body. The prefixes keep a producer's id from equalling a digest."""
     supplied = message.properties.get("message_id")
     if supplied:
-        return str(supplied)
-    return "sha256:" + hashlib.sha256(body).hexdigest()
+        return f"id:{supplied}"
+    return "body:sha256:" + hashlib.sha256(body).hexdigest()
 
 
 def amqp_consume(
@@ -564,10 +615,19 @@ def amqp_dead_letter(
 ) -> None:
     """Publish the message as it came (body, content type and encoding, headers,
     message id) to the dead-letter queue, with ``x-agentops-*`` headers saying why;
-    the broker confirms it before the caller acknowledges the original."""
+    the broker confirms it before the caller acknowledges the original. An oversize
+    message is a stub: an empty body, its size and sha256 in ``x-agentops-bytes`` and
+    ``x-agentops-sha256``."""
     config = trigger.config
     reason = reason_cut(handled.reason)
     properties = message.properties
+    stub = {}
+    if handled.oversize:
+        stub = {
+            f"{HEADER_PREFIX}bytes": len(body),
+            f"{HEADER_PREFIX}sha256": hashlib.sha256(body).hexdigest(),
+        }
+        body = b""
     headers = {
         **(properties.get("application_headers") or {}),
         f"{HEADER_PREFIX}reason": reason,
@@ -575,6 +635,7 @@ def amqp_dead_letter(
         f"{HEADER_PREFIX}queue": config["queue"],
         f"{HEADER_PREFIX}key": key,
         f"{HEADER_PREFIX}dead-at": timezone.now().isoformat(),
+        **stub,
     }
     if handled.firing is not None:
         headers[f"{HEADER_PREFIX}firing"] = handled.firing.pk

@@ -71,11 +71,10 @@ def trigger_fire(
     (what arrived, as JSON), or refuse it and say why; record it either way.
 
     ``overlap="skip"``: refuse while a run this trigger started is still live (a
-    schedule's policy). Where the decision counts (``counted``), the trigger's row is
-    locked for it (SELECT ... FOR UPDATE; on SQLite the IMMEDIATE transaction
-    serialises writers anyway), so the limits count exactly and the duplicate check sees
-    every firing committed before it. The unique constraint on accepted keys holds
-    whether or not a lock is taken: a lost race is answered as a duplicate."""
+    schedule's policy). The trigger's row is locked for the decision (SELECT ... FOR
+    UPDATE; on SQLite the IMMEDIATE transaction serialises writers), so the limits count
+    exactly and the duplicate check sees every firing committed before it; the unique
+    constraint on accepted keys holds even where neither lock does."""
     key = key_storable(key)
     # What arrived, as the database can hold it (NUL, lone surrogates, numbers past
     # JSON's range made storable, with notes): the mapping reads the same value the
@@ -84,11 +83,9 @@ def trigger_fire(
     now = now or timezone.now()
     try:
         with transaction.atomic():
-            trigger = Trigger.objects.select_related("task").get(pk=trigger_id)
-            if counted(trigger, overlap=overlap):
-                trigger = (
-                    Trigger.objects.select_for_update().select_related("task").get(pk=trigger_id)
-                )
+            # Firings of a trigger wait for each other: the limits count exactly, and
+            # two first runs of a task never race to pin its version.
+            trigger = Trigger.objects.select_for_update().select_related("task").get(pk=trigger_id)
             first = accepted_firing(trigger, key)
             if first is not None:
                 return Fired(first, duplicate=True)
@@ -115,19 +112,6 @@ def key_storable(key: str) -> str:
     if len(key) <= KEY_STORED_CHARS and not UNSTORABLE.search(key):
         return key
     return "sha256:" + hashlib.sha256(key.encode(errors="surrogatepass")).hexdigest()
-
-
-def counted(trigger: Trigger, *, overlap: str) -> bool:
-    """Whether the decision counts runs or firings (a rate limit, the task's live runs,
-    a schedule's overlap): only then must firings of the trigger wait for each other.
-    Without, the unique constraint alone keeps a key to one run, and deliveries to one
-    trigger start their runs side by side."""
-    return (
-        trigger.max_per_minute is not None
-        or trigger.max_per_hour is not None
-        or trigger.task.max_live_runs is not None
-        or overlap == "skip"
-    )
 
 
 def accepted_firing(trigger: Trigger, key: str) -> Firing | None:

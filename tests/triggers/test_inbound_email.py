@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import smtplib
+import socket
+import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
@@ -19,11 +21,19 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from django.conf import settings
+from django.db import DataError, OperationalError
 
 from tasks.models import Run, Trigger
 from tests.peers.smtp import HOST, free_port
+from triggers import inbound_email
 from triggers.config import config_errors
-from triggers.inbound_email import EmailRoute, InboundEmailHandler, smtp_listener
+from triggers.inbound_email import (
+    EmailRoute,
+    InboundEmailHandler,
+    dkim_dns,
+    dkim_problem,
+    smtp_listener,
+)
 from triggers.models import Firing
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -308,14 +318,32 @@ def signing_key() -> tuple[bytes, str]:
     return private, "v=DKIM1; k=rsa; p=" + base64.b64encode(public).decode()
 
 
-def signed(mail: EmailMessage, private: bytes, *, domain: str = "example.com") -> bytes:
+SIGNED_HEADERS = [
+    b"from",
+    b"to",
+    b"subject",
+    b"date",
+    b"message-id",
+    b"content-type",
+    b"content-transfer-encoding",
+    b"mime-version",
+]
+
+
+def signed(
+    mail: EmailMessage,
+    private: bytes,
+    *,
+    domain: str = "example.com",
+    include_headers: list[bytes] = SIGNED_HEADERS,
+) -> bytes:
     raw = mail.as_bytes(policy=SMTP_POLICY)
     header = dkim.sign(
         raw,
         b"mail",
         domain.encode(),
         private,
-        include_headers=[b"from", b"to", b"subject", b"date", b"message-id"],
+        include_headers=include_headers,
     )
     return header + raw
 
@@ -392,3 +420,163 @@ def test_a_good_pinned_dkim_key_passes(signing_key):
         "dkim_keys": {"mail._domainkey.example.com": record},
     }
     assert config_errors(kind="email", config=config) == []
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b"Subject: URGENT: wire 50000 EUR to IBAN XX00 EVIL\r\n",
+        b"Message-ID: <fresh-2@example.com>\r\n",
+        b"Date: Wed, 02 Dec 2026 09:30:00 +0000\r\n",
+        b"Content-Type: text/html\r\n",
+        b"To: someone-else@example.com\r\n",
+    ],
+)
+def test_a_header_prepended_above_a_signed_message_is_refused(
+    make_trigger, listening, signing_key, forged
+):
+    """DKIM verifies the bottom copy of a header; the payload would read the top one.
+    A second copy of any header the payload reads is refused, whatever verifies."""
+    private, record = signing_key
+    port = listening(dkim_trigger(make_trigger, record))
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(port, forged + signed(message(), private), sender="ann@example.com")
+    assert refused.value.smtp_code == 550
+    assert b"DKIM: the message has more than one" in refused.value.smtp_error
+    assert Firing.objects.count() == 0 and Run.objects.count() == 0
+    # The message as it was signed still passes.
+    assert send(port, signed(message(), private), sender="ann@example.com") == {}
+    assert Run.objects.get().input["subject"] == "Invoice batch 42"
+
+
+def test_a_bare_line_feed_in_the_headers_is_refused_when_dkim_is_required(
+    make_trigger, listening, signing_key
+):
+    """Python's parser ends a header line at a lone LF; dkimpy reads on to the CRLF."""
+    private, record = signing_key
+    port = listening(dkim_trigger(make_trigger, record))
+    raw = signed(message(), private)
+    forged = raw.replace(b"Subject: Invoice batch 42\r\n", b"Subject: Invoice batch 42\nX: y\r\n")
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(port, forged, sender="ann@example.com")
+    assert b"line end other than CRLF" in refused.value.smtp_error
+
+
+@pytest.mark.parametrize(
+    ("left_out", "said"),
+    [
+        (b"subject", b"does not sign the subject header"),
+        (b"message-id", b"does not sign the message-id header"),
+        (b"content-type", b"does not sign the content-type header"),
+    ],
+)
+def test_a_signature_that_leaves_out_a_header_the_payload_reads_is_refused(
+    make_trigger, listening, signing_key, left_out, said
+):
+    private, record = signing_key
+    port = listening(dkim_trigger(make_trigger, record))
+    headers = [name for name in SIGNED_HEADERS if name != left_out]
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(port, signed(message(), private, include_headers=headers), sender="ann@example.com")
+    assert said in refused.value.smtp_error and Run.objects.count() == 0
+
+
+def test_a_signature_of_another_domain_is_set_aside_before_any_key_lookup(signing_key):
+    private, _record = signing_key
+    looked_up = []
+
+    def recording(name, timeout=5):
+        looked_up.append(name)
+        return None
+
+    raw = signed(message(), private, domain="attacker.test")
+    problem = dkim_problem(raw, "ann@example.com", recording)
+    assert "the signature is attacker.test's, not the From domain's (example.com)" in problem
+    assert looked_up == []
+
+
+def test_pinned_keys_are_the_only_keys_no_dns_for_a_name_not_pinned(monkeypatch, signing_key):
+    _private, record = signing_key
+
+    def no_dns(*args, **kwargs):
+        raise AssertionError("DNS was asked though keys are pinned")
+
+    monkeypatch.setattr(inbound_email.dkim.dnsplug, "get_txt", no_dns)
+    txt = dkim_dns({"mail._domainkey.example.com": record})
+    assert txt(b"mail._domainkey.example.com.") == record.encode()
+    assert txt(b"other._domainkey.example.com.") is None
+
+
+def test_dkim_checking_stops_at_its_deadline(signing_key):
+    private, record = signing_key
+    raw = signed(message(), private)
+    pinned = dkim_dns({"mail._domainkey.example.com": record})
+    assert dkim_problem(raw, "ann@example.com", pinned) == ""
+    problem = dkim_problem(raw, "ann@example.com", pinned, deadline_seconds=0)
+    assert "out of time" in problem
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "said"),
+    [
+        (DataError("value too long for type character varying(200)"), 550, b"DataError"),
+        (OperationalError("server closed the connection unexpectedly"), 451, b"try again"),
+    ],
+)
+def test_a_value_the_database_refuses_is_permanent_a_lost_connection_is_not(
+    make_trigger, listening, monkeypatch, error, code, said
+):
+    """The database's refusal of the message itself (a DataError: it would refuse it
+    on every try) is a 550; a lost connection is a 451, the sender tries again. The
+    fault is injected: services.py makes what a message can carry storable."""
+
+    def refusing(**kwargs):
+        raise error
+
+    monkeypatch.setattr(inbound_email, "trigger_fire", refusing)
+    port = listening(email_trigger(make_trigger))
+    with pytest.raises(smtplib.SMTPDataError) as refused:
+        send(port, message())
+    assert refused.value.smtp_code == code and said in refused.value.smtp_error
+
+
+def greeting(port: int) -> tuple[socket.socket, bytes]:
+    client = socket.create_connection((HOST, port), timeout=10)
+    return client, client.recv(512)
+
+
+def test_connections_past_the_limit_are_told_421_and_let_go(make_trigger, attachments_dir):
+    handler = InboundEmailHandler()
+    handler.routes_set([EmailRoute.of(email_trigger(make_trigger))])
+    port = free_port()
+    listener = smtp_listener(handler, host=HOST, port=port, sessions_max=2)
+    listener.start()
+    held = []
+    try:
+        for _ in range(2):
+            client, said = greeting(port)
+            held.append(client)
+            assert said.startswith(b"220 ")
+        extra, said = greeting(port)
+        assert said.startswith(b"421 4.3.2 too many connections")
+        assert extra.recv(512) == b""  # closed by the listener
+        extra.close()
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # the freed place is counted once the listener sees the close
+            client, said = greeting(port)
+            if said.startswith(b"220 ") or time.monotonic() > deadline:
+                break
+            client.close()
+            time.sleep(0.05)
+        held.append(client)
+        assert said.startswith(b"220 ")
+        # A place held by a session serves mail as before.
+        held.pop().close()
+        time.sleep(0.2)
+        assert send(port, message()) == {}
+    finally:
+        for client in held:
+            client.close()
+        listener.stop()
+    assert Run.objects.count() == 1

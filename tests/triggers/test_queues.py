@@ -6,6 +6,7 @@ mid-way, and poison lands in the dead-letter place with the reason, never redeli
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import threading
@@ -18,15 +19,18 @@ import amqp.exceptions
 import kombu
 import pytest
 import redis
-from django.db import connection
+from django.db import DataError, OperationalError, connection
 
 from tasks.models import Run, Trigger
 from tests.conftest import require
 from tests.peers.workers import wait_for
+from triggers import queues as queues_module
 from triggers.models import Firing
 from triggers.queues import (
+    ATTEMPTS,
     QueueTrigger,
     amqp_consume,
+    entry_digest,
     redis_consume,
     redis_consumer_name,
     redis_group_ensure,
@@ -185,7 +189,7 @@ def test_a_stream_message_starts_a_run_mapped_from_it_and_is_acknowledged(stream
 
     run = Run.objects.get()
     assert run.input == {"lead": "ACME", "score": 7} and run.trigger == trigger
-    assert run.firing_key == f"{trigger.pk}:{stream}:{entry.decode()}"
+    assert run.firing_key == f"{trigger.pk}:entry:{stream}:{entry.decode()}"
     assert dead_letters(client, stream) == []
 
 
@@ -203,7 +207,7 @@ def test_a_message_delivered_twice_starts_one_run(streams, make_trigger):
         wait_for(lambda: pending(client, stream) == 0, what="both to be acknowledged")
 
     assert Run.objects.count() == 1 and Firing.objects.count() == 1
-    assert Firing.objects.get().key == "lead-42"
+    assert Firing.objects.get().key == "id:lead-42"
 
 
 def test_an_entry_read_and_not_acknowledged_before_a_crash_is_handled_once_after_restart(
@@ -221,7 +225,7 @@ def test_an_entry_read_and_not_acknowledged_before_a_crash_is_handled_once_after
     assert len(client.xreadgroup("agentops", name, {stream: ">"}, count=10)[0][1]) == 2
     fired = trigger_fire(
         trigger_id=trigger.pk,
-        key=f"{stream}:{second.decode()}",
+        key=f"entry:{stream}:{second.decode()}",
         payload={"lead": "fired, then a crash"},
     )
     assert fired.accepted and pending(client, stream) == 2
@@ -231,7 +235,7 @@ def test_an_entry_read_and_not_acknowledged_before_a_crash_is_handled_once_after
 
     assert Run.objects.count() == 2
     keys = set(Firing.objects.values_list("key", flat=True))
-    assert keys == {f"{stream}:{first.decode()}", f"{stream}:{second.decode()}"}
+    assert keys == {f"entry:{stream}:{first.decode()}", f"entry:{stream}:{second.decode()}"}
     # Started again, it finds nothing left to do.
     with consuming(redis_consume, trigger):
         pass
@@ -308,8 +312,18 @@ def test_poison_lands_in_the_dead_letter_stream_with_the_reason_and_is_not_redel
     assert said in dead[b"dead_reason"].decode()
     assert dead[b"dead_id"] == entry and dead[b"dead_stream"] == stream.encode()
     assert dead[b"dead_trigger"] == str(trigger.pk).encode()
-    for name, value in fields.items():
-        assert dead[name.encode()] == (value if isinstance(value, bytes) else value.encode())
+    if "over max_message_bytes" in said:
+        # A stub: its size and digest, never a copy of what was too large to take.
+        assert b"payload" not in dead and int(dead[b"dead_bytes"]) > 1024
+        assert (
+            dead[b"dead_sha256"]
+            == entry_digest(
+                {name.encode(): value.encode() for name, value in fields.items()}
+            ).encode()
+        )
+    else:
+        for name, value in fields.items():
+            assert dead[name.encode()] == (value if isinstance(value, bytes) else value.encode())
     assert Run.objects.count() == 0
     refused = list(Firing.objects.all())
     if said.startswith("lead:"):  # input refused: trigger_fire recorded its refusal
@@ -321,6 +335,119 @@ def test_poison_lands_in_the_dead_letter_stream_with_the_reason_and_is_not_redel
     with consuming(redis_consume, trigger):
         pass
     assert len(dead_letters(client, stream)) == 1 and Run.objects.count() == 0
+
+
+def fire_refusing(monkeypatch, error: Exception, lead: str) -> None:
+    """``trigger_fire`` as the consumer calls it, raising ``error`` for the message whose
+    lead is ``lead``: the database's fault injected (services.py makes what a message
+    carries storable, so no payload makes the database refuse it any more)."""
+    real = queues_module.trigger_fire
+
+    def fire(*, trigger_id, key, payload):
+        if payload.get("lead") == lead:
+            raise error
+        return real(trigger_id=trigger_id, key=key, payload=payload)
+
+    monkeypatch.setattr(queues_module, "trigger_fire", fire)
+
+
+def consumer_rounds(
+    trigger: Trigger, client: redis.Redis, stream: str, last: bytes, rounds: int
+) -> int:
+    """Start the consumer up to ``rounds`` times, each until it fails or has read up to
+    ``last`` and has nothing pending; how many rounds ended in an error (the listeners
+    would start it again)."""
+    failed = 0
+    for _ in range(rounds):
+        try:
+            with consuming(redis_consume, trigger) as outcome:
+                wait_for(
+                    lambda: (
+                        "error" in outcome
+                        or (delivered(client, stream) == last and pending(client, stream) == 0)
+                    ),
+                    what="the consumer to fail or finish",
+                )
+        except (DataError, OperationalError):
+            failed += 1
+            continue
+        break
+    return failed
+
+
+def test_a_message_the_database_refuses_is_put_aside_after_its_attempts_and_the_next_handled(
+    streams, make_trigger, monkeypatch
+):
+    client, fresh = streams
+    stream = fresh()
+    trigger = redis_trigger(make_trigger, stream)
+    fire_refusing(monkeypatch, DataError("value too long for type character varying"), "bad")
+    bad = client.xadd(stream, {"payload": json.dumps({"lead": "bad"})})
+    last = client.xadd(stream, {"payload": json.dumps({"lead": "good"})})
+
+    failed = consumer_rounds(trigger, client, stream, last, ATTEMPTS + 2)
+
+    assert failed == ATTEMPTS - 1  # the ATTEMPTS-th failure puts it aside
+    [dead] = dead_letters(client, stream)
+    assert dead[b"dead_id"] == bad and b"DataError" in dead[b"dead_reason"]
+    assert f"handling it failed {ATTEMPTS} times" in dead[b"dead_reason"].decode()
+    assert list(Run.objects.values_list("input__lead", flat=True)) == ["good"]
+    assert pending(client, stream) == 0
+
+
+def test_a_lost_database_connection_is_never_counted_against_the_message(
+    streams, make_trigger, monkeypatch
+):
+    client, fresh = streams
+    stream = fresh()
+    trigger = redis_trigger(make_trigger, stream)
+    fire_refusing(monkeypatch, OperationalError("server closed the connection"), "unlucky")
+    last = client.xadd(stream, {"payload": json.dumps({"lead": "unlucky"})})
+
+    failed = consumer_rounds(trigger, client, stream, last, ATTEMPTS + 1)
+
+    assert failed == ATTEMPTS + 1 and pending(client, stream) == 1
+    assert dead_letters(client, stream) == []
+
+
+def test_the_dead_letter_stream_is_trimmed(streams, make_trigger, monkeypatch):
+    client, fresh = streams
+    stream = fresh()
+    trigger = redis_trigger(make_trigger, stream)
+    monkeypatch.setattr(queues_module, "DEAD_LETTER_MAXLEN", 100)
+    with client.pipeline(transaction=False) as pipe:
+        for number in range(500):
+            pipe.xadd(f"{stream}.dead", {"old": str(number)})
+        pipe.execute()
+    last = client.xadd(stream, {"payload": b"{not json"})
+
+    with consuming(redis_consume, trigger):
+        wait_for(lambda: delivered(client, stream) == last, what="the entry to be read")
+        wait_for(lambda: pending(client, stream) == 0, what="the dead letter")
+
+    # Approximately: Redis trims whole nodes of the stream (100 entries by default).
+    assert client.xlen(f"{stream}.dead") <= 300
+    [(_id, newest)] = client.xrevrange(f"{stream}.dead", count=1)
+    assert b"not JSON" in newest[b"dead_reason"]
+
+
+def test_a_producer_id_that_looks_like_a_derived_key_does_not_suppress_another_message(
+    streams, make_trigger
+):
+    client, fresh = streams
+    stream = fresh()
+    trigger = redis_trigger(make_trigger, stream)
+    plain = client.xadd(stream, {"payload": json.dumps({"lead": "without an id"})})
+    lookalike = f"entry:{stream}:{plain.decode()}"
+    last = client.xadd(stream, {"payload": json.dumps({"lead": "with one"}), "id": lookalike})
+
+    with consuming(redis_consume, trigger):
+        wait_for(lambda: delivered(client, stream) == last, what="both to be read")
+        wait_for(lambda: pending(client, stream) == 0, what="both to be acknowledged")
+
+    assert Run.objects.count() == 2
+    keys = set(Firing.objects.values_list("key", flat=True))
+    assert keys == {f"entry:{stream}:{plain.decode()}", f"id:{lookalike}"}
 
 
 def test_a_disabled_trigger_stops_its_consumer_and_leaves_the_entry(streams, make_trigger):
@@ -384,7 +511,7 @@ def test_a_rabbitmq_message_starts_a_run_and_is_acknowledged(queues, make_trigge
     # The consumer's channel is closed: a message not acknowledged would be back.
     assert messages_ready(queue) == 0
     run = Run.objects.get()
-    assert run.input == {"lead": "ACME"} and run.firing_key == f"{trigger.pk}:m-1"
+    assert run.input == {"lead": "ACME"} and run.firing_key == f"{trigger.pk}:id:m-1"
 
 
 def test_a_rabbitmq_message_delivered_twice_starts_one_run(queues, make_trigger):
@@ -399,10 +526,10 @@ def test_a_rabbitmq_message_delivered_twice_starts_one_run(queues, make_trigger)
     publish(queue, json.dumps({"lead": "the last"}), message_id="z-last")
 
     with consuming(amqp_consume, trigger):
-        wait_for(lambda: Firing.objects.filter(key="z-last").exists(), what="the last")
+        wait_for(lambda: Firing.objects.filter(key="id:z-last").exists(), what="the last")
     assert messages_ready(queue) == 0 and Run.objects.count() == 3
     keys = sorted(Firing.objects.values_list("key", flat=True))
-    assert keys[0] == "m-7" and keys[1].startswith("sha256:") and keys[2] == "z-last"
+    assert keys[0].startswith("body:sha256:") and keys[1] == "id:m-7" and keys[2] == "id:z-last"
 
 
 def test_an_unacknowledged_rabbitmq_message_is_delivered_again_and_starts_one_run(
@@ -455,7 +582,7 @@ def test_rabbitmq_poison_lands_in_the_dead_letter_queue_with_the_reason_in_its_h
     assert dead.properties["content_type"] == "application/json"
     headers = dead.properties["application_headers"]
     assert said in headers["x-agentops-reason"]
-    assert headers["x-agentops-queue"] == queue and headers["x-agentops-key"] == "poison-1"
+    assert headers["x-agentops-queue"] == queue and headers["x-agentops-key"] == "id:poison-1"
     assert headers["x-agentops-trigger"] == trigger.pk
     assert headers["origin"] == "crm"  # the sender's own headers are kept
     assert Run.objects.count() == 0
@@ -463,3 +590,22 @@ def test_rabbitmq_poison_lands_in_the_dead_letter_queue_with_the_reason_in_its_h
     with consuming(amqp_consume, trigger):
         pass
     assert Run.objects.count() == 0 and messages_ready(queue) == 0
+
+
+def test_an_oversize_rabbitmq_message_is_put_aside_as_a_stub(queues, make_trigger):
+    queue = queues()
+    trigger = amqp_trigger(make_trigger, queue)
+    trigger.config["max_message_bytes"] = 1024
+    trigger.save()
+    body = json.dumps({"lead": "x" * 5000}).encode()
+    publish(queue, body, message_id="big-1")
+
+    with consuming(amqp_consume, trigger):
+        wait_for(lambda: messages_ready(f"{queue}.dead") == 1, what="the dead letter")
+
+    [dead] = drained(f"{queue}.dead")
+    assert dead.body in (b"", "")
+    headers = dead.properties["application_headers"]
+    assert headers["x-agentops-bytes"] == len(body)
+    assert headers["x-agentops-sha256"] == hashlib.sha256(body).hexdigest()
+    assert "over max_message_bytes (1024)" in headers["x-agentops-reason"]
