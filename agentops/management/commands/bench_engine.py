@@ -42,6 +42,33 @@ SCRATCH_FILE = "bench.sqlite3"
 # Set on the child when the command runs itself again on another database: the child
 # must find that database configured, or something is wrong with the settings.
 REEXEC_MARKER = "AGENTOPS_BENCH_REEXEC"
+
+
+def command_in_child(
+    command: BaseCommand, name: str, arguments: list[str], *, database_url: str
+) -> None:
+    """Run the management command ``name`` again in a child process whose Django
+    settings name ``database_url`` (a database is fixed when the settings load), passing
+    its output on; a child that fails fails the command."""
+    environment = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+        REEXEC_MARKER: "1",
+    }
+    with subprocess.Popen(
+        [sys.executable, str(settings.BASE_DIR / "manage.py"), name, *arguments],
+        cwd=settings.BASE_DIR,
+        env=environment,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        for line in child.stdout:
+            command.stdout.write(line, ending="")
+    if child.returncode != 0:
+        raise CommandError(f"the bench stopped with exit status {child.returncode}")
+
+
 COMMITS_GOAL = 3.0
 RATIO_GOAL = 0.5  # agentops / LangGraph per-step overhead, on PostgreSQL
 # --positions: the last POSITION_WINDOW agent steps of a run cost at most POSITION_GOAL
@@ -228,23 +255,7 @@ class Command(BaseCommand):
             arguments.append("--cleanup")
         if options["positions"]:
             arguments.append("--positions")
-        environment = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
-            REEXEC_MARKER: "1",
-        }
-        with subprocess.Popen(
-            [sys.executable, str(settings.BASE_DIR / "manage.py"), "bench_engine", *arguments],
-            cwd=settings.BASE_DIR,
-            env=environment,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as child:
-            for line in child.stdout:
-                self.stdout.write(line, ending="")
-        if child.returncode != 0:
-            raise CommandError(f"the bench stopped with exit status {child.returncode}")
+        command_in_child(self, "bench_engine", arguments, database_url=url)
 
     # The bench ---------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from agentops.bench import load_average
 from agentops.config import database_from_url
 from agentops.management.commands.bench_engine import (
     REEXEC_MARKER,
+    command_in_child,
     database_described,
     migrations_check,
     positive_int,
@@ -186,23 +187,7 @@ class Command(BaseCommand):
             arguments += ["--url", options["url"]]
         if options["cleanup"]:
             arguments.append("--cleanup")
-        environment = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
-            REEXEC_MARKER: "1",
-        }
-        with subprocess.Popen(
-            [sys.executable, str(settings.BASE_DIR / "manage.py"), "bench_triggers", *arguments],
-            cwd=settings.BASE_DIR,
-            env=environment,
-            stdout=subprocess.PIPE,
-            text=True,
-        ) as child:
-            for line in child.stdout:
-                self.stdout.write(line, ending="")
-        if child.returncode != 0:
-            raise CommandError(f"the bench stopped with exit status {child.returncode}")
+        command_in_child(self, "bench_triggers", arguments, database_url=url)
 
     # The bench ---------------------------------------------------------------------
 
