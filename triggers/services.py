@@ -214,12 +214,12 @@ def json_type(value: Any) -> str:
 
 
 def payload_kept(payload: Any) -> Any:
-    """What a firing and the run's trail keep of what arrived: the value made storable,
-    or past ``PAYLOAD_CHARS`` a stand-in with its size and sha256."""
-    stored, _notes = json_storable(payload)
-    text = json.dumps(stored, sort_keys=True, ensure_ascii=False)
+    """What a firing and the run's trail keep of what arrived (already made storable by
+    ``trigger_fire``): the value, or past ``PAYLOAD_CHARS`` a stand-in with its size and
+    sha256."""
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
     if len(text) <= PAYLOAD_CHARS:
-        return stored
+        return payload
     return {
         "not_kept": {
             "chars": len(text),
