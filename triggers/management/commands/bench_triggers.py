@@ -258,7 +258,7 @@ class Command(BaseCommand):
         accepted = [a for a in answers if a.status == 202]
         duplicates = [a for a in answers if a.status == 200 and a.duplicate]
         self.say(
-            f"deliveries answered: {len(answers)} in {seconds:.2f} s "
+            f"deliveries answered: {len(answers)} in {seconds:.3f} s "
             f"({len(answers) / seconds:.1f} per second)"
         )
         self.say(
