@@ -298,3 +298,7 @@ LOGGING = {
         },
     },
 }
+
+# Live pages (tasks.views_live): a server-sent event stream ends after this many seconds
+# and the browser reconnects from its last event, so no stream is held forever.
+AGENTOPS_LIVE_STREAM_SECONDS = env_float("AGENTOPS_LIVE_STREAM_SECONDS", 300.0, minimum=1.0)

@@ -45,3 +45,5 @@ INSTALLED_APPS = [*INSTALLED_APPS, "tests"]  # noqa: F405
 # process returns what the slice did. The async worker's tests set it themselves, and
 # pass it to the worker processes they start.
 AGENTOPS_WORKER_CONCURRENCY = int(os.environ.get("AGENTOPS_WORKER_CONCURRENCY", "0"))
+# A browser test's event streams end soon after it does (the browser reconnects).
+AGENTOPS_LIVE_STREAM_SECONDS = 10.0

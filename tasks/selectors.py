@@ -65,13 +65,30 @@ def run_for_detail(run_id: uuid.UUID) -> Run:
     )
 
 
-def steps_for_run(run: Run) -> list[Step]:
-    return list(
-        Step.objects.filter(run=run)
-        .select_related("tool")
-        .prefetch_related("approvals__decided_by")
-        .order_by("number")
-    )
+# The run page shows a long run's latest steps, and earlier ones a page at a time.
+STEPS_SHOWN = 100
+
+
+def steps_for_run(
+    run: Run,
+    *,
+    after: int | None = None,
+    numbers: set[int] | frozenset[int] = frozenset(),
+    before: int | None = None,
+    limit: int | None = None,
+) -> list[Step]:
+    """The run's steps in order: all of them; or those after ``after`` and those numbered
+    in ``numbers`` (what the live page lacks or may show changed); or, with ``limit``,
+    the last ``limit`` of those before ``before`` (a page of a long run)."""
+    steps = Step.objects.filter(run=run)
+    if after is not None:
+        steps = steps.filter(Q(number__gt=after) | Q(number__in=numbers))
+    if before is not None:
+        steps = steps.filter(number__lt=before)
+    steps = steps.select_related("tool").prefetch_related("approvals__decided_by")
+    if limit is None:
+        return list(steps.order_by("number"))
+    return list(reversed(steps.order_by("-number")[:limit]))
 
 
 TOOL_CALLS_SHOWN = 50

@@ -8,13 +8,13 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
-from django_htmx.http import trigger_client_event
 
 from agentops.bad_input import BadInput, bad_request, id_parse, id_refusal, text_refusal
 from agentops.http import see_other
 from agentops.states import InvalidTransition
-from tasks import selectors
+from tasks import live, selectors
 from tasks.autonomy import (
     DialError,
     autonomy_decide,
@@ -100,8 +100,26 @@ def _run_refused(request: HttpRequest, run: Run, said: str) -> HttpResponse:
     return render(request, "runs/detail.html", _run_context(run), status=400)
 
 
-def _run_context(run: Run) -> dict:
-    context = {"run": run, "steps": selectors.steps_for_run(run)}
+def _run_context(run: Run, *, before: int | None = None) -> dict:
+    """The run page: the latest steps (or, with ``before``, the page of steps before
+    that number), and what the live feed starts from (tasks.live)."""
+    seq = live.trail_head(run.pk)
+    steps = selectors.steps_for_run(run, before=before, limit=selectors.STEPS_SHOWN)
+    waiting = live.run_waiting_ids(run)
+    cursor = live.page_cursor(run, steps, seq=seq, waiting=waiting)
+    context = {
+        "run": run,
+        "steps": steps,
+        "earlier": steps[0].number if steps and steps[0].number > 1 else None,
+        "later": before is not None,
+        "in_flight": live.in_flight(run, steps) if before is None else None,
+        "first_waiting": waiting[0] if waiting else None,
+        "now": timezone.now(),
+        "live_cursor": cursor,
+        # A page of earlier steps stands still; the latest steps follow the run while
+        # it is live or a step shown may still change.
+        "live_follow": before is None and (run.is_live or bool(cursor.open_steps)),
+    }
     firing = _firing_of(run)
     if firing is not None:
         context["firing"] = firing
@@ -212,15 +230,13 @@ def _run_or_404(run_id: uuid.UUID) -> Run:
 @login_required
 def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     run = _run_or_404(run_id)
-    context = _run_context(run)
-    if not request.htmx:
-        return render(request, "runs/detail.html", context)
-    response = render(request, "runs/detail.html#run-live", context)
-    if request.GET.get("seen") != run.status:
-        # The run moved since the page last looked: other panels (the inbox count)
-        # refresh on this event instead of polling on their own.
-        trigger_client_event(response, "approvals-changed")
-    return response
+    before = None
+    if raw := request.GET.get("before", ""):
+        try:
+            before = id_parse(raw, field="before", what="a step number")
+        except BadInput as error:
+            return bad_request(str(error))
+    return render(request, "runs/detail.html", _run_context(run, before=before))
 
 
 @require_POST

@@ -6,7 +6,7 @@ import pytest
 from django.urls import reverse
 
 from tasks.models import Run, RunStatus
-from tests.conftest import PLANNED, run_until_rest
+from tests.conftest import run_until_rest
 
 pytestmark = pytest.mark.django_db
 
@@ -94,26 +94,7 @@ def test_run_page_shows_the_timeline_and_labels_a_scripted_model(demo_task, oper
     assert "Scripted model." in page and "scripted:invoice-reconcile" in page
     assert 'id="step-6"' in page and "email_send" in page
     assert "Waiting for a person" in page
-    assert 'hx-trigger="every 3s"' in page  # a live run keeps refreshing
-
-
-def test_the_live_region_is_served_alone_to_htmx_and_stops_polling_when_done(
-    make_task, operator_client
-):
-    task = make_task([PLANNED, {"content": "all done"}])
-    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
-    run = Run.objects.get()
-    partial = operator_client.get(
-        reverse("runs:detail", args=[run.pk]), headers={"HX-Request": "true"}
-    ).content.decode()
-    assert (
-        partial.lstrip().startswith('<section id="run-live"') and 'hx-trigger="every 1s"' in partial
-    )
-    run_until_rest(run)
-    partial = operator_client.get(
-        reverse("runs:detail", args=[run.pk]), headers={"HX-Request": "true"}
-    ).content.decode()
-    assert "hx-trigger" not in partial and "all done" in partial
+    assert "sse-connect" in page  # a live run follows (tests/tasks/test_live.py)
 
 
 def test_the_runs_list_is_a_fixed_number_of_queries(

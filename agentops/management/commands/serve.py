@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import uvicorn
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
@@ -79,13 +80,17 @@ class Command(BaseCommand):
         banner.append(f"Stop them with Ctrl-C, or SIGTERM to this process (pid {os.getpid()}).")
         self.stdout.write(self.style.SUCCESS("\n  " + "\n  ".join(banner) + "\n"))
         try:
-            # With DEBUG off, runserver serves no static files: the app does
-            # (agentops.static_files), from the finders unless they were collected.
-            call_command(
-                "runserver",
-                f"{options['host']}:{options['port']}",
-                use_reloader=False,
-                skip_checks=False,
+            # ASGI (uvicorn): a live page's event stream waits without holding a thread.
+            # The app serves its static files itself (agentops.static_files).
+            call_command("check")
+            uvicorn.run(
+                "agentops.asgi:application",
+                host=options["host"],
+                port=options["port"],
+                lifespan="off",
+                # Open event streams end at once on a stop; the browser reconnects.
+                timeout_graceful_shutdown=2,
+                log_level="info",
             )
         except KeyboardInterrupt:
             pass
