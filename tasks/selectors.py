@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Avg, Count, Max, Q, QuerySet
+from django.db.models import Avg, Count, Max, Q, QuerySet, TextField
+from django.db.models.functions import Cast, Substr
 
 from approvals.models import ApprovalStatus
-from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool, Trigger
+from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool
+from tasks.run_list import RunFilters
 
-RUN_LIST_LIMIT = 100
+# A page of the runs list.
+RUNS_PER_PAGE = 50
+# What the list shows of a run's input: its JSON's first characters.
+INPUT_SHOWN = 120
 
 
 def tasks_for_list() -> QuerySet[Task]:
@@ -23,34 +28,49 @@ def task_for_detail(slug: str) -> Task:
     return Task.objects.prefetch_related("grants__tool").get(slug=slug)
 
 
-def runs_for_list(
-    *, status: str = "", task_slug: str = "", started: str = "", trigger_id: int | None = None
-) -> QuerySet[Run]:
-    """The latest runs; ``started`` is how they started (a trigger kind, "manual" for a
-    person or the shell), ``trigger_id`` the trigger that started them."""
-    runs = Run.objects.select_related("task", "task_version", "started_by", "trigger").order_by(
-        "-created_at"
+def runs_for_list(filters: RunFilters | None = None, *, task_slug: str = "") -> QuerySet[Run]:
+    """The latest runs first, filtered; each with the start of its input as text
+    (``input_head``) instead of the whole document, which may be large."""
+    runs = (
+        Run.objects.select_related("task", "task_version", "started_by", "trigger")
+        .defer("input", "plan", "outcome", "reason", "objective", "budget_extra")
+        .annotate(input_head=Substr(Cast("input", TextField()), 1, INPUT_SHOWN + 1))
+        .order_by("-created_at")
     )
-    if status:
-        runs = runs.filter(status=status)
     if task_slug:
         runs = runs.filter(task__slug=task_slug)
-    if started:
-        runs = runs.filter(trigger_kind=started)
-    if trigger_id is not None:
-        runs = runs.filter(trigger_id=trigger_id)
-    return runs[:RUN_LIST_LIMIT]
+    if filters is None:
+        return runs
+    if filters.status:
+        runs = runs.filter(status=filters.status)
+    if filters.started:
+        runs = runs.filter(trigger_kind=filters.started)
+    if filters.trigger is not None:
+        runs = runs.filter(trigger=filters.trigger)
+    if filters.task is not None:
+        runs = runs.filter(task=filters.task)
+    if filters.model:
+        runs = runs.filter(model_label=filters.model)
+    start, end = filters.created_range()
+    if start is not None:
+        runs = runs.filter(created_at__gte=start)
+    if end is not None:
+        runs = runs.filter(created_at__lt=end)
+    if filters.text:
+        runs = runs.alias(input_text=Cast("input", TextField())).filter(
+            input_text__icontains=filters.text
+        )
+    return runs
 
 
-def trigger_for_filter(trigger_id: int) -> Trigger:
-    """The trigger the runs list is filtered by, with its task's name. (The list names
-    each run's trigger, linked to this filter, rather than listing every trigger: the
-    unfiltered list stays one query for its rows.)"""
-    return (
-        Trigger.objects.select_related("task")
-        .only("pk", "name", "kind", "task__name")
-        .get(pk=trigger_id)
-    )
+def run_list_choices() -> dict:
+    """The runs list's choices of task and model: from the tasks (a short table), not
+    from the runs."""
+    tasks = list(Task.objects.order_by("name").values_list("slug", "name", "model"))
+    return {
+        "tasks": [(slug, name) for slug, name, _ in tasks],
+        "models": sorted({model for _, _, model in tasks}),
+    }
 
 
 def run_for_detail(run_id: uuid.UUID) -> Run:

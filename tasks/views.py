@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
+from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -26,7 +26,8 @@ from tasks.autonomy import (
     track_record,
 )
 from tasks.forms import RunStartForm
-from tasks.models import AutonomyChange, AutonomyLevel, Run, RunStatus, Task, Tool, Trigger
+from tasks.models import AutonomyChange, AutonomyLevel, Run, RunStatus, Task, Tool
+from tasks.run_list import RUN_STARTS, filters_from
 from tasks.services import RunStartError, run_cancel, run_start
 from triggers.models import Firing
 from triggers.selectors import payload_shown, trigger_cards_for_task
@@ -152,41 +153,41 @@ def task_run(request: HttpRequest, slug: str) -> HttpResponse:
     return _task_page(request, task, form, status=400)
 
 
-# How a run started, for the runs list's filter: its trigger's kind, or a person.
-RUN_STARTS = [
-    (Trigger.Kind.MANUAL, "by a person"),
-    (Trigger.Kind.CRON, "by a schedule"),
-    (Trigger.Kind.WEBHOOK, "by a webhook"),
-    (Trigger.Kind.QUEUE, "by a queue message"),
-    (Trigger.Kind.EMAIL, "by an email"),
-]
-
-
 @require_GET
 @login_required
 def run_list(request: HttpRequest) -> HttpResponse:
-    """The latest runs, filtered by status, by how they started and by the trigger that
-    started them; the filters live in the URL (GET), so a filtered list can be linked
+    """The latest runs, a page at a time, filtered by status, how they started, the
+    trigger, the task, the model, the day they were created and text in their input;
+    the filters and the page live in the URL (GET), so a filtered list can be linked
     and its rows refresh with the same filters."""
-    status, started, trigger, refusals = _run_list_filters(request)
-    if refusals and not request.htmx:
-        said = "; ".join(refusals)
+    filters = filters_from(request.GET)
+    if filters.refusals and not request.htmx:
+        said = "; ".join(filters.refusals)
         messages.warning(
             request,
             f"{said}: the other filters apply."
-            if status or started or trigger
+            if filters.any()
             else f"{said}: all runs are shown.",
         )
-    trigger_id = trigger.pk if trigger is not None else None
-    filters = {"status": status, "started": started, "trigger": trigger_id}
+    paginator = Paginator(selectors.runs_for_list(filters), selectors.RUNS_PER_PAGE)
+    page = paginator.get_page(request.GET.get("page"))
+    now = timezone.now()
+    for run in page:
+        run.input_shown = _input_shown(run.input_head)
+        end = run.finished_at or (now if run.is_live and run.started_at else None)
+        run.wall_seconds = (
+            (end - run.started_at).total_seconds() if end and run.started_at else None
+        )
+    query = filters.query()
     context = {
-        "runs": selectors.runs_for_list(status=status, started=started, trigger_id=trigger_id),
-        "status": status,
+        "runs": page,
+        "page": page,
+        "filters": filters,
         "statuses": RunStatus.values,
-        "started": started,
         "starts": RUN_STARTS,
-        "trigger": trigger,
-        "query": urlencode({name: value for name, value in filters.items() if value}),
+        "query": query,
+        "page_query": f"{query}&page={page.number}" if query else f"page={page.number}",
+        **selectors.run_list_choices(),
     }
     # The filters push their URL: going back to it restores the whole page.
     partial = request.htmx and not request.htmx.history_restore_request
@@ -194,29 +195,13 @@ def run_list(request: HttpRequest) -> HttpResponse:
     return render(request, template, context)
 
 
-def _run_list_filters(request: HttpRequest) -> tuple[str, str, Trigger | None, list[str]]:
-    """The runs list's filters from the query (status, started, trigger), each one it
-    cannot take left off, with a sentence saying why."""
-    refusals = []
-    status = request.GET.get("status", "")
-    if status and status not in RunStatus.values:
-        refusals.append(f"No run status is called {status!r} ({', '.join(RunStatus.values)})")
-        status = ""
-    started = request.GET.get("started", "")
-    if started and started not in Trigger.Kind.values:
-        refusals.append(f"No run starts {started!r} ({', '.join(Trigger.Kind.values)})")
-        started = ""
-    trigger = None
-    if raw := request.GET.get("trigger", ""):
-        try:
-            trigger = selectors.trigger_for_filter(
-                id_parse(raw, field="trigger", what="a trigger's id")
-            )
-        except BadInput as error:
-            refusals.append(f"No such trigger: {error}")
-        except Trigger.DoesNotExist:
-            refusals.append(f"No trigger has the id {raw}")
-    return status, started, trigger, refusals
+def _input_shown(head: str | None) -> str:
+    """A run's input as the list shows it: its JSON's start, "…" where it goes on."""
+    if not head or head == "{}":
+        return ""
+    if len(head) > selectors.INPUT_SHOWN:
+        return head[: selectors.INPUT_SHOWN] + "…"
+    return head
 
 
 def _run_or_404(run_id: uuid.UUID) -> Run:
