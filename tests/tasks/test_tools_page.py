@@ -37,9 +37,31 @@ def test_a_tools_page_shows_its_tasks_and_recent_calls_with_latency(make_task, o
     run_until_rest(Run.objects.get())
     page = operator_client.get(reverse("tools:detail", args=["test_echo"])).content.decode()
     assert task.name in page
-    assert "2 in all: 1 succeeded, 0 failed, 1 refused" in page
+    assert "2 in all. Of these: 1 succeeded, 0 failed, 1 refused" in page
     assert " ms</td>" in page and "is not of type" in page
     assert operator_client.get(reverse("tools:detail", args=["nope"])).status_code == 404
+
+
+def test_a_tools_figures_are_over_its_latest_calls(make_task, operator_client, monkeypatch):
+    from tasks import selectors
+
+    task = make_task(
+        [
+            {"calls": [("test_echo", {"text": 5})]},
+            {"calls": [("test_echo", {"text": "a"})]},
+            {"calls": [("test_echo", {"text": "b"})]},
+            {"content": "ok"},
+        ],
+        tools=["test_echo"],
+    )
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run_until_rest(Run.objects.get())
+    monkeypatch.setattr(selectors, "TOOL_FIGURES_CALLS", 2)
+    page = operator_client.get(reverse("tools:detail", args=["test_echo"])).content.decode()
+    # The refused call came first: the latest two both succeeded.
+    assert "3 in all. Of the latest 2: 2 succeeded, 0 failed, 0 refused" in page
+    listed = operator_client.get(reverse("tools:list")).content.decode()
+    assert "<td>3</td>" in listed
 
 
 def test_the_admin_checks_a_new_tools_config_with_its_kind(admin_client):
