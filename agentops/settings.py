@@ -100,7 +100,7 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "runs:list"
+LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"
@@ -214,6 +214,17 @@ Q_CLUSTER = {
     # back to the queue first: django-q2's default (500) would do that every few minutes.
     "recycle": 10_000,
 }
+# django-q2's clusters report themselves (their heartbeat, their workers) to this cache:
+# a file cache on this machine, so the overview in the web process reads what the worker
+# processes wrote (Django's default cache lives inside each process).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    "q2": {
+        "BACKEND": "django.core.cache.backends.filebased.FileBasedCache",
+        "LOCATION": str(VAR_DIR / "cache-q2"),
+    },
+}
+Q_CLUSTER["cache"] = "q2"
 
 CELERY_BROKER_URL = REDIS_URL or "redis://127.0.0.1:6379/0"
 CELERY_TASK_ACKS_LATE = True

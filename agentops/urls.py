@@ -1,9 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
-from django.views.generic import RedirectView
+
+from agentops import views
 
 urlpatterns = [
-    path("", RedirectView.as_view(pattern_name="runs:list"), name="home"),
+    path("", views.overview, name="home"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("tasks/", include("tasks.urls")),
