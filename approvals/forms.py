@@ -5,6 +5,7 @@ import json
 from django import forms
 from django.contrib.auth.models import Group
 
+from agentops.bad_input import BadInput, id_parse, shown
 from agentops.strict_json import json_loads_strict
 from approvals.models import Approval, ApprovalKind, Resolution
 
@@ -149,3 +150,101 @@ class ReassignForm(forms.Form):
             max_length="the reason is longer than 2,000 characters",
             null_characters_not_allowed="the reason holds a NUL character, which cannot be stored",
         )
+
+
+RISKS = ("read", "reversible", "irreversible")
+GROUP_NONE = "none"  # the group filter's value for approvals routed to no group
+
+
+class InboxFilterForm(forms.Form):
+    """The inbox's filters, search, page and selected item, as the URL carries them.
+
+    Every value comes from a URL anyone can type, so each refusal names the parameter
+    and says what it takes; none reaches the database unchecked (a NUL or an id past
+    bigint would be a 500 there)."""
+
+    kind = forms.CharField(required=False)
+    task = forms.CharField(required=False)
+    group = forms.CharField(required=False)
+    risk = forms.CharField(required=False)
+    q = forms.CharField(required=False)
+    page = forms.CharField(required=False)
+    item = forms.CharField(required=False)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Django's own NUL refusal names no field; ours, in clean(), does.
+        for field in self.fields.values():
+            field.validators = []
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        for name in self.fields:
+            if name not in self.errors and "\x00" in str(self.data.get(name, "")):
+                self.add_error(
+                    name, f"{name}: a NUL character cannot be stored or searched for; remove it."
+                )
+        return cleaned
+
+    def clean_kind(self) -> str:
+        kind = self.cleaned_data["kind"]
+        if kind and kind not in ApprovalKind.values:
+            raise forms.ValidationError(
+                f"kind: {shown(kind)} is not a kind of approval; use one of "
+                f"{', '.join(ApprovalKind.values)}."
+            )
+        return kind
+
+    def clean_risk(self) -> str:
+        risk = self.cleaned_data["risk"]
+        if risk and risk not in RISKS:
+            raise forms.ValidationError(
+                f"risk: {shown(risk)} is not a side-effect class; use one of {', '.join(RISKS)}."
+            )
+        return risk
+
+    def clean_task(self) -> str:
+        """A task's slug; it must name a task, or the empty list would look like news."""
+        from tasks.models import Task
+
+        slug = self.cleaned_data["task"]
+        if not slug or "\x00" in slug:
+            return slug
+        if len(slug) > 80 or not Task.objects.filter(slug=slug).exists():
+            raise forms.ValidationError(f"task: there is no task {shown(slug)}.")
+        return slug
+
+    def clean_group(self) -> str:
+        """A group's id, or ``none`` for approvals anyone who decides may take."""
+        group = self.cleaned_data["group"]
+        if not group or group == GROUP_NONE or "\x00" in group:
+            return group
+        try:
+            group_id = id_parse(group, field="group", what="a group id")
+        except BadInput as error:
+            raise forms.ValidationError(f"{error}, or {GROUP_NONE!r}.") from None
+        if not Group.objects.filter(pk=group_id).exists():
+            raise forms.ValidationError(f"group: there is no group with the id {group_id}.")
+        return str(group_id)
+
+    def clean_page(self) -> int:
+        page = self.cleaned_data["page"]
+        if not page:
+            return 1
+        try:
+            return id_parse(page, field="page", what="a page number")
+        except BadInput as error:
+            raise forms.ValidationError(f"{error}.") from None
+
+    def clean_item(self) -> int | None:
+        item = self.cleaned_data["item"]
+        if not item or "\x00" in item:
+            return None
+        try:
+            return id_parse(item, field="item", what="an approval id")
+        except BadInput as error:
+            raise forms.ValidationError(f"{error}.") from None
+
+    def refusal(self) -> str:
+        """Every refusal, one sentence each."""
+        return " ".join(message for errors in self.errors.values() for message in errors)

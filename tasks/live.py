@@ -124,6 +124,20 @@ def run_waiting_ids(run: Run) -> tuple[int, ...]:
     )
 
 
+def run_deciding(run: Run, *, user, waiting: tuple[int, ...]) -> dict:
+    """The run's pending approvals this person may decide on the run page, each as the
+    inbox's card (approvals/_approval.html), and the groups it may be handed to."""
+    if not waiting or user is None:
+        return {"deciding": [], "groups": []}
+    from approvals.selectors import approvals_pending_on_run
+    from approvals.services import groups_deciding
+
+    return {
+        "deciding": list(approvals_pending_on_run(user, run.pk)),
+        "groups": groups_deciding(),
+    }
+
+
 @dataclass(frozen=True)
 class InFlight:
     """What the run's worker is doing now, as far as the record shows."""
@@ -198,6 +212,9 @@ def run_changes(run_id, cursor: Cursor, *, request=None) -> Changes:
         "first_waiting": waiting[0] if waiting else None,
         "now": timezone.now(),
     }
+    if context["waiting_changed"]:
+        user = getattr(request, "user", None)
+        context.update(run_deciding(run, user=user, waiting=waiting))
     html = render_to_string("runs/_changes.html", context, request=request)
     still_open = {
         number: digest

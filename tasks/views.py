@@ -10,6 +10,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
+from django_htmx.http import push_url
 
 from agentops.bad_input import BadInput, bad_request, id_parse, id_refusal, text_refusal
 from agentops.http import see_other
@@ -98,10 +99,10 @@ def _task_refused(request: HttpRequest, task: Task, said: str) -> HttpResponse:
 def _run_refused(request: HttpRequest, run: Run, said: str) -> HttpResponse:
     """The run page again, with why the request changed nothing: a 400."""
     messages.error(request, said)
-    return render(request, "runs/detail.html", _run_context(run), status=400)
+    return render(request, "runs/detail.html", _run_context(run, user=request.user), status=400)
 
 
-def _run_context(run: Run, *, before: int | None = None) -> dict:
+def _run_context(run: Run, *, user, before: int | None = None) -> dict:
     """The run page: the latest steps (or, with ``before``, the page of steps before
     that number), and what the live feed starts from (tasks.live)."""
     seq = live.trail_head(run.pk)
@@ -120,6 +121,7 @@ def _run_context(run: Run, *, before: int | None = None) -> dict:
         # A page of earlier steps stands still; the latest steps follow the run while
         # it is live or a step shown may still change.
         "live_follow": before is None and (run.is_live or bool(cursor.open_steps)),
+        **live.run_deciding(run, user=user, waiting=waiting),
     }
     firing = _firing_of(run)
     if firing is not None:
@@ -191,8 +193,14 @@ def run_list(request: HttpRequest) -> HttpResponse:
     }
     # The filters push their URL: going back to it restores the whole page.
     partial = request.htmx and not request.htmx.history_restore_request
-    template = "runs/list.html#run-rows" if partial else "runs/list.html"
-    return render(request, template, context)
+    if not partial:
+        return render(request, "runs/list.html", context)
+    response = render(request, "runs/list.html#run-rows", context)
+    if request.htmx.trigger == "run-filters":
+        # The URL the filters push is the filters as the list took them, not the form's
+        # every field (empty ones too); the rows' own refresh pushes nothing.
+        push_url(response, f"{request.path}?{query}" if query else request.path)
+    return response
 
 
 def _input_shown(head: str | None) -> str:
@@ -221,7 +229,9 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
             before = id_parse(raw, field="before", what="a step number")
         except BadInput as error:
             return bad_request(str(error))
-    return render(request, "runs/detail.html", _run_context(run, before=before))
+    return render(
+        request, "runs/detail.html", _run_context(run, user=request.user, before=before)
+    )
 
 
 @require_POST

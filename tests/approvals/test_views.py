@@ -159,10 +159,11 @@ def test_the_inbox_is_one_query_per_list_whatever_its_length(
     for run in Run.objects.all():
         run_until_rest(run)
     assert Approval.objects.filter(status="pending").count() == 5
-    # session, user, permissions (x2), count for the nav, pending list, decided list
-    with django_assert_max_num_queries(8):
+    # session, user, permissions (x2), count for the nav, the list's counts, its rows,
+    # the selected item in full, the filters' tasks, the groups, the decided list
+    with django_assert_max_num_queries(11):
         response = operator_client.get(reverse("approvals:inbox"))
-    assert response.content.decode().count('class="card approval ') == 5
+    assert response.content.decode().count('<tr id="row-') == 5
 
 
 def test_each_kind_shows_its_own_decisions(make_task, operator_client):
@@ -240,11 +241,19 @@ def test_the_other_kinds_are_decided_through_http(make_task, operator_client):
         operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
         run_until_rest(Run.objects.get(task=task))
 
-    page = operator_client.get(reverse("approvals:inbox")).content.decode()
+    def opened(task) -> str:
+        """The inbox with the task's pending approval open beside the list."""
+        approval = Approval.objects.get(run__task=task, status="pending")
+        url = reverse("approvals:inbox")
+        return operator_client.get(url, {"item": approval.pk}).content.decode()
+
+    page = opened(review)
     assert "Review an outcome" in page and "Send back to the agent" in page
+    page = opened(loop)
     assert "Review a possible loop" in page and "Let it go on" in page
-    assert "Answer the agent&#x27;s question" in page and "the agent asks: Which batch?" in page
     assert "Last steps" in page
+    page = opened(question)
+    assert "Answer the agent&#x27;s question" in page and "the agent asks: Which batch?" in page
 
     def decide(task, data):
         approval = Approval.objects.get(run__task=task, status="pending")
@@ -351,7 +360,12 @@ def test_a_refusal_keeps_the_other_items_as_proposed(make_task, operator_client)
         run_until_rest(Run.objects.get(task=task))
     first, second = Approval.objects.order_by("pk")
     response = approve_with(operator_client, first, '{"text": 12}')
-    other = item(response.content.decode(), second)
+    # The refused item is the one open, the other still listed beside it, as proposed.
+    page = response.content.decode()
+    assert "do not match" in item(page, first)
+    assert f'id="row-{second.pk}"' in page and f'id="approval-{second.pk}"' not in page
+    opened = operator_client.get(reverse("approvals:inbox"), {"item": second.pk})
+    other = item(opened.content.decode(), second)
     assert "do not match" not in other and "&quot;two&quot;\n}</textarea>" in other
 
 

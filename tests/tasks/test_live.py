@@ -51,7 +51,10 @@ def test_a_live_run_page_follows_the_run_from_its_cursor(waiting_run, operator_c
     assert cursor.waiting == (Approval.objects.get().pk,)
     # Its notice leads to the very item in the inbox.
     assert f"/approvals/?item={Approval.objects.get().pk}" in page
-
+    # And the item can be decided right here, coming back to this page.
+    decide = reverse("approvals:decide", args=[Approval.objects.get().pk])
+    assert f'action="{decide}"' in page
+    assert f'name="next" value="/runs/{waiting_run.pk}/"' in page
 
 def test_nothing_recorded_means_nothing_sent(waiting_run, operator_client):
     page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
@@ -245,8 +248,9 @@ def test_the_run_page_is_a_fixed_number_of_queries(
 ):
     operator_client.get(reverse("runs:detail", args=[waiting_run.pk]))
     # session, user, the run (with its firing and pending count), the trail's head,
-    # the steps, their tools' approvals, the deciders, pending ids, permissions, nav count
-    with django_assert_num_queries(10):
+    # the steps, their approvals, pending ids, permissions (2), the cards to decide in
+    # place, the nav count, the groups a card can hand its item to
+    with django_assert_num_queries(12):
         operator_client.get(reverse("runs:detail", args=[waiting_run.pk]))
 
 

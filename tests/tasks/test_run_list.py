@@ -145,3 +145,19 @@ def test_a_page_of_the_list_is_a_fixed_number_of_queries(
             reverse("runs:list"), {"task": runs["alpha"].slug, "q": "INV", "page": "2"}
         )
     assert len(rows(response)) == 10
+
+
+def test_the_filters_push_a_clean_url_and_the_rows_refresh_pushes_none(runs, operator_client):
+    beta = runs["beta"]
+    form = operator_client.get(
+        reverse("runs:list"),
+        {"status": "", "task": beta.slug, "model": "", "q": ""},
+        headers={"HX-Request": "true", "HX-Trigger": "run-filters"},
+    )
+    assert form["HX-Push-Url"] == f"/runs/?task={beta.slug}"
+    refresh = operator_client.get(
+        reverse("runs:list"),
+        {"task": beta.slug, "page": "1"},
+        headers={"HX-Request": "true", "HX-Trigger": "run-rows"},
+    )
+    assert "HX-Push-Url" not in refresh and len(rows(refresh)) == 5
