@@ -46,7 +46,7 @@ from agentops.runtime.engine.leases import lease_fence
 from agentops.runtime.engine.ledger import retry_note, step_add, step_entry, steps_add, steps_commit
 from agentops.runtime.engine.rails import budget_gate
 from agentops.runtime.engine.stops import outcome_review, run_end, run_succeed
-from agentops.runtime.models import ModelError, ModelTurn, client_for
+from agentops.runtime.models import ModelError, ModelTurn
 from agentops.runtime.models.base import turn_storable
 from lineage.services import event_append
 from tasks.models import (
@@ -292,7 +292,7 @@ def model_call(
     timeout = settings.AGENTOPS_MODEL_TIMEOUT
     if limits.seconds is not None:
         timeout = max(1.0, min(timeout, limits.seconds - usage.seconds))
-    client = client_for(ctx.run.model_label)
+    client = waits.model_client(ctx.run.model_label)
     attempts = int(ctx.setting("model_max_attempts"))
     for attempt in range(1, attempts + 1):
         started = time.monotonic()

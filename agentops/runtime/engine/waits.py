@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -36,6 +37,7 @@ from agentops.runtime.models.base import (
     RETRY_AFTER_MAX_SECONDS,
     SCRIPTED_PREFIX,
     ModelError,
+    client_for,
 )
 from agentops.runtime.providers import Provider, Reservation, provider_for, token_count
 
@@ -56,6 +58,27 @@ class RunGreenlet(greenlet.greenlet):
     # Since when it waits on I/O (time.monotonic()), None while it works.
     waiting_since: float | None = None
     stuck_said = False  # the runner logged that its wait outlasted the job time limit
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """What answers the engine's I/O in place of the model and the tools: a replay
+    (``agentops.runtime.replay``) drives the engine over a run's record with nothing
+    fired. ``model`` answers every model turn; ``tool(tool, arguments, context)`` every
+    tool call. Under a stand-in nothing waits: no provider's limits, no pause."""
+
+    model: ModelClient
+    tool: Callable[[Tool, Any, ToolContext], ToolResult]
+
+
+stand_in: ContextVar[StandIn | None] = ContextVar("agentops_stand_in", default=None)
+
+
+def model_client(model_label: str) -> ModelClient:
+    """The client that answers the run's model turns: the stand-in's, under one (the
+    run's own model may not even be reachable where a replay runs), else the model's."""
+    answering = stand_in.get()
+    return answering.model if answering is not None else client_for(model_label)
 
 
 def current_runner() -> Runner | None:
@@ -80,7 +103,7 @@ def wait(make: Callable[[], Awaitable[T]]) -> T:
 
 def pause(seconds: float) -> None:
     """Wait ``seconds`` (between retries), holding nothing on the async worker."""
-    if seconds <= 0:
+    if seconds <= 0 or stand_in.get() is not None:
         return
     if current_runner() is None:
         time.sleep(seconds)
@@ -93,6 +116,8 @@ def model_complete(client: ModelClient, **request: Any) -> ModelTurn:
     ``client.acomplete`` on the async worker's loop where the client has one (the
     OpenAI-compatible client does, through ``AsyncOpenAI``), else the blocking
     ``client.complete`` (on the async worker, on its bounded thread pool)."""
+    if stand_in.get() is not None:
+        return client.complete(**request)  # a stand-in's answer calls nobody
     provider = None
     if not client.label.startswith(SCRIPTED_PREFIX):
         provider = provider_for(client.label, getattr(client, "base_url", None))
@@ -339,6 +364,9 @@ def tool_execute(
     one (I/O-bound kinds), else ``executor.execute`` on the worker's bounded thread pool
     (a python tool that blocks, a driver with no async form), with the tool's own
     timeout kept by the executor."""
+    answering = stand_in.get()
+    if answering is not None:
+        return answering.tool(tool, arguments, context)
     runner = current_runner()
     if runner is None:
         return executor.execute(tool, arguments, context)
