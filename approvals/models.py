@@ -86,6 +86,8 @@ class Approval(models.Model):
         indexes = [
             models.Index(fields=["status", "created_at"], name="approval_status_created"),
             models.Index(fields=["status", "expires_at"], name="approval_status_expires"),
+            # The inbox's decided list and a task's track record, latest decision first.
+            models.Index(fields=["-decided_at"], name="approval_decided"),
         ]
         permissions = [("decide_approval", "Can decide approvals")]
 

@@ -508,6 +508,9 @@ class Run(models.Model):
         ordering = ["-created_at"]
         permissions = [("start_run", "Can start runs"), ("cancel_run", "Can cancel runs")]
         indexes = [
+            # The runs list, newest first, and the overview's month of runs: without it
+            # PostgreSQL sorts every run to show fifty.
+            models.Index(fields=["-created_at"], name="run_created"),
             models.Index(fields=["status", "created_at"], name="run_status_created"),
             models.Index(fields=["task", "-created_at"], name="run_task_created"),
         ]
@@ -609,6 +612,18 @@ class Step(models.Model):
     class Meta:
         ordering = ["run", "number"]
         constraints = [models.UniqueConstraint(fields=["run", "number"], name="step_run_number")]
+        indexes = [
+            # The tools list and a tool's page: a tool's calls counted, its latest ones,
+            # their outcomes and latency, all read from the index alone (the id too, as
+            # Count("pk") counts it). Only tool steps are in it, so the steps of model
+            # turns and plans (most of them) cost it no write.
+            models.Index(
+                fields=["tool", "-created_at"],
+                include=["id", "status", "duration_ms"],
+                condition=models.Q(tool__isnull=False),
+                name="step_tool_created",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.number} {self.kind} {self.status}"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 
 from django.db.models import Avg, Count, OuterRef, Q, QuerySet, Subquery, TextField
-from django.db.models.functions import Cast, Substr
+from django.db.models.functions import Cast, Coalesce, Substr
 
 from approvals.models import ApprovalStatus
-from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool
+from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool, ToolGrant
 from tasks.run_list import RunFilters
 
 # A page of the runs list.
@@ -18,9 +18,17 @@ INPUT_SHOWN = 120
 
 
 def tasks_for_list() -> QuerySet[Task]:
+    """Each task with its grants and live runs, counted in subqueries: a join of the
+    grants with every run the task ever had grew with the runs (120 ms at 100,000)."""
+    grants = ToolGrant.objects.filter(task=OuterRef("pk")).order_by()
+    live = Run.objects.filter(task=OuterRef("pk"), status__in=LIVE_RUN_STATUSES).order_by()
     return Task.objects.annotate(
-        grant_count=Count("grants", distinct=True),
-        live_runs=Count("runs", filter=Q(runs__status__in=LIVE_RUN_STATUSES), distinct=True),
+        grant_count=Coalesce(
+            Subquery(grants.values("task").annotate(n=Count("pk")).values("n")[:1]), 0
+        ),
+        live_runs=Coalesce(
+            Subquery(live.values("task").annotate(n=Count("pk")).values("n")[:1]), 0
+        ),
     ).order_by("name")
 
 
