@@ -229,9 +229,7 @@ def run_detail(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
             before = id_parse(raw, field="before", what="a step number")
         except BadInput as error:
             return bad_request(str(error))
-    return render(
-        request, "runs/detail.html", _run_context(run, user=request.user, before=before)
-    )
+    return render(request, "runs/detail.html", _run_context(run, user=request.user, before=before))
 
 
 @require_POST

@@ -56,6 +56,7 @@ def test_a_live_run_page_follows_the_run_from_its_cursor(waiting_run, operator_c
     assert f'action="{decide}"' in page
     assert f'name="next" value="/runs/{waiting_run.pk}/"' in page
 
+
 def test_nothing_recorded_means_nothing_sent(waiting_run, operator_client):
     page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
     cursor = page_cursor(page)
@@ -255,9 +256,7 @@ def test_the_run_page_is_a_fixed_number_of_queries(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_under_asgi_the_stream_is_asynchronous_and_ends_with_the_run(
-    make_task, operator, settings
-):
+def test_under_asgi_the_stream_is_asynchronous_and_ends_with_the_run(make_task, operator, settings):
     """As ``manage.py serve`` (uvicorn) serves it: an async generator, no thread held."""
     settings.AGENTOPS_LIVE_STREAM_SECONDS = 5
     task = make_task([PLANNED, {"content": "all done"}])
