@@ -313,3 +313,6 @@ LOGGING = {
 # Live pages (tasks.views_live): a server-sent event stream ends after this many seconds
 # and the browser reconnects from its last event, so no stream is held forever.
 AGENTOPS_LIVE_STREAM_SECONDS = env_float("AGENTOPS_LIVE_STREAM_SECONDS", 300.0, minimum=1.0)
+# The live streams one person may hold open in one server process (tabs of run pages
+# and lists); past it a stream is refused with a 503 and the page polls instead.
+AGENTOPS_LIVE_STREAMS_PER_USER = env_int("AGENTOPS_LIVE_STREAMS_PER_USER", 20, minimum=1)

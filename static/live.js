@@ -17,11 +17,27 @@
     });
   }, 1000);
 
-  // The stream's last event id is the page's cursor: the fallback starts from it.
+  // The stream's last event id is the page's cursor: the fallback starts from it, and
+  // so does a new stream (htmx's extension opens one from sse-connect after a failed
+  // reconnect, and a new EventSource sends no Last-Event-ID).
   document.addEventListener("htmx:sseMessage", function (event) {
     var live = document.getElementById("run-live");
     var id = event.detail && event.detail.lastEventId;
-    if (live && id) live.dataset.cursor = id;
+    if (!live || !id) return;
+    live.dataset.cursor = id;
+    var url = live.getAttribute("sse-connect");
+    if (url) live.setAttribute("sse-connect", url.split("?")[0] + "?cursor=" + encodeURIComponent(id));
+  });
+
+  // A step sent again (a reconnect from an older cursor) replaces the one shown
+  // instead of standing twice.
+  document.addEventListener("htmx:oobBeforeSwap", function (event) {
+    var detail = event.detail || {};
+    if (!detail.target || detail.target.id !== "timeline" || !detail.fragment) return;
+    detail.fragment.querySelectorAll("li[id^='step-']").forEach(function (step) {
+      var shown = document.getElementById(step.id);
+      if (shown && shown.parentNode === detail.target) shown.remove();
+    });
   });
 
   // Three errors in a row with nothing received between them (a proxy that buffers or
@@ -46,7 +62,12 @@
       var url = live.dataset.changes + "?cursor=" + encodeURIComponent(live.dataset.cursor);
       fetch(url, { credentials: "same-origin", headers: { "HX-Request": "true" } })
         .then(function (response) {
-          if (!response.ok) throw new Error(response.status);
+          if (response.status >= 400 && response.status < 500) {
+            // Logged out, the run gone, a cursor refused: asking again will not help.
+            stopped(live);
+            return;
+          }
+          if (!response.ok || response.redirected) throw new Error(response.status);
           live.dataset.cursor = response.headers.get("X-Live-Cursor") || live.dataset.cursor;
           var finished = response.headers.get("X-Live-Finished") === "true";
           return response.text().then(function (html) {
@@ -58,6 +79,13 @@
     }
     look();
   }
+  function stopped(live) {
+    var note = document.createElement("p");
+    note.className = "notice failed";
+    note.textContent = "This page stopped following the run: reload it.";
+    live.prepend(note);
+  }
+
   // A browser without EventSource polls from the start.
   document.addEventListener("DOMContentLoaded", function () {
     if (!window.EventSource) poll();

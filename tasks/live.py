@@ -47,10 +47,13 @@ STEP_SETTLED = frozenset(
 # A cursor names at most this many open steps; a page with more (it cannot happen with
 # the engine's one call at a time, but a hostile cursor may try) re-sends the rest.
 OPEN_STEPS_TRACKED = 20
+# The pending approvals a cursor names (the run page offers the first of them).
+WAITING_TRACKED = 20
 CURSOR_PATTERN = re.compile(
     r"^(?P<seq>\d{1,12})\.(?P<last>\d{1,9})\.(?P<live>[01])"
     r"\.(?P<waiting>(\d{1,12}(-\d{1,12}){0,19})?)"
-    r"\.(?P<open>(\d{1,9}:[0-9a-f]{8}(-\d{1,9}:[0-9a-f]{8}){0,19})?)$"
+    r"\.(?P<open>(\d{1,9}:[0-9a-f]{8}(-\d{1,9}:[0-9a-f]{8}){0,19})?)",
+    re.ASCII,
 )
 
 
@@ -75,7 +78,7 @@ class Cursor:
 
     @classmethod
     def parse(cls, text: str) -> Cursor:
-        found = CURSOR_PATTERN.match(text or "")
+        found = CURSOR_PATTERN.fullmatch(text or "")
         if found is None:
             raise CursorInvalid("not a cursor of the run page")
         waiting = found["waiting"]
@@ -105,17 +108,24 @@ def step_digest(step: Step) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def step_is_open(step: Step) -> bool:
-    """Whether the step may still change: not settled, or an approval on it waits."""
-    if step.status not in STEP_SETTLED:
+def step_is_open(step: Step, *, run_live: bool) -> bool:
+    """Whether the step may still change: an approval on it waits, or, while the run is
+    live, it is not settled. A finished run's step left ``proposed``, ``started`` or
+    ``unknown`` changes no more."""
+    if any(approval.status == ApprovalStatus.PENDING for approval in step.approvals.all()):
         return True
-    return any(approval.status == ApprovalStatus.PENDING for approval in step.approvals.all())
+    return run_live and step.status not in STEP_SETTLED
 
 
 def trail_head(run_id) -> int:
     """The run's last trail event's ``seq`` (0 for none): one index lookup."""
     head = LineageEvent.objects.filter(run_uuid=run_id).aggregate(head=Max("seq"))["head"]
     return head or 0
+
+
+def following(run: Run, waiting: tuple[int, ...]) -> bool:
+    """Whether the page has more to come: the run is live, or an approval on it waits."""
+    return run.is_live or bool(waiting)
 
 
 def run_waiting_ids(run: Run) -> tuple[int, ...]:
@@ -166,12 +176,14 @@ def in_flight(run: Run, steps: list[Step]) -> InFlight | None:
 
 
 def page_cursor(run: Run, steps: list[Step], *, seq: int, waiting: tuple[int, ...]) -> Cursor:
-    opened = {step.number: step_digest(step) for step in steps if step_is_open(step)}
+    opened = {
+        step.number: step_digest(step) for step in steps if step_is_open(step, run_live=run.is_live)
+    }
     return Cursor(
         seq=seq,
         last_step=steps[-1].number if steps else 0,
         live=run.is_live,
-        waiting=waiting,
+        waiting=waiting[:WAITING_TRACKED],
         open_steps=dict(sorted(opened.items())[-OPEN_STEPS_TRACKED:]),
     )
 
@@ -184,28 +196,35 @@ class Changes:
 
 
 def run_changes(run_id, cursor: Cursor, *, request=None) -> Changes:
-    """What the page at ``cursor`` lacks, as out-of-band fragments, and the new cursor."""
+    """What the page at ``cursor`` lacks, as out-of-band fragments, and the new cursor.
+
+    At most STEPS_SHOWN new steps are sent: a page further behind (or a cursor claiming
+    to be) gets the timeline replaced by the latest STEPS_SHOWN, as a reload would show
+    it, so no cursor makes the server render a whole long run."""
     seq = trail_head(run_id)
     if seq == cursor.seq:
-        return Changes("", cursor, finished=not cursor.live and not cursor.open_steps)
+        finished = not cursor.live and not cursor.waiting and not cursor.open_steps
+        return Changes("", cursor, finished=finished)
     run = selectors.run_for_detail(run_id)
-    wanted = set(cursor.open_steps)
     # The last step shown comes too: the call in flight is timed from it.
-    steps = selectors.steps_for_run(
-        run, after=cursor.last_step, numbers=wanted | {cursor.last_step}
-    )
-    new = [step for step in steps if step.number > cursor.last_step]
+    known = selectors.steps_for_run(run, numbers=set(cursor.open_steps) | {cursor.last_step})
+    new = selectors.steps_for_run(run, after=cursor.last_step, limit=selectors.STEPS_SHOWN + 1)
+    replaced = len(new) > selectors.STEPS_SHOWN
+    if replaced:
+        new = new[1:]
     changed = [
         step
-        for step in steps
-        if step.number in wanted and step_digest(step) != cursor.open_steps[step.number]
+        for step in known
+        if step.number in cursor.open_steps and step_digest(step) != cursor.open_steps[step.number]
     ]
-    waiting = run_waiting_ids(run)
-    shown = [step for step in steps if step.number <= cursor.last_step]
+    waiting = run_waiting_ids(run)[:WAITING_TRACKED]
+    steps = sorted({step.number: step for step in [*known, *new]}.values(), key=lambda s: s.number)
     context = {
         "run": run,
         "new_steps": new,
-        "changed_steps": changed,
+        "timeline_replaced": replaced,
+        "earlier": new[0].number if replaced else None,
+        "changed_steps": [] if replaced else changed,
         "in_flight": in_flight(run, steps),
         "live_changed": run.is_live != cursor.live,
         "waiting_changed": waiting != cursor.waiting,
@@ -216,13 +235,12 @@ def run_changes(run_id, cursor: Cursor, *, request=None) -> Changes:
         user = getattr(request, "user", None)
         context.update(run_deciding(run, user=user, waiting=waiting))
     html = render_to_string("runs/_changes.html", context, request=request)
+    shown = known if not replaced else []
     still_open = {
-        number: digest
-        for number, digest in cursor.open_steps.items()
-        if number not in {step.number for step in shown}
+        step.number: step_digest(step)
+        for step in [*shown, *new]
+        if step_is_open(step, run_live=run.is_live)
     }
-    still_open.update({step.number: step_digest(step) for step in shown if step_is_open(step)})
-    still_open.update({step.number: step_digest(step) for step in new if step_is_open(step)})
     next_cursor = replace(
         cursor,
         seq=seq,
@@ -231,4 +249,5 @@ def run_changes(run_id, cursor: Cursor, *, request=None) -> Changes:
         waiting=waiting,
         open_steps=dict(sorted(still_open.items())[-OPEN_STEPS_TRACKED:]),
     )
-    return Changes(html, next_cursor, finished=not run.is_live and not next_cursor.open_steps)
+    finished = not following(run, waiting) and not next_cursor.open_steps
+    return Changes(html, next_cursor, finished=finished)

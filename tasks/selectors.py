@@ -105,12 +105,16 @@ def steps_for_run(
     before: int | None = None,
     limit: int | None = None,
 ) -> list[Step]:
-    """The run's steps in order: all of them; or those after ``after`` and those numbered
-    in ``numbers`` (what the live page lacks or may show changed); or, with ``limit``,
-    the last ``limit`` of those before ``before`` (a page of a long run)."""
+    """The run's steps in order: all of them; or those after ``after`` and/or numbered
+    in ``numbers`` (what the live page lacks or may show changed); those before
+    ``before``; with ``limit``, only the last ``limit`` of them (a page of a long run)."""
     steps = Step.objects.filter(run=run)
-    if after is not None:
+    if after is not None and numbers:
         steps = steps.filter(Q(number__gt=after) | Q(number__in=numbers))
+    elif after is not None:
+        steps = steps.filter(number__gt=after)
+    elif numbers:
+        steps = steps.filter(number__in=numbers)
     if before is not None:
         steps = steps.filter(number__lt=before)
     steps = steps.select_related("tool").prefetch_related("approvals__decided_by")

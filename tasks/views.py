@@ -120,7 +120,7 @@ def _run_context(run: Run, *, user, before: int | None = None) -> dict:
         "live_cursor": cursor,
         # A page of earlier steps stands still; the latest steps follow the run while
         # it is live or a step shown may still change.
-        "live_follow": before is None and (run.is_live or bool(cursor.open_steps)),
+        "live_follow": before is None and (live.following(run, waiting) or bool(cursor.open_steps)),
         **live.run_deciding(run, user=user, waiting=waiting),
     }
     firing = _firing_of(run)

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from asgiref.sync import sync_to_async
@@ -58,10 +60,42 @@ def sse_event(*, event: str, data: str = "", event_id: str = "") -> str:
     return "\n".join(lines) + "\n\n"
 
 
+# Streams open in this process, by user: each holds a thread and looks twice a second,
+# so one person's tabs (or a script) cannot take the server's.
+_open_streams: Counter[int] = Counter()
+_open_lock = threading.Lock()
+
+
+def _stream_claim(user_id: int) -> bool:
+    with _open_lock:
+        if _open_streams[user_id] >= settings.AGENTOPS_LIVE_STREAMS_PER_USER:
+            return False
+        _open_streams[user_id] += 1
+        return True
+
+
+def _stream_release(user_id: int) -> None:
+    with _open_lock:
+        _open_streams[user_id] -= 1
+        if _open_streams[user_id] <= 0:
+            del _open_streams[user_id]
+
+
 def stream_response(request: HttpRequest, look: Callable[[], tuple[str, bool]]) -> HttpResponse:
     """A text/event-stream that calls ``look`` every LOOK_SECONDS: it returns what to
-    send ("" for nothing) and whether the stream is done."""
+    send ("" for nothing) and whether the stream is done. Past a person's
+    AGENTOPS_LIVE_STREAMS_PER_USER open streams in this process: a 503 with Retry-After
+    (the page's polling fallback, or a later reconnect, takes over)."""
     limit = settings.AGENTOPS_LIVE_STREAM_SECONDS
+    user_id = request.user.pk
+    if not _stream_claim(user_id):
+        response = HttpResponse(
+            "Too many live pages open for you on this server: close some, or reload later.",
+            status=503,
+            content_type="text/plain; charset=utf-8",
+        )
+        response["Retry-After"] = "30"
+        return response
 
     def looked() -> tuple[str, bool]:
         try:
@@ -108,9 +142,32 @@ def stream_response(request: HttpRequest, look: Callable[[], tuple[str, bool]]) 
                 yield ": keepalive\n\n"
             await asyncio.sleep(LOOK_SECONDS)
 
-    stream = async_stream() if isinstance(request, ASGIRequest) else sync_stream()
+    # The place is given back once: when the stream ends, or when the server closes the
+    # response (the client left), whether the stream started or not.
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            _stream_release(user_id)
+
+    def sync_released() -> Iterator[str]:
+        try:
+            yield from sync_stream()
+        finally:
+            release()
+
+    async def async_released() -> AsyncIterator[str]:
+        try:
+            async for part in async_stream():
+                yield part
+        finally:
+            release()
+
+    stream = async_released() if isinstance(request, ASGIRequest) else sync_released()
     response = StreamingHttpResponse(stream, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
+    response._resource_closers.append(release)
+    response["Cache-Control"] = "no-store, private"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each event on as it comes
     return response
 

@@ -150,7 +150,7 @@ def test_serve_without_debug_serves_static_files_and_shows_no_environment_on_a_5
         )
     cluster = None
     try:
-        wait_for(lambda: "Quit the server with" in log.read_text(), what="the server to start")
+        wait_for(lambda: "Uvicorn running on" in log.read_text(), what="the server to start")
         text = log.read_text()
         cluster = int(text.split("django-q2 worker (pid ")[1].split(")")[0])
         assert "DEBUG is on" not in text

@@ -19,3 +19,13 @@ def json_pretty(value: Any) -> str:
 @register.filter
 def is_text(value: Any) -> bool:
     return isinstance(value, str)
+
+
+@register.filter
+def dict_items(value: Any) -> list | None:
+    """A dict's (key, value) pairs, or None for anything else. ``value.items`` in a
+    template looks up a key called "items" first: arguments or an input with such a key
+    (a model writes what it likes) would loop over that key's value instead."""
+    if isinstance(value, dict):
+        return list(value.items())
+    return None

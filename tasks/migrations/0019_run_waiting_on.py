@@ -5,20 +5,30 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tasks', '0018_trail_checkpoint_schedule'),
+        ("tasks", "0018_trail_checkpoint_schedule"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='run',
-            name='waiting_on',
-            field=models.CharField(blank=True, help_text="What the run's worker waits for now, when not the model or a tool themselves: its provider's capacity (AGENTOPS_PROVIDER_LIMITS).", max_length=200),
+            model_name="run",
+            name="waiting_on",
+            field=models.CharField(
+                blank=True,
+                help_text="What the run's worker waits for now, when not the model or a tool themselves: its provider's capacity (AGENTOPS_PROVIDER_LIMITS).",
+                max_length=200,
+            ),
         ),
         migrations.AlterField(
-            model_name='tool',
-            name='timeout_seconds',
-            field=models.FloatField(default=30.0, help_text='How long one call may take (http, sql, email and mcp tools; python tools too on the async worker, where a call past it is reported failed, as it may still take effect).', validators=[django.core.validators.MinValueValidator(0.1), django.core.validators.MaxValueValidator(3600.0)]),
+            model_name="tool",
+            name="timeout_seconds",
+            field=models.FloatField(
+                default=30.0,
+                help_text="How long one call may take (http, sql, email and mcp tools; python tools too on the async worker, where a call past it is reported failed, as it may still take effect).",
+                validators=[
+                    django.core.validators.MinValueValidator(0.1),
+                    django.core.validators.MaxValueValidator(3600.0),
+                ],
+            ),
         ),
     ]

@@ -15,80 +15,134 @@ def public_ids_give(apps, schema_editor):
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tasks', '0019_run_waiting_on'),
+        ("tasks", "0019_run_waiting_on"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='trigger',
-            options={'ordering': ['task', 'name', 'pk']},
+            name="trigger",
+            options={"ordering": ["task", "name", "pk"]},
         ),
         migrations.AddField(
-            model_name='task',
-            name='max_live_runs',
-            field=models.PositiveIntegerField(blank=True, help_text="Runs of this task that may be live (queued, running or waiting) at once; a trigger's firing past it is refused and recorded. Blank: no limit.", null=True, validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="task",
+            name="max_live_runs",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Runs of this task that may be live (queued, running or waiting) at once; a trigger's firing past it is refused and recorded. Blank: no limit.",
+                null=True,
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='config',
-            field=models.JSONField(blank=True, default=dict, help_text='What this kind of trigger needs (see the guide).'),
+            model_name="trigger",
+            name="config",
+            field=models.JSONField(
+                blank=True,
+                default=dict,
+                help_text="What this kind of trigger needs (see the guide).",
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='cursor',
-            field=models.DateTimeField(blank=True, editable=False, help_text="A schedule's last slot considered: fired, skipped or refused.", null=True),
+            model_name="trigger",
+            name="cursor",
+            field=models.DateTimeField(
+                blank=True,
+                editable=False,
+                help_text="A schedule's last slot considered: fired, skipped or refused.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='input_mapping',
-            field=models.TextField(blank=True, help_text="A JMESPath expression that makes the run's input from what arrived (a webhook's JSON body, a message, an email's fields). Blank: all of it."),
+            model_name="trigger",
+            name="input_mapping",
+            field=models.TextField(
+                blank=True,
+                help_text="A JMESPath expression that makes the run's input from what arrived (a webhook's JSON body, a message, an email's fields). Blank: all of it.",
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='max_per_hour',
-            field=models.PositiveIntegerField(blank=True, help_text='Runs this trigger may start in any hour. Blank: no limit.', null=True, validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="trigger",
+            name="max_per_hour",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Runs this trigger may start in any hour. Blank: no limit.",
+                null=True,
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='max_per_minute',
-            field=models.PositiveIntegerField(blank=True, help_text='Runs this trigger may start in any minute; a firing past it is refused and recorded. Blank: no limit.', null=True, validators=[django.core.validators.MinValueValidator(1)]),
+            model_name="trigger",
+            name="max_per_minute",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Runs this trigger may start in any minute; a firing past it is refused and recorded. Blank: no limit.",
+                null=True,
+                validators=[django.core.validators.MinValueValidator(1)],
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='previous_secret',
+            model_name="trigger",
+            name="previous_secret",
             field=models.CharField(blank=True, editable=False, max_length=100),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='previous_secret_until',
-            field=models.DateTimeField(blank=True, editable=False, help_text='Until when the previous secret holds.', null=True),
+            model_name="trigger",
+            name="previous_secret_until",
+            field=models.DateTimeField(
+                blank=True,
+                editable=False,
+                help_text="Until when the previous secret holds.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='public_id',
-            field=models.CharField(default=tasks.models.trigger_public_id, editable=False, help_text="The unguessable part of a webhook's URL.", max_length=40),
+            model_name="trigger",
+            name="public_id",
+            field=models.CharField(
+                default=tasks.models.trigger_public_id,
+                editable=False,
+                help_text="The unguessable part of a webhook's URL.",
+                max_length=40,
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='secret',
-            field=models.CharField(blank=True, editable=False, help_text="A webhook's signing secret.", max_length=100),
+            model_name="trigger",
+            name="secret",
+            field=models.CharField(
+                blank=True, editable=False, help_text="A webhook's signing secret.", max_length=100
+            ),
         ),
         migrations.AddField(
-            model_name='trigger',
-            name='updated_at',
+            model_name="trigger",
+            name="updated_at",
             field=models.DateTimeField(auto_now=True),
         ),
         migrations.AlterField(
-            model_name='trigger',
-            name='kind',
-            field=models.CharField(choices=[('manual', 'Manual (a person, the shell)'), ('cron', 'Schedule (cron)'), ('webhook', 'Webhook'), ('queue', 'Queue message'), ('email', 'Inbound email')], default='manual', max_length=16),
+            model_name="trigger",
+            name="kind",
+            field=models.CharField(
+                choices=[
+                    ("manual", "Manual (a person, the shell)"),
+                    ("cron", "Schedule (cron)"),
+                    ("webhook", "Webhook"),
+                    ("queue", "Queue message"),
+                    ("email", "Inbound email"),
+                ],
+                default="manual",
+                max_length=16,
+            ),
         ),
         migrations.RunPython(public_ids_give, migrations.RunPython.noop),
         migrations.AlterField(
-            model_name='trigger',
-            name='public_id',
-            field=models.CharField(default=tasks.models.trigger_public_id, editable=False, help_text="The unguessable part of a webhook's URL.", max_length=40, unique=True),
+            model_name="trigger",
+            name="public_id",
+            field=models.CharField(
+                default=tasks.models.trigger_public_id,
+                editable=False,
+                help_text="The unguessable part of a webhook's URL.",
+                max_length=40,
+                unique=True,
+            ),
         ),
     ]

@@ -13,6 +13,7 @@ from approvals.models import Approval
 from approvals.services import approval_decide
 from tasks.live import Cursor, CursorInvalid
 from tasks.models import Run, RunStatus, Step, StepKind, StepStatus
+from tasks.services import run_start
 from tests.conftest import PLANNED, run_coroutine, run_until_rest
 
 pytestmark = pytest.mark.django_db
@@ -278,3 +279,63 @@ def test_under_asgi_the_stream_is_asynchronous_and_ends_with_the_run(make_task, 
     is_async, body = run_coroutine(stream())
     assert is_async and "event: changes" in body and "all done" in body
     assert body.endswith("event: end\ndata: finished\n\n")
+
+
+def test_a_cursor_far_behind_gets_the_latest_steps_not_the_whole_run(make_task, operator_client):
+    """A page (or a forged cursor) far behind a long run is sent the latest 100 steps
+    as the new timeline, as a reload would show it: never every step of the run."""
+    task = make_task([PLANNED, {"content": "all done"}])
+    operator_client.post(reverse("tasks:run", args=[task.slug]), {"input": "{}"})
+    run = Run.objects.get()
+    Step.objects.bulk_create(
+        Step(run=run, number=n, kind=StepKind.MODEL, status=StepStatus.SUCCEEDED)
+        for n in range(1, 1001)
+    )
+    from lineage.services import event_append
+
+    event_append(run_uuid=run.pk, kind="test.steps", actor="test", payload={})
+    html = changes(operator_client, run, "0.0.1..").content.decode()
+    shown = [int(n) for n in re.findall(r'id="step-(\d+)"', html)]
+    assert shown == list(range(901, 1001))
+    assert '<ol class="timeline" id="timeline" hx-swap-oob="outerHTML">' in html
+    assert "?before=901" in html
+
+
+def test_a_run_cancelled_while_waiting_is_not_followed_for_ever(
+    waiting_run, operator, operator_client
+):
+    from tasks.services import run_cancel
+
+    page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
+    cursor = page_cursor(page)
+    run_cancel(run=waiting_run, user=operator, why="not today")
+    response = changes(operator_client, waiting_run, cursor)
+    assert response["X-Live-Finished"] == "true"
+    assert "cancelled" in response.content.decode()
+    # Its held email stays proposed, but nothing on it can change now: no stream.
+    page = operator_client.get(reverse("runs:detail", args=[waiting_run.pk])).content.decode()
+    assert "sse-connect" not in page
+
+
+def test_an_input_with_an_items_key_is_shown_not_a_500(make_task, operator, operator_client):
+    task = make_task([PLANNED, {"content": "all done"}])
+    run = run_start(task=task, run_input={"items": [1, 2, 3], "other": "x"}, user=operator)
+    response = operator_client.get(reverse("runs:detail", args=[run.pk]))
+    assert response.status_code == 200
+    assert "<dt>items</dt>" in response.content.decode()
+
+
+def test_one_person_cannot_hold_more_streams_than_the_cap(waiting_run, operator_client, settings):
+    settings.AGENTOPS_LIVE_STREAMS_PER_USER = 2
+    settings.AGENTOPS_LIVE_STREAM_SECONDS = 1
+    url = reverse("runs:trail_live")
+    first, second = operator_client.get(url), operator_client.get(url)
+    third = operator_client.get(url)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert third.status_code == 503 and third["Retry-After"] == "30"
+    # A stream that ended gives its place back.
+    assert b"".join(first.streaming_content).startswith(b"retry:")
+    fourth = operator_client.get(url)
+    assert fourth.status_code == 200
+    for response in (second, fourth):
+        b"".join(response.streaming_content)
