@@ -4,6 +4,7 @@ both widths go to docs/screenshots/ when AGENTOPS_SCREENSHOTS points there."""
 
 from __future__ import annotations
 
+import re
 from io import StringIO
 
 import pytest
@@ -88,3 +89,41 @@ def test_no_page_is_wider_than_the_screen(live_server, page: Page):
             box = page.get_by_role("link", name=link).first.bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, link
     assert not wide, "\n".join(wide)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_overview_figures_lineage_stepping_and_an_export_that_verifies(
+    live_server, page: Page, tmp_path
+):
+    from approvals.models import Approval, ApprovalStatus
+    from lineage.export_lines import lines_verify
+    from lineage.models import LineageEvent
+
+    call_command("load_demo", stdout=StringIO())
+    task = Task.objects.get(slug="reconcile-invoices")
+    waiting = run_start(task=task, run_input={"batch": "2026-11"}, user=None)
+    run_until_rest(waiting)
+    page.set_default_timeout(15_000)
+    log_in(page, live_server.url)
+
+    # The overview's figures are the database's.
+    page.goto(f"{live_server.url}/")
+    pending = Approval.objects.filter(status=ApprovalStatus.PENDING).count()
+    expect(page.locator("#approvals-count .figure-value")).to_have_text(str(pending))
+
+    # Step through the trail with the keyboard: the URL and the selection follow.
+    events = LineageEvent.objects.filter(run_uuid=waiting.pk).count()
+    page.goto(f"{live_server.url}/runs/{waiting.pk}/lineage/?at=1")
+    expect(page.locator("#e1")).to_have_attribute("aria-current", "step")
+    page.keyboard.press("j")
+    expect(page).to_have_url(re.compile(r"\?at=2"))
+    expect(page.locator("#e2")).to_have_attribute("aria-current", "step")
+    expect(page.locator("#state")).to_be_visible()
+
+    # Export the trail from the page and verify the file.
+    with page.expect_download() as download:
+        page.get_by_role("link", name="JSON Lines").click()
+    path = tmp_path / "trail.jsonl"
+    download.value.save_as(path)
+    report = lines_verify(path.read_text().splitlines())
+    assert report.intact and report.events == events, report.problems
