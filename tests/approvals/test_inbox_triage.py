@@ -193,7 +193,7 @@ def test_the_rows_poll_returns_the_list_only_and_its_count_is_the_navigations(
     body = response.content.decode()
     assert body.lstrip().startswith('<section id="inbox-list"')
     assert "<html" not in body and "data-selected" not in body  # the detail is untouched
-    assert 'hx-trigger="every 5s, approvals-changed from:body"' in body
+    assert 'hx-trigger="sse:trail, every 15s, approvals-changed from:body"' in body
     assert 'data-total="2"' in body and "<strong>2</strong> waiting for you" in body
     count = operator_client.get(reverse("approvals:count")).content.decode()
     assert ">2</span>" in count
