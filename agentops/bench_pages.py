@@ -29,6 +29,7 @@ from django.db import connection, models, reset_queries, transaction
 from django.utils import timezone
 
 from lineage.models import GENESIS_HASH, HASH_CANONICAL, LineageEvent
+from lineage.services import COLUMNS as EVENT_COLUMNS
 from lineage.services import event_document, event_hash, json_canonical
 
 # The volume of the issue: 100,000 runs, about 1,000,000 steps and as many events.
@@ -349,18 +350,6 @@ APPROVAL_COLUMNS = (
     "decision_reason",
     "confidence",
     "context",
-)
-EVENT_COLUMNS = (
-    "run_uuid",
-    "seq",
-    "at",
-    "kind",
-    "actor",
-    "payload",
-    "prev_hash",
-    "hash",
-    "canonical",
-    "hash_version",
 )
 TRIGGER_KINDS = ("manual", "manual", "cron", "webhook")
 STEP_SECONDS = 2.0

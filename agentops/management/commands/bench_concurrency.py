@@ -31,11 +31,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import connections, transaction
 from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
 
+from agentops.commands import ParagraphsCommand
 from agentops.config import database_from_url
 from agentops.latency_server import LatencyServer, ServerFigures
 from agentops.management.commands.bench_engine import (
@@ -150,13 +151,8 @@ def seconds_between(minimum: float, maximum: float) -> Callable[[str], float]:
     return parse
 
 
-class Command(BaseCommand):
+class Command(ParagraphsCommand):
     help = HELP
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the paragraphs
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

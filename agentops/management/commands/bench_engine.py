@@ -31,6 +31,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.migrations.executor import MigrationExecutor
 
 from agentops import bench
+from agentops.commands import ParagraphsCommand
 from agentops.config import database_from_url
 from agentops.runtime import dispatch
 from agentops.runtime.engine import Outcome, advance
@@ -174,13 +175,8 @@ def database_described(database: dict) -> str:
     return f"postgresql {database['NAME']} on {where}"
 
 
-class Command(BaseCommand):
+class Command(ParagraphsCommand):
     help = HELP
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the paragraphs
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

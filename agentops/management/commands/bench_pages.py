@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from contextlib import ExitStack
 from unittest import mock
@@ -11,7 +10,7 @@ from unittest import mock
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 from django.db.utils import ConnectionHandler
 
@@ -34,6 +33,7 @@ from agentops.bench_pages import (
     pages_to_time,
     seed,
 )
+from agentops.commands import ParagraphsCommand
 from agentops.config import database_from_url
 from agentops.management.commands.bench_engine import (
     REEXEC_MARKER,
@@ -125,13 +125,8 @@ def bench_database_prepare(target: dict, *, reseed: bool) -> str:
         handler.close_all()
 
 
-class Command(BaseCommand):
+class Command(ParagraphsCommand):
     help = HELP
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

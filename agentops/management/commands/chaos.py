@@ -22,7 +22,7 @@ from unittest import mock
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import InterfaceError, OperationalError, connections
 from django.utils import timezone
 
@@ -39,6 +39,7 @@ from agentops.chaos import (
     lease_owners_alive,
     runs_in_progress,
 )
+from agentops.commands import ParagraphsCommand
 from agentops.config import database_from_url
 from agentops.management.commands.bench_concurrency import (
     broker_check,
@@ -159,13 +160,8 @@ class ChaosClock:
     own_read_failures: int = 0  # this process's reads that met the database away
 
 
-class Command(BaseCommand):
+class Command(ParagraphsCommand):
     help = HELP
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the paragraphs
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         add = parser.add_argument

@@ -26,11 +26,12 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import connections
 
 from agentops.agent_tools import CHAOS_SCRIPT
 from agentops.bench import load_average
+from agentops.commands import ParagraphsCommand
 from agentops.config import database_from_url
 from agentops.management.commands.bench_engine import (
     REEXEC_MARKER,
@@ -113,13 +114,8 @@ class Answer:
     error: str
 
 
-class Command(BaseCommand):
+class Command(ParagraphsCommand):
     help = HELP
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
