@@ -7,7 +7,6 @@ import uuid
 from django.db.models import Avg, Count, OuterRef, Q, QuerySet, Subquery, TextField
 from django.db.models.functions import Cast, Coalesce, Substr
 
-from approvals.models import ApprovalStatus
 from tasks.models import LIVE_RUN_STATUSES, Run, Step, StepStatus, Task, Tool, ToolGrant
 from tasks.run_list import RunFilters
 
@@ -83,14 +82,11 @@ def run_list_choices() -> dict:
 
 def run_for_detail(run_id: uuid.UUID) -> Run:
     # The firing (a reverse one-to-one) comes in the same query: a run a trigger
-    # started shows the trigger, the firing's key and what arrived.
-    return (
-        Run.objects.select_related("task", "task_version", "started_by", "trigger", "firing")
-        .annotate(
-            pending_approvals=Count("approvals", filter=Q(approvals__status=ApprovalStatus.PENDING))
-        )
-        .get(pk=run_id)
-    )
+    # started shows the trigger, the firing's key and what arrived. Its pending
+    # approvals are read apart (tasks.live.run_waiting_ids), once.
+    return Run.objects.select_related(
+        "task", "task_version", "started_by", "trigger", "firing"
+    ).get(pk=run_id)
 
 
 # The run page shows a long run's latest steps, and earlier ones a page at a time.
