@@ -17,7 +17,11 @@ class PacedModel:
     """Answers every turn after ``latency`` seconds: the first with a plan, then one call
     per turn (``tool`` with ``{"text": ...}``, ``calls`` times; or the calls ``script``
     gives: (tool, arguments) a turn), then a final answer. Keeps how many requests were
-    out at once, as the most."""
+    out at once, as the most.
+
+    With ``gather``, every request is held (for at most ``gather_seconds``) until that
+    many have been out at once: a test of "N calls out together" then does not depend on
+    how quickly the worker under test hands the N runs over, only on whether it can."""
 
     def __init__(
         self,
@@ -26,11 +30,14 @@ class PacedModel:
         tool: str = "",
         calls: int = 0,
         script: list[tuple[str, dict]] | None = None,
+        gather: int = 0,
+        gather_seconds: float = 30.0,
     ) -> None:
         self.latency = latency
+        self.gather, self.gather_seconds = gather, gather_seconds
         self.script = script or [(tool, {"text": f"call {turn}"}) for turn in range(1, calls + 1)]
         self.in_flight = self.peak = self.served = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         model = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +46,10 @@ class PacedModel:
                 with model.lock:
                     model.in_flight += 1
                     model.peak = max(model.peak, model.in_flight)
+                    model.lock.notify_all()
+                    model.lock.wait_for(
+                        lambda: model.peak >= model.gather, timeout=model.gather_seconds
+                    )
                 time.sleep(model.latency)
                 data = json.dumps(model.answer(body["messages"])).encode()
                 with model.lock:

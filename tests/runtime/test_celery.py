@@ -270,7 +270,7 @@ def test_one_celery_worker_keeps_many_runs_waiting_on_their_model_at_once(
     problem = redis_problem()
     require(not problem, problem)
     log = tmp_path / "celery-worker.log"
-    with PacedModel(1.0) as model:
+    with PacedModel(1.0, gather=20) as model:
         settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY = model.base_url, "test"
         task = make_task([], self_check=False)
         task.model = "test-model"

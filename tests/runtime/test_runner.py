@@ -57,7 +57,7 @@ def test_one_worker_keeps_every_run_waiting_on_its_model_at_once(
 ):
     """Twenty runs, each turn answered after a second: all twenty model calls are out at
     the same time, while the worker runs two threads of its own, not one a run."""
-    with PacedModel(1.0) as model:
+    with PacedModel(1.0, gather=20) as model:
         runs = served_runs(make_task, operator, settings, model, 20)
         for run in runs:
             assert runner.submit(run.pk)
