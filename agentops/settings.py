@@ -46,6 +46,8 @@ INSTALLED_APPS = [
     "django_htmx",
     "template_partials",
     "django_q",
+    # The API's interactive docs, served from ninja's own static files (nothing fetched).
+    "ninja",
     "agentops",
     "lineage",
     "tasks",
@@ -316,3 +318,14 @@ AGENTOPS_LIVE_STREAM_SECONDS = env_float("AGENTOPS_LIVE_STREAM_SECONDS", 300.0, 
 # The live streams one person may hold open in one server process (tabs of run pages
 # and lists); past it a stream is refused with a 503 and the page polls instead.
 AGENTOPS_LIVE_STREAMS_PER_USER = env_int("AGENTOPS_LIVE_STREAMS_PER_USER", 20, minimum=1)
+
+# The integration surface. The JSON API (agentops.api): requests a token may make in a
+# minute, past which it is answered 429 with Retry-After.
+AGENTOPS_API_RATE_PER_MINUTE = env_int("AGENTOPS_API_RATE_PER_MINUTE", 120, minimum=1)
+# Traces of every run over OTLP/HTTP (agentops.telemetry), sent only when an endpoint is
+# set (the collector's base URL, as OpenTelemetry's own variable names it).
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT")
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "agentops")
+# Prometheus scrapes /metrics (agentops.metrics) with this bearer token; staff may read it
+# while signed in. Empty: only staff.
+AGENTOPS_METRICS_TOKEN = env_str("AGENTOPS_METRICS_TOKEN")

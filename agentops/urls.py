@@ -1,7 +1,8 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from agentops import views
+from agentops import metrics, views
+from agentops.api import api
 
 urlpatterns = [
     path("", views.overview, name="home"),
@@ -12,4 +13,6 @@ urlpatterns = [
     path("tools/", include("tasks.urls_tools")),
     path("approvals/", include("approvals.urls")),
     path("hooks/", include("triggers.urls")),
+    path("api/", api.urls),
+    path("metrics", metrics.metrics_view, name="metrics"),
 ]
