@@ -46,6 +46,11 @@ class LineageEvent(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["run_uuid", "seq"], name="lineage_event_run_seq_unique")
         ]
+        # A period's export (lineage.export_lines) reads every trail's events by time.
+        indexes = [models.Index(fields=["at"], name="lineage_event_at")]
+        # Reading a run's trail needs a login; taking every trail of a period away at once
+        # is a bulk export, and needs this.
+        permissions = [("export_period", "Can export every trail's events in a period")]
 
     def __str__(self) -> str:
         return f"{self.run_uuid} #{self.seq} {self.kind}"

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Case, JSONField, Max, Min, Q, When
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict, StreamingHttpResponse
@@ -428,6 +428,7 @@ def run_lineage_export(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
 
 @require_GET
 @login_required
+@permission_required("lineage.export_period", raise_exception=True)
 def period_export(request: HttpRequest, run_id: uuid.UUID) -> HttpResponse:
     """Every trail's events with their time in [since, until), as JSON Lines or CSV:
     offered on a trail's page, the period's events of all trails."""

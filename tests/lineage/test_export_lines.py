@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from io import StringIO
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from django.core.management import CommandError, call_command
 from django.db import transaction
 from django.test import Client
@@ -234,7 +235,30 @@ def test_the_page_streams_a_runs_trail_as_an_attachment(operator_client):
     assert len(list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))) == 7
 
 
-def test_the_page_exports_a_period(operator_client):
+@pytest.fixture
+def exporter_client(operator, operator_client):
+    operator.user_permissions.add(Permission.objects.get(codename="export_period"))
+    return operator_client
+
+
+def test_a_period_is_exported_only_with_the_permission(operator_client, operator):
+    """Reading one trail needs a login; every trail of a period at once is a bulk export,
+    refused (and not offered on the page) without lineage.export_period."""
+    run_uuid = dated_trail(T0, 3)
+    period = reverse("runs:lineage:period_export", args=[run_uuid])
+    asked = {"since": "2026-11-30", "until": "2026-12-02", "format": "jsonl"}
+    assert operator_client.get(period, asked).status_code == 403
+    page = operator_client.get(reverse("runs:lineage:run", args=[run_uuid]))
+    assert "Export a period" not in page.content.decode()
+    operator.user_permissions.add(Permission.objects.get(codename="export_period"))
+    operator_client.force_login(User.objects.get(pk=operator.pk))
+    assert operator_client.get(period, asked).status_code == 200
+    page = operator_client.get(reverse("runs:lineage:run", args=[run_uuid]))
+    assert "Export a period" in page.content.decode()
+
+
+def test_the_page_exports_a_period(exporter_client):
+    operator_client = exporter_client
     run_uuid = dated_trail(T0, 3)
     period = reverse("runs:lineage:period_export", args=[run_uuid])
     response = operator_client.get(
@@ -261,9 +285,9 @@ def test_the_page_exports_a_period(operator_client):
         ({"since": "2026-01-01T10:00:00+99:00"}, "is not an ISO 8601 date"),
     ],
 )
-def test_the_page_refuses_a_bad_period_in_words(operator_client, params, said):
+def test_the_page_refuses_a_bad_period_in_words(exporter_client, params, said):
     run_uuid = trail(2)
-    response = operator_client.get(
+    response = exporter_client.get(
         reverse("runs:lineage:period_export", args=[run_uuid]), {"format": "jsonl", **params}
     )
     assert response.status_code == 400
