@@ -153,6 +153,7 @@ class ReassignForm(forms.Form):
 
 
 RISKS = ("read", "reversible", "irreversible")
+SEARCH_MAX = 200
 GROUP_NONE = "none"  # the group filter's value for approvals routed to no group
 
 
@@ -185,6 +186,17 @@ class InboxFilterForm(forms.Form):
                     name, f"{name}: a NUL character cannot be stored or searched for; remove it."
                 )
         return cleaned
+
+    def clean_q(self) -> str:
+        # A phrase, not a document: each word of it is matched against every waiting
+        # item's text, as the runs list's search is bounded (tasks.run_list.TEXT_MAX).
+        q = self.cleaned_data["q"]
+        if len(q) > SEARCH_MAX:
+            raise forms.ValidationError(
+                f"q: the search is longer than {SEARCH_MAX} characters ({len(q):,}); "
+                "search for a phrase."
+            )
+        return q
 
     def clean_kind(self) -> str:
         kind = self.cleaned_data["kind"]

@@ -190,6 +190,8 @@ def test_a_search_holding_nul_is_a_400_naming_it(waiting_run, operator_client):
     assert "Not searched: q: a NUL character" in unescape(response.content.decode())
 
 
-def test_a_long_search_is_answered(waiting_run, operator_client):
+def test_a_long_search_is_refused_naming_its_length(waiting_run, operator_client):
     response = operator_client.get(reverse("approvals:inbox"), {"q": "x" * 5000})
-    assert response.status_code == 200
+    assert response.status_code == 400
+    assert "q: the search is longer than 200 characters (5,000)" in response.content.decode()
+    assert operator_client.get(reverse("approvals:inbox"), {"q": "x" * 200}).status_code == 200
