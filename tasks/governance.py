@@ -14,7 +14,8 @@ What widens, and why, is in ``task_field_widening``, ``tool_field_widening``,
 ``grant_add_widening`` (with ``grant_rules_missing``) and ``rule_op_widening``; docs/
 say it for operators. Writes made by the deployment's own code (``load_demo``, fixtures,
 ``tools_sync``, management commands) do not pass through here: whoever can run them can
-write the database anyway.
+write the database anyway; except ``import_tasks`` (tasks.as_code), which submits as the
+person it names, so a file in version control is governed as the admin is.
 They may record what they did (``tool_changes_record``, ``config_record``).
 """
 
