@@ -1,6 +1,6 @@
 """agentops settings: everything that varies between deployments comes from the
 environment, through the helpers in agentops.config, which name the variable on a bad
-value. See docs/guide.md for the list."""
+value. docs/configuration.md lists every one (a test holds it to the code)."""
 
 from __future__ import annotations
 
