@@ -227,7 +227,21 @@ def database_from_url(name: str, url: str, *, base_dir: Path) -> dict:
         database = unquote(parts.path.lstrip("/"))
         if not database:
             raise ImproperlyConfigured(f"{name}={url!r} names no database")
-        options = postgres_options(name, url, dict(parse_qsl(parts.query)))
+        query = dict(parse_qsl(parts.query))
+        # Behind a pooler in transaction mode (PgBouncer), a server-side cursor (what
+        # .iterator() reads with: the trail's exports) dies when another client takes the
+        # connection between fetches: Django's own switch, which is not a driver option.
+        no_cursors = query.pop("disable_server_side_cursors", "false").lower()
+        if no_cursors not in {"true", "false"}:
+            raise ImproperlyConfigured(
+                f"{name}={url!r}: disable_server_side_cursors must be true or false"
+            )
+        if "pool" in query:
+            raise ImproperlyConfigured(
+                f"{name}={url!r}: pool is not supported (each process keeps its own "
+                "connection); put PgBouncer in front instead, see docs/deploy.md"
+            )
+        options = postgres_options(name, url, query)
         try:
             port = parts.port
         except ValueError:
@@ -241,6 +255,7 @@ def database_from_url(name: str, url: str, *, base_dir: Path) -> dict:
             "PORT": str(port or ""),
             "OPTIONS": options,
             "CONN_MAX_AGE": 0,
+            "DISABLE_SERVER_SIDE_CURSORS": no_cursors == "true",
         }
     raise ImproperlyConfigured(
         f"{name}={url!r}: the scheme {scheme or '(none)'!r} is not supported; "

@@ -206,11 +206,26 @@ def test_a_postgres_url_gives_the_driver_options_their_types(tmp_path, query, op
         ("server_side_binding=yes", "server_side_binding must be true or false"),
         ("prepare_threshold=-1", "prepare_threshold must be a whole number or none"),
         ("prepare_threshold=often", "prepare_threshold must be a whole number or none"),
+        ("disable_server_side_cursors=1", "disable_server_side_cursors must be true or false"),
+        ("pool=true", "pool is not supported"),
     ],
 )
 def test_a_postgres_url_with_a_bad_driver_option_is_refused(tmp_path, query, problem):
     with pytest.raises(ImproperlyConfigured, match=rf"DATABASE_URL=.*{problem}"):
         database_from_url("DATABASE_URL", f"postgres://u@h/agentops?{query}", base_dir=tmp_path)
+
+
+def test_a_postgres_url_can_turn_server_side_cursors_off_for_a_pooler(tmp_path):
+    """PgBouncer in transaction mode: Django's switch, set from the URL, not a driver
+    option (psycopg would refuse an option it does not know at the first connection)."""
+    url = "postgres://u@pooler:6432/agentops?prepare_threshold=none"
+    database = database_from_url("DATABASE_URL", url, base_dir=tmp_path)
+    assert database["DISABLE_SERVER_SIDE_CURSORS"] is False
+    database = database_from_url(
+        "DATABASE_URL", url + "&disable_server_side_cursors=TRUE", base_dir=tmp_path
+    )
+    assert database["DISABLE_SERVER_SIDE_CURSORS"] is True
+    assert database["OPTIONS"] == {"prepare_threshold": None}
 
 
 def test_a_postgres_url_without_a_port_leaves_it_blank(tmp_path):
