@@ -6,6 +6,7 @@ from agentops.api import api
 
 urlpatterns = [
     path("", views.overview, name="home"),
+    path("accounts/tokens/", include("agentops.urls_tokens")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("tasks/", include("tasks.urls")),
