@@ -14,7 +14,7 @@ from typing import Any
 from ninja import NinjaAPI
 from ninja.openapi.docs import Swagger
 
-from agentops.api import approvals, lineage, runs, tasks
+from agentops.api import approvals, lineage, runs, tasks, tasks_code
 from agentops.api.auth import TokenAuth
 from agentops.api.errors import PROBLEM_TYPE, StrictParser, handlers_install
 
@@ -51,6 +51,7 @@ api = AgentopsAPI(
 )
 handlers_install(api)
 api.add_router("", tasks.router)
+api.add_router("", tasks_code.router)
 api.add_router("", runs.router)
 api.add_router("", approvals.router)
 api.add_router("", lineage.router)
