@@ -20,7 +20,13 @@ from agentops.api.auth import require
 from agentops.api.errors import Problem, field_error, invalid, problems
 from agentops.api.schemas import Text
 from agentops.models import TokenScope
-from tasks.as_code import MAX_BYTES, AsCodeError, tasks_export, tasks_import_apply, tasks_import_plan
+from tasks.as_code import (
+    MAX_BYTES,
+    AsCodeError,
+    tasks_export,
+    tasks_import_apply,
+    tasks_import_plan,
+)
 from tasks.models import Task
 
 router = Router(tags=["tasks as code"])

@@ -64,7 +64,9 @@ def test_a_widening_change_waits_for_a_second_person(demo_task, alice, make_toke
     budget = f"max_steps: {demo_task.max_steps}"
     assert budget in text
 
-    applied = api.post(APPLY, {"yaml": text.replace(budget, f"max_steps: {demo_task.max_steps * 4}")})
+    applied = api.post(
+        APPLY, {"yaml": text.replace(budget, f"max_steps: {demo_task.max_steps * 4}")}
+    )
 
     assert applied.status_code == 200, applied.content
     [pending] = applied.json()["pending"]
@@ -119,6 +121,8 @@ def test_scopes_and_permissions_hold(demo_task, alice, make_token, api_client, o
 
 
 def test_export_of_an_unknown_task_is_a_404(demo_task, alice, make_token, api_client):
-    answer = api_client(make_token(alice)).get(EXPORT, data={"slug": ["reconcile-invoices", "nope"]})
+    answer = api_client(make_token(alice)).get(
+        EXPORT, data={"slug": ["reconcile-invoices", "nope"]}
+    )
     assert answer.status_code == 404
     assert "nope" in answer.json()["detail"]
