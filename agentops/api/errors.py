@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from django.core.exceptions import SuspiciousOperation
 from django.http import Http404, HttpRequest, HttpResponse
 from ninja import Schema
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -156,11 +157,19 @@ def _not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return problem_response(404, "not-found", str(exc) or "Nothing here.")
 
 
+def _suspicious(request: HttpRequest, exc: SuspiciousOperation) -> HttpResponse:
+    # Django's own refusals of a request's shape (more than DATA_UPLOAD_MAX_NUMBER_FIELDS
+    # parameters, a body past DATA_UPLOAD_MAX_MEMORY_SIZE): a problem like any other,
+    # not Django's HTML page.
+    return problem_response(400, "bad-request", f"The request is refused: {exc}")
+
+
 def handlers_install(api: NinjaAPI) -> None:
     api.add_exception_handler(Problem, _problem)
     api.add_exception_handler(ValidationError, _validation_error)
     api.add_exception_handler(HttpError, _http_error)
     api.add_exception_handler(Http404, _not_found)
+    api.add_exception_handler(SuspiciousOperation, _suspicious)
 
 
 class StrictParser(Parser):

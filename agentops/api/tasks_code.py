@@ -110,7 +110,7 @@ def _plan_out(plan: Any) -> dict[str, Any]:
 
 @router.get(
     "/tasks-as-code",
-    response={200: ExportOut, **problems(401, 403, 404, 422, 429)},
+    response={200: ExportOut, **problems(400, 401, 403, 404, 422, 429)},
     summary="Export tasks as YAML",
 )
 def tasks_code_export(request: HttpRequest, filters: Query[ExportQuery]):

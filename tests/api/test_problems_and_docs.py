@@ -72,7 +72,7 @@ def test_the_openapi_document_is_3_1_and_declares_problems(client):
     tags = {
         tag for path in document["paths"].values() for op in path.values() for tag in op["tags"]
     }
-    assert tags == {"tasks", "runs", "approvals", "lineage"}
+    assert tags == {"tasks", "tasks as code", "runs", "approvals", "lineage"}
 
 
 def test_the_docs_page_uses_only_local_static_files(client):

@@ -126,3 +126,12 @@ def test_export_of_an_unknown_task_is_a_404(demo_task, alice, make_token, api_cl
     )
     assert answer.status_code == 404
     assert "nope" in answer.json()["detail"]
+
+
+def test_too_many_parameters_is_a_problem_not_an_html_page(alice, make_token, api_client):
+    """Django refuses past DATA_UPLOAD_MAX_NUMBER_FIELDS parameters itself; the API
+    answers it as every other refusal (schemathesis found the HTML page)."""
+    answer = api_client(make_token(alice)).get(EXPORT, data={"slug": ["x"] * 1500})
+    assert answer.status_code == 400
+    assert answer["Content-Type"] == "application/problem+json"
+    assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in answer.json()["detail"]
