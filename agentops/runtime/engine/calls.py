@@ -8,6 +8,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from agentops import telemetry
 from agentops.runtime.builtins import (
     ASK_SCHEMA,
     ASK_TOOL,
@@ -159,6 +160,7 @@ def call_propose(ctx: Context, model_step: Step, call: dict) -> Outcome:
         return question_ask(ctx, model_step, call)
     run, number = ctx.run, ctx.number
     doors = call_doors(ctx, call)
+    telemetry.doors_said(call, doors)
     tool, arguments, refusal, decision = doors.tool, doors.arguments, doors.refusal, doors.decision
     fields = doors.step_fields(call)
     if refusal:
@@ -253,6 +255,7 @@ def call_after_gate(ctx: Context, step: Step) -> Outcome:
             lease_fence(ctx)
             run_wait(ctx.run, f"approve {step.tool_name}")
         return Outcome.WAITING
+    telemetry.approval_acted_on(approval)
     if approval.status == ApprovalStatus.APPROVED and approval.kind == ApprovalKind.QUESTION:
         who = approval.decided_by.get_username() if approval.decided_by else "a person"
         answer = {"answer": approval.decision_reason, "answered_by": who}

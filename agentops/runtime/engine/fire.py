@@ -11,6 +11,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from agentops import telemetry
 from agentops.runtime import commits, dispatch
 from agentops.runtime.engine import waits
 from agentops.runtime.engine.context import (
@@ -99,7 +100,11 @@ def call_attempts(
     """Make the call, retrying transient failures with backoff under the tool's policy."""
     for attempt in range(1, tool.retry_max_attempts + 1):
         try:
-            result = waits.tool_execute(executor_for(tool), tool, step.arguments, context)
+            result = telemetry.tool_traced(
+                step,
+                tool,
+                lambda: waits.tool_execute(executor_for(tool), tool, step.arguments, context),
+            )
         except Exception as error:  # an executor's bug: the call may have gone out
             logger.exception("run %s: the %s executor raised", ctx.run.pk, tool.kind)
             result = ToolResult(

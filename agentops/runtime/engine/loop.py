@@ -9,7 +9,7 @@ import uuid
 
 from django.conf import settings
 
-from agentops import states
+from agentops import states, telemetry
 from agentops.runtime.engine import waits
 from agentops.runtime.engine.calls import (
     call_after_gate,
@@ -64,13 +64,14 @@ def advance(
         runner.lease_hold(run_id, owner)
     try:
         ctx = context_for(run, owner)
-        while True:
-            outcome = step_next(ctx)
-            if outcome is not Outcome.CONTINUE:
-                return outcome
-            # A stopping async worker hands its runs back to the queue at their next step.
-            if time.monotonic() >= slice_ends or (runner and runner.stopping.is_set()):
-                return run_yield(ctx)
+        with telemetry.run_slice(ctx):  # the slice's span, in the run's trace
+            while True:
+                outcome = step_next(ctx)
+                if outcome is not Outcome.CONTINUE:
+                    return outcome
+                # A stopping async worker hands its runs back to the queue at their next step.
+                if time.monotonic() >= slice_ends or (runner and runner.stopping.is_set()):
+                    return run_yield(ctx)
     except (LeaseLost, states.InvalidTransition) as stop:
         logger.info("run %s: worker %s stops: %s", run_id, owner, stop)
         return Outcome.STOPPED

@@ -43,6 +43,7 @@ import greenlet
 from django.conf import settings
 from django.db import DatabaseError, connection
 
+from agentops import telemetry
 from agentops.runtime.engine.waits import RunGreenlet
 
 logger = logging.getLogger("agentops.worker")
@@ -135,6 +136,7 @@ class Runner:
             self.abandon(f"still out after the drain's {seconds:g} s")
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.threads.shutdown(wait=False, cancel_futures=True)
+        telemetry.flush()  # the spans of the slices this worker worked, before it goes
         return not self.abandoned.is_set()
 
     def abandon(self, why: str) -> None:

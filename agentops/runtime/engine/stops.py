@@ -9,6 +9,7 @@ from typing import Any
 
 from django.db import transaction
 
+from agentops import telemetry
 from agentops.runtime import dispatch
 from agentops.runtime.engine.context import Context, Outcome, text_noted
 from agentops.runtime.engine.leases import fence, lease_fence
@@ -109,6 +110,7 @@ def outcome_review(
 
 def run_wait(run: Run, why: str) -> None:
     """Inside a step's transaction: the run waits for a person and gives up its lease."""
+    telemetry.run_waits(why)
     run_transition(
         run=run,
         to=RunStatus.WAITING,

@@ -13,7 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from agentops import states
+from agentops import states, telemetry
 from agentops.runtime.budgets import (
     BudgetBreach,
     budget_check,
@@ -297,13 +297,17 @@ def model_call(
     for attempt in range(1, attempts + 1):
         started = time.monotonic()
         try:
-            turn = waits.model_complete(
-                client,
-                messages=messages,
-                tools=specs,
-                tool_choice=tool_choice,
+            turn = telemetry.chat_traced(
+                ctx.run,
                 max_tokens=max_out,
-                timeout=timeout,
+                call=lambda: waits.model_complete(
+                    client,
+                    messages=messages,
+                    tools=specs,
+                    tool_choice=tool_choice,
+                    max_tokens=max_out,
+                    timeout=timeout,
+                ),
             )
         except ModelError as error:
             if not error.transient or attempt == attempts:
