@@ -32,7 +32,8 @@ def ledger_invoices(ctx: ToolContext, *, batch: str) -> dict:
 
 @tool(schema=BATCH_SCHEMA, side_effect="read", idempotent=True)
 def ledger_payments(ctx: ToolContext, *, batch: str) -> dict:
-    """List the payments received against the invoices of a batch (YYYY-MM)."""
+    """List the payments received against the invoices of a batch (YYYY-MM). Example:
+    {"batch": "2026-11"}."""
     rows = ledger_query(
         "SELECT p.reference, p.invoice, p.amount_cents FROM payment p "
         "JOIN invoice i ON i.number = p.invoice WHERE i.batch = ? ORDER BY p.reference",
@@ -55,7 +56,8 @@ def ledger_payments(ctx: ToolContext, *, batch: str) -> dict:
     side_effect="irreversible",
 )
 def email_send(ctx: ToolContext, *, to: str, subject: str, body: str) -> dict:
-    """Send an email through the configured mail backend."""
+    """Send one email. Example: {"to": "finance@example.com", "subject": "Reconciliation
+    of batch 2026-11", "body": "..."}."""
     message = EmailMessage(subject=subject, body=body, to=[to])
     message.extra_headers["X-Agentops-Idempotency-Key"] = ctx.idempotency_key
     try:
@@ -263,3 +265,8 @@ def invoice_reconcile(messages: list[dict]) -> ModelTurn:
         },
         turn,
     )
+
+
+# The other two workflows' tools and scripted models register when this module is
+# discovered (agentops.apps autodiscovers each app's agent_tools).
+from demo import leads, support  # noqa: E402,F401

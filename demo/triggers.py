@@ -71,3 +71,62 @@ def webhook_curl(*, url: str, secret: str, body: object) -> str:
             '-H "webhook-timestamp: $TS" -H "webhook-signature: v1,$SIG" --data "$BODY"',
         ]
     )
+
+
+# The support inbox and the lead webhook ---------------------------------------------
+
+# The sample tickets' senders are at these domains (demo/helpdesk.py's customers).
+DEMO_SUPPORT_SENDERS = ["@example.com", "@example.org", "@example.net"]
+DEMO_SUPPORT_MAPPING = "{sender: from, sender_name: from_name, subject: subject, text: text}"
+
+# 32 bytes, known to everyone who reads this file: a demo's secret, never a real one.
+DEMO_LEAD_WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"agentops-demo-lead-signing-key!!").decode()
+DEMO_LEAD_WEBHOOK_PUBLIC_ID = "demo-lead-created"
+DEMO_LEAD_MAPPING = (
+    "{name: data.name, email: data.email, domain: data.company_domain, message: data.message}"
+)
+
+
+def support_triggers_create(task: Task, *, address: str) -> list[Trigger]:
+    """The support inbox: an email to ``address`` from a listed domain starts a run."""
+    inbox = Trigger.objects.create(
+        task=task,
+        kind=Trigger.Kind.EMAIL,
+        name="Support inbox (inbound email)",
+        config={"address": address, "senders": DEMO_SUPPORT_SENDERS, "max_attachments": 3},
+        input_mapping=DEMO_SUPPORT_MAPPING,
+        max_per_minute=20,
+        max_per_hour=200,
+    )
+    return [inbox]
+
+
+def lead_triggers_create(task: Task) -> list[Trigger]:
+    """The website form's webhook: a signed ``lead.created`` delivery starts a run."""
+    webhook = Trigger.objects.create(
+        task=task,
+        kind=Trigger.Kind.WEBHOOK,
+        name="Lead created (website form webhook)",
+        config={"tolerance_seconds": 300},
+        input_mapping=DEMO_LEAD_MAPPING,
+        public_id=DEMO_LEAD_WEBHOOK_PUBLIC_ID,
+        secret=DEMO_LEAD_WEBHOOK_SECRET,
+        max_per_minute=20,
+        max_per_hour=200,
+    )
+    return [webhook]
+
+
+def webhook_signed_headers(*, secret: str, body: bytes, msg_id: str, timestamp: int) -> dict:
+    """The three Standard Webhooks headers of a delivery of ``body`` signed with
+    ``secret`` (what demo_post_lead sends, and the tests)."""
+    from triggers.webhooks import webhook_sign
+
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": webhook_sign(
+            secret=secret, msg_id=msg_id, timestamp=timestamp, body=body
+        ),
+    }

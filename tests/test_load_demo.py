@@ -109,3 +109,26 @@ def test_the_guide_shows_the_curl_line_load_demo_prints():
     start = next(n for n, line in enumerate(lines) if line.startswith("SECRET="))
     guide = (Path(settings.BASE_DIR) / "docs" / "guide.md").read_text()
     assert "\n".join(lines[start : start + 4]) in guide
+
+
+def test_the_other_two_workflows_are_made_once_and_say_how_to_start_them():
+    output = StringIO()
+    call_command("load_demo", stdout=output)
+    said = output.getvalue()
+    assert "Task: Triage support email (triage-support) v1" in said
+    assert "Trigger: Support inbox (inbound email) (Inbound email)" in said
+    assert "python manage.py demo_send_ticket billing-double-charge" in said
+    assert "Task: Enrich and route leads (route-leads) v1" in said
+    assert "python manage.py demo_post_lead hot-contoso" in said
+    support = Task.objects.get(slug="triage-support")
+    support.instructions = "Ours now."
+    support.save()
+    support.grants.get(tool__name="reply_send").rules.all().delete()
+
+    output = StringIO()
+    call_command("load_demo", stdout=output)
+    support.refresh_from_db()
+    assert support.instructions == "Ours now."
+    assert not support.grants.get(tool__name="reply_send").rules.exists()
+    assert support.triggers.count() == 1
+    assert "Task: Triage support email (triage-support) v2, as it was" in output.getvalue()

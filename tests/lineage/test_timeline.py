@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import transaction
 from django.test import Client
 from django.urls import reverse
@@ -267,7 +268,8 @@ def test_a_payload_cannot_inject_markup(operator_client):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
-def test_the_time_is_given_in_full_for_trails_before_now(operator_client, settings):
+def test_the_time_is_given_in_full_for_trails_before_now(operator, operator_client, settings):
+    operator.user_permissions.add(Permission.objects.get(codename="export_period"))
     settings.TIME_ZONE = "America/New_York"
     run_uuid = uuid.uuid4()
     at = datetime(2026, 7, 1, 3, 4, 5, 678901, tzinfo=UTC)

@@ -159,7 +159,8 @@ def test_an_unknown_slug_lists_the_tasks_there_are(demo_task):
     with pytest.raises(CommandError) as raised:
         run_task("reconcile-invoice", "--input", '{"batch": "2026-11"}')
     assert str(raised.value) == (
-        "no task has the slug 'reconcile-invoice' (tasks: reconcile-invoices)"
+        "no task has the slug 'reconcile-invoice' "
+        "(tasks: reconcile-invoices, route-leads, triage-support)"
     )
     assert not Run.objects.exists()
 

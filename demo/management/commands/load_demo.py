@@ -4,6 +4,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from demo.crm import crm_create
+from demo.helpdesk import helpdesk_create
 from demo.ledger import ledger_create
 from demo.triggers import (
     DEMO_WEBHOOK_BODY,
@@ -11,6 +13,7 @@ from demo.triggers import (
     demo_triggers_create,
     webhook_curl,
 )
+from demo.workflows import WORKFLOWS, Loaded, workflow_load
 from tasks.models import Task, Tool, ToolGrant, Trigger
 from tasks.services import task_version_current, tools_sync
 from triggers.selectors import webhook_path
@@ -19,7 +22,11 @@ DEMO_SLUG = "reconcile-invoices"
 
 
 class Command(BaseCommand):
-    help = "Load the demo: the sample ledger, the reconcile-invoices task, and a demo login."
+    help = (
+        "Load the demo: the sample ledger, helpdesk and CRM; the three workflows' tasks "
+        "(reconcile invoices, triage support email, enrich and route leads) with their "
+        "triggers; and a demo login."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--username", default="demo")
@@ -33,6 +40,8 @@ class Command(BaseCommand):
     @transaction.atomic
     def handle(self, *args, **options):
         ledger = ledger_create()
+        # The sample systems are rebuilt, as the ledger is: the demo starts from its data.
+        stores = [helpdesk_create(), crm_create()]
         tools_sync()
         # Created once; after that the task is the operator's: an edit, or a turn of its
         # dial (recorded in the task's trail), is never undone behind their back.
@@ -89,6 +98,27 @@ class Command(BaseCommand):
         )
         self.stdout.write(f"Login: {user.username} / {options['password']}")
         self.triggers_said(task, made=triggers_made, base_url=options["base_url"])
+        for workflow in WORKFLOWS:
+            self.workflow_said(workflow_load(workflow))
+        for store in stores:
+            self.stdout.write(f"Sample store: {store}")
+
+    def workflow_said(self, loaded: Loaded) -> None:
+        task = loaded.task
+        version = task_version_current(task=task)
+        self.stdout.write(
+            f"Task: {task.name} ({task.slug}) v{version.number}"
+            + ("" if loaded.created else ", as it was: an existing task is left as it is")
+        )
+        for trigger in task.triggers.order_by("name", "pk"):
+            self.stdout.write(
+                f"Trigger: {trigger.name} ({trigger.get_kind_display()}"
+                f"{'' if trigger.enabled else ', disabled'})"
+            )
+        if not loaded.triggers_made:
+            self.stdout.write("  (the task had triggers: they are left as they are)")
+        if loaded.hint:
+            self.stdout.write(f"  {loaded.hint}")
 
     def triggers_said(self, task: Task, *, made: bool, base_url: str) -> None:
         triggers = list(task.triggers.order_by("name", "pk"))
