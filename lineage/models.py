@@ -47,7 +47,15 @@ class LineageEvent(models.Model):
             models.UniqueConstraint(fields=["run_uuid", "seq"], name="lineage_event_run_seq_unique")
         ]
         # A period's export (lineage.export_lines) reads every trail's events by time.
-        indexes = [models.Index(fields=["at"], name="lineage_event_at")]
+        indexes = [
+            models.Index(fields=["at"], name="lineage_event_at"),
+            # /metrics counts lease recoveries at every scrape (agentops.metrics).
+            models.Index(
+                fields=["kind"],
+                condition=models.Q(kind="run.recovered"),
+                name="lineage_event_recovered",
+            ),
+        ]
         # Reading a run's trail needs a login; taking every trail of a period away at once
         # is a bulk export, and needs this.
         permissions = [("export_period", "Can export every trail's events in a period")]
