@@ -21,7 +21,7 @@ demo: install
 	@$(PY) -m agentops.demo_env .env
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py load_demo
-	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password  (then: Tasks → Reconcile invoices → Run, and approve the email in Approvals)"
+	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password  (then: Tasks → Reconcile invoices → Run, and approve the email in Approvals; the other two workflows: docs/workflows.md)"
 
 test: install
 	$(PY) tests/run.py

@@ -40,7 +40,8 @@ class Command(BaseCommand):
         if settings.AGENTOPS_QUEUE != "q2":
             raise CommandError(
                 "serve starts a django-q2 worker; with AGENTOPS_QUEUE=celery start "
-                "`celery -A agentops worker` and `manage.py runserver` yourself"
+                "`celery -A agentops worker` and an ASGI server "
+                "(`uvicorn agentops.asgi:application`, see docs/deploy.md) yourself"
             )
         self.warnings_say(options["host"])
         worker = subprocess.Popen(
