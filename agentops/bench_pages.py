@@ -692,6 +692,8 @@ def pages_to_time() -> list[Page]:
         Page(f"/tasks/{task_slug}/"),
         Page("/tools/"),
         Page(f"/tools/{tool_name}/"),
+        # Prometheus' scrape: read from the database each time (agentops.metrics).
+        Page("/metrics"),
     ]
 
 

@@ -24,7 +24,7 @@ from tasks.models import Task
 
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
 RUNS, STEPS_PER_RUN = 200, 5
-PAGES = 11
+PAGES = 12
 # A page's line: path, status, then its figures or why there are none.
 FIGURES = re.compile(
     r"^(?P<path>/\S*)\s+200\s+(?P<median>\d+\.\d)\s+(?P<p90>\d+\.\d)\s+(?P<queries>\d+)"
