@@ -18,9 +18,13 @@ through the same doors the admin uses:
 The checks are the admin's own forms (``TaskForm``, ``TriggerForm``) and the rule's own
 ``clean``, never a copy. A file is hostile input: at most ``MAX_BYTES``, one document,
 no anchors or aliases, no duplicate or unknown keys, nothing nested deeper than
-``MAX_DEPTH``. Secrets are never written: a webhook's signing secret stays in the
-database (a new webhook gets a new one), and a password in a queue's URL is written
-redacted and, read back redacted, keeps the one live.
+``MAX_DEPTH``, at most ``MAX_NODES`` values and ``MAX_ITEMS`` tasks, grants, rules and
+triggers (counted before anything is built or looked up), no NUL, lone surrogate or
+hidden line break (docs/tasks-as-code.md, "What is refused").
+
+Secrets are never written: a webhook's signing secret stays in the database (a new
+webhook gets a new one), and a password in a queue's URL is written redacted and, read
+back redacted, keeps the one live.
 
 The file is declarative for the tasks it names: a field left out takes the model's
 default, a grant or trigger left out is removed. Tasks the file does not name are left
@@ -40,7 +44,7 @@ from typing import Any
 import yaml
 from django.contrib.auth.models import AbstractBaseUser, Group
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import models, transaction
+from django.db import DatabaseError, models, transaction
 from django.db.models import QuerySet
 from django.forms import modelform_factory
 
@@ -67,6 +71,24 @@ from triggers.services import secret_new
 FORMAT_VERSION = 1
 MAX_BYTES = 1024 * 1024
 MAX_DEPTH = 64
+# Each task, grant, rule and trigger costs queries and a form's checks (a few
+# milliseconds), and an apply reads the file twice: a megabyte of small tasks took
+# minutes. A file names at most this many of them together, counted before any is read.
+MAX_ITEMS = 1000
+# A number, date, boolean or null is short; a longer one is refused unread: PyYAML reads
+# 1:0:0:... as a base-60 integer, one multiplication on a growing number a digit (400 KB
+# of it took seconds). Text (a quoted or plain string) is not bounded by this.
+MAX_SCALAR_CHARS = 100
+# Values (each text, number, mapping and list) a file holds, counted while it is read as
+# events, before anything is built: a megabyte of one-digit numbers built 450,000 nodes,
+# some 370 MB and five seconds. A file of a megabyte of tasks as exported holds ~55,000.
+MAX_NODES = 100_000
+# libyaml's parser when PyYAML has it (about ten times faster: the pure-Python one took
+# some forty seconds for a megabyte of small values); the same resolver and marks.
+LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# A file refused by libyaml and no larger than this is read again by the pure-Python
+# reader (a second or two at most), whose faults name their field more often.
+PRECISE_BYTES = 64 * 1024
 NOTE = "import_tasks"
 
 # A task's fields in the file: those a person changes (governance.TASK_FIELDS, the slug
@@ -84,6 +106,11 @@ RULE_KEYS = ("position", "effect", "expression", "description")
 TRIGGER_FIELDS = ("kind", "enabled", "config", "input_mapping", "max_per_minute", "max_per_hour")
 
 STR_TAG = "tag:yaml.org,2002:str"
+# Characters YAML reads as line breaks besides \n and \r. Written as they are, in a
+# plain scalar or a block, they come back as a space or a \n (a round trip would change
+# the text), and many editors show no break: the file holds them only escaped, in
+# double quotes (\N, \L, \P), as the export writes them.
+UNICODE_BREAKS = ("\x85", "\u2028", "\u2029")
 
 
 # Problems ----------------------------------------------------------------------------
@@ -164,9 +191,19 @@ class Problems:
 # Reading the file --------------------------------------------------------------------
 
 
-def _mark_error(error: yaml.YAMLError) -> AsCodeError:
+def _mark_error(error: yaml.YAMLError, text: str = "") -> AsCodeError:
     """A YAML error at the line at fault: where the construct left open began (an
-    unclosed bracket or quote) when the parser says so, else where it stopped."""
+    unclosed bracket or quote) when the parser says so, else where it stopped; for a
+    character no YAML holds (a control character), where it first is."""
+    if isinstance(error, yaml.reader.ReaderError):
+        character = error.character
+        character = chr(character) if isinstance(character, int) else str(character)
+        at = text.find(character) if text and character else -1
+        line = text.count("\n", 0, at) + 1 if at >= 0 else 1
+        column = at - text.rfind("\n", 0, at) if at >= 0 else 1
+        return AsCodeError(
+            [Problem(line, column, "", f"not YAML: the character {character!r} is not allowed")]
+        )
     context = getattr(error, "context_mark", None)
     problem = getattr(error, "problem_mark", None)
     mark = context or problem
@@ -179,6 +216,59 @@ def _mark_error(error: yaml.YAMLError) -> AsCodeError:
     return AsCodeError([Problem(line, column, "", f"not YAML: {said or error}")])
 
 
+def _node_read(text: str, loader: type) -> yaml.Node | None:
+    """The document's node, its events read first: anchors and aliases are refused
+    before anything is built from them (a "billion laughs" file expands aliases into
+    more than memory holds), and so are nesting past MAX_DEPTH and more than MAX_NODES
+    values."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                mark = event.start_mark
+                raise AsCodeError(
+                    [
+                        Problem(
+                            mark.line + 1,
+                            mark.column + 1,
+                            "",
+                            f"the file holds more than {MAX_NODES:,} values: split it",
+                        )
+                    ]
+                )
+        anchor = getattr(event, "anchor", None)
+        if isinstance(event, yaml.AliasEvent) or anchor:
+            mark = event.start_mark
+            raise AsCodeError(
+                [
+                    Problem(
+                        mark.line + 1,
+                        mark.column + 1,
+                        "",
+                        "anchors and aliases (&, *) are not accepted: write the value out",
+                    )
+                ]
+            )
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                raise AsCodeError(
+                    [
+                        Problem(
+                            mark.line + 1,
+                            mark.column + 1,
+                            "",
+                            f"nested deeper than {MAX_DEPTH} levels",
+                        )
+                    ]
+                )
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+    return yaml.compose(text, Loader=loader)
+
+
 def yaml_read(text: str) -> tuple[Any, Marks]:
     """The document and where each of its values starts; refused (AsCodeError) when it
     is too large, not YAML, more than one document, uses anchors or aliases, nests past
@@ -189,43 +279,42 @@ def yaml_read(text: str) -> tuple[Any, Marks]:
     if "\x00" in text:
         line = text.count("\n", 0, text.index("\x00")) + 1
         raise AsCodeError([Problem(line, 1, "", "the file holds a NUL character")])
-    # Events first: anchors and aliases are refused before anything is built from them
-    # (a "billion laughs" file expands aliases into more than memory holds).
-    depth = 0
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            anchor = getattr(event, "anchor", None)
-            if isinstance(event, yaml.AliasEvent) or anchor:
-                mark = event.start_mark
-                raise AsCodeError(
-                    [
-                        Problem(
-                            mark.line + 1,
-                            mark.column + 1,
-                            "",
-                            "anchors and aliases (&, *) are not accepted: write the value out",
-                        )
-                    ]
-                )
-            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
-                depth += 1
-                if depth > MAX_DEPTH:
-                    mark = event.start_mark
-                    raise AsCodeError(
-                        [
-                            Problem(
-                                mark.line + 1,
-                                mark.column + 1,
-                                "",
-                                f"nested deeper than {MAX_DEPTH} levels",
-                            )
-                        ]
+        # Text handed over by an API may hold a lone surrogate, which no reader takes.
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        line = text.count("\n", 0, error.start) + 1
+        raise AsCodeError(
+            [Problem(line, 1, "", "the file holds a lone surrogate: not text")]
+        ) from None
+    for mark in UNICODE_BREAKS:
+        if mark in text:
+            # YAML reads it as a line break that many editors and diffs show as none:
+            # "a: x<NEL>max_steps: 999" reads as two fields and looks like one.
+            line = text.count("\n", 0, text.index(mark)) + 1
+            raise AsCodeError(
+                [
+                    Problem(
+                        line,
+                        1,
+                        "",
+                        f"the file holds U+{ord(mark):04X}, a line break many editors do not "
+                        "show: write it escaped in double quotes (\\N, \\L or \\P)",
                     )
-            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
-                depth -= 1
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+                ]
+            )
+    try:
+        node = _node_read(text, LOADER)
     except yaml.YAMLError as error:
-        raise _mark_error(error) from None
+        if LOADER is yaml.SafeLoader or size > PRECISE_BYTES:
+            raise _mark_error(error, text) from None
+        # libyaml refuses some values outright (an escape of a lone surrogate) where the
+        # pure-Python reader reads them and the checks below name their field: a small
+        # file is read again by it, to say the fault as precisely as it can.
+        try:
+            node = _node_read(text, yaml.SafeLoader)
+        except yaml.YAMLError as again:
+            raise _mark_error(again, text) from None
     if node is None:
         raise AsCodeError([Problem(1, 1, "", "the file is empty: it starts with version: 1")])
     marks = Marks()
@@ -233,9 +322,10 @@ def yaml_read(text: str) -> tuple[Any, Marks]:
     _walk(node, (), marks, problems)
     problems.raise_any()
     try:
-        data = yaml.safe_load(text)
+        # Built from the node already read and checked, not from a third reading.
+        data = yaml.constructor.SafeConstructor().construct_document(node)
     except yaml.YAMLError as error:  # a value that does not construct (a bad timestamp)
-        raise _mark_error(error) from None
+        raise _mark_error(error, text) from None
     return data, marks
 
 
@@ -253,6 +343,10 @@ def _walk(node: yaml.Node, path: Path, marks: Marks, problems: Problems) -> None
                 continue
             key = key_node.value
             child = (*path, key)
+            if "\x00" in key:
+                line, column = key_mark
+                problems.found.append(Problem(line, column, path_said(path), NUL_SAID))
+                continue
             if key in seen:
                 line, column = key_mark
                 problems.found.append(
@@ -280,16 +374,28 @@ def _walk(node: yaml.Node, path: Path, marks: Marks, problems: Problems) -> None
 INT_LIMIT = 2**63  # the widest integer a database column here holds
 
 
+NUL_SAID = (
+    "the text holds a NUL character (an escape like \\0 or \\x00): the admin refuses it, "
+    "and PostgreSQL cannot store it"
+)
+
+
 def _scalar_fault(node: yaml.ScalarNode) -> str:
     """What a value cannot be, found before it is built: text no database stores (a lone
-    surrogate, from an escape), an integer past any column (or past the digits Python
-    reads), a date or binary value that does not build."""
+    surrogate or a NUL, from an escape: the file's own bytes hold neither), an integer
+    past any column (or past the digits Python reads), a date or binary value that does
+    not build, or a value not text that is too long to be a number (built unread)."""
     if node.tag == STR_TAG:
         try:
             node.value.encode("utf-8")
         except UnicodeEncodeError:
             return "the text holds a lone surrogate (an escape like \\uD800): not storable"
-        return ""
+        return NUL_SAID if "\x00" in node.value else ""
+    if len(node.value) > MAX_SCALAR_CHARS:
+        return (
+            f"longer than {MAX_SCALAR_CHARS} characters for a number, date, true/false or "
+            "null: quote it if it is text"
+        )
     try:
         value = yaml.constructor.SafeConstructor().construct_object(node)
     except (yaml.YAMLError, ValueError, OverflowError, TypeError) as error:
@@ -431,6 +537,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str_represent(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if any(mark in value for mark in UNICODE_BREAKS):
+        return dumper.represent_scalar(STR_TAG, value, style='"')
     style = "|" if "\n" in value else None
     return dumper.represent_scalar(STR_TAG, value, style=style)
 
@@ -446,6 +554,20 @@ def tasks_export(*, tasks: QuerySet[Task] | None = None) -> str:
         task.slug: task_as_code(task)
         for task in tasks.select_related("approver_group", "escalation_group").order_by("slug")
     }
+    count = sum(1 for _ in _items(document))
+    if count > MAX_ITEMS:
+        raise AsCodeError(
+            [
+                Problem(
+                    1,
+                    1,
+                    "",
+                    f"these tasks hold {count:,} tasks, grants, rules and triggers, and a file "
+                    f"is read back with at most {MAX_ITEMS:,}: export fewer tasks at a time "
+                    "(name their slugs)",
+                )
+            ]
+        )
     body = yaml.dump(
         {"tasks": document},
         Dumper=_Dumper,
@@ -638,18 +760,58 @@ def _model_default(model_field: models.Field) -> Any:
     return default if default is not None or model_field.null else ""
 
 
+def _items(tasks: Any) -> Iterable[Path]:
+    """The path of each task, grant, rule and trigger a file's ``tasks`` names, in the
+    file's order (what is not a mapping or a list is left to the checks that say so)."""
+    if not isinstance(tasks, dict):
+        return
+    for slug, task in tasks.items():
+        yield ("tasks", slug)
+        if not isinstance(task, dict):
+            continue
+        grants = task.get("grants")
+        if isinstance(grants, dict):
+            for tool, grant in grants.items():
+                yield ("tasks", slug, "grants", tool)
+                rules = grant.get("rules") if isinstance(grant, dict) else None
+                if isinstance(rules, list):
+                    for index in range(len(rules)):
+                        yield ("tasks", slug, "grants", tool, "rules", index)
+        triggers = task.get("triggers")
+        if isinstance(triggers, dict):
+            for name in triggers:
+                yield ("tasks", slug, "triggers", name)
+
+
 def tasks_import_plan(*, text: str, user: AbstractBaseUser | None = None) -> ImportPlan:
     """Read ``text`` and say what importing it would change. Raises AsCodeError with
     every fault found (nothing is written either way) and, when ``user`` is given,
     PermissionDenied when they may not make these changes in the admin."""
+    if user is not None:
+        # Before anything is read: a plan's diff, and its faults, say live values.
+        user_may_see(user=user)
     data, marks = yaml_read(text)
     problems = Problems(marks)
     if not isinstance(data, dict):
         problems.add((), "the file is a mapping: version: 1, then tasks:")
         problems.raise_any()
     _unknown_keys(problems, (), data, ("version", "tasks"))
-    if data.get("version") != FORMAT_VERSION:
+    version = data.get("version")
+    if not (isinstance(version, int) and not isinstance(version, bool)) or (
+        version != FORMAT_VERSION
+    ):
         problems.add(("version",), f"must be {FORMAT_VERSION} (this file format's version)")
+    for count, where in enumerate(_items(data.get("tasks")), 1):
+        if count > MAX_ITEMS:
+            # Said alone and at once: nothing is looked up for a file this large.
+            problems.found = []
+            problems.add(
+                where,
+                f"the file names more than {MAX_ITEMS:,} tasks, grants, rules and triggers "
+                "together: split it (a file may hold one task)",
+                key=True,
+            )
+            problems.raise_any()
     tasks_data = data.get("tasks", {})
     if tasks_data is None:
         tasks_data = {}
@@ -673,12 +835,23 @@ def tasks_import_plan(*, text: str, user: AbstractBaseUser | None = None) -> Imp
     return plan
 
 
-def user_check(*, user: AbstractBaseUser, plan: ImportPlan) -> None:
-    """As the admin: an active member of staff holding each permission the changes need."""
+def user_may_see(*, user: AbstractBaseUser) -> None:
+    """As the admin: an active member of staff who may view tasks (``view_task``, or
+    ``change_task``, which the admin takes for it)."""
     if not (user.is_active and getattr(user, "is_staff", False)):
         raise PermissionDenied(
             f"{user.get_username()} is not active staff: the admin would refuse them"
         )
+    if not (user.has_perm("tasks.view_task") or user.has_perm("tasks.change_task")):
+        raise PermissionDenied(
+            f"{user.get_username()} may not make these changes: they need tasks.view_task or "
+            "tasks.change_task, and may not see tasks without one"
+        )
+
+
+def user_check(*, user: AbstractBaseUser, plan: ImportPlan) -> None:
+    """As the admin: an active member of staff holding each permission the changes need."""
+    user_may_see(user=user)
     missing = sorted(perm for perm in plan.permissions() if not user.has_perm(perm))
     if missing:
         raise PermissionDenied(
@@ -738,6 +911,11 @@ def _task_plan(slug: Any, data: Any, problems: Problems) -> TaskPlan | None:
             where = (*path, name) if name in data else path
             for message in messages:
                 problems.add(where, message, key=name not in data)
+    if existing is None and form.cleaned_data.get("slug", slug) != slug:
+        # The form trims it: made as "x", the file's "x " would be made again next time.
+        problems.add(
+            path, f"a slug has no spaces at its ends: write {form.cleaned_data['slug']!r}", key=True
+        )
     plan = TaskPlan(slug=slug, existing=existing, form_values=form.cleaned_data)
     if form.errors:
         # The grants and triggers are still checked, so one reading says every fault.
@@ -1073,6 +1251,14 @@ def _triggers_plan(
                     problems.add(target, said, key=target == where)
             continue
         cleaned = {f: form.cleaned_data[f] for f in TRIGGER_FIELDS if f in form.cleaned_data}
+        if existing is None and form.cleaned_data["name"] != name:
+            # The admin trims a name; kept as written, "hook " would sit beside "hook".
+            problems.add(
+                where,
+                f"a trigger's name has no spaces at its ends: write {form.cleaned_data['name']!r}",
+                key=True,
+            )
+            continue
         if existing is None:
             values.update(cleaned)  # as the admin saves them
             plan.triggers.append(TriggerPlan(name, "add", None, values, []))
@@ -1135,6 +1321,18 @@ def tasks_import_apply(*, plan: ImportPlan, user: AbstractBaseUser) -> ImportRes
                     _task_apply(task_plan, user=user, result=result)
     except (governance.GovernanceError, DialError) as error:
         raise AsCodeError([Problem(1, 1, "", f"nothing was applied: {error}")]) from None
+    except DatabaseError as error:
+        # The transaction is rolled back whole; said as any refusal is. One cause known:
+        # a firing arriving between the check and the removal of its trigger
+        # (ProtectedError). The first line only: a database's detail can quote values.
+        said = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise AsCodeError(
+            [
+                Problem(
+                    1, 1, "", f"nothing was applied: the database refused it ({said}): plan again"
+                )
+            ]
+        ) from None
     return result
 
 

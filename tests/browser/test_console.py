@@ -71,6 +71,7 @@ def test_no_page_is_wider_than_the_screen(live_server, page: Page):
         "tools": "/tools/",
         "tool": f"/tools/{tool}/",
         "changes": "/tasks/changes/waiting/",
+        "tokens": "/accounts/tokens/",
     }
     wide = []
     for size, width in WIDTHS.items():
@@ -85,7 +86,7 @@ def test_no_page_is_wider_than_the_screen(live_server, page: Page):
                 wide.append(f"{path} at {width} px: {overflow} px too wide")
             shoot(page, f"{name}-{size}")
         # The navigation is reachable at every width: every link on screen.
-        for link in ("Overview", "Runs", "Tasks", "Tools", "Approvals", "Admin"):
+        for link in ("Overview", "Runs", "Tasks", "Tools", "Approvals", "API tokens", "Admin"):
             box = page.get_by_role("link", name=link).first.bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width, link
     assert not wide, "\n".join(wide)
