@@ -71,7 +71,7 @@ CONFIG_EXAMPLES: dict[str, tuple[str, dict[str, Any]]] = {
     Kind.QUEUE: (
         "A Redis stream (read by a consumer group) or an AMQP queue; a message that "
         "cannot become a run goes to the dead-letter place. A password in the URL is "
-        "better named as {secret:TOOL_SECRET_…}.",
+        "named as {secret:TRIGGER_SECRET_…}, a variable of the listeners' environment.",
         {
             "transport": "redis",
             "url": "redis://127.0.0.1:6379/0",

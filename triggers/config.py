@@ -19,6 +19,7 @@ import jmespath.exceptions
 from croniter import croniter
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from agentops.config import platform_secret
 from agentops.runtime.secrets import secret_errors
 from agentops.runtime.tools.base import arguments_errors
 from tasks.models import Trigger
@@ -104,6 +105,28 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The variables a trigger's config may name as {secret:NAME}: their own namespace, not
+# the tools'. A queue trigger's URL sends its password to whatever host it names, so a
+# trigger that could name a tool's secret would hand that secret to any host its author
+# chose, past the tool's own fences (its allowed hosts, its redaction).
+TRIGGER_SECRET_PREFIX = "TRIGGER_SECRET_"
+
+
+def trigger_secret_refusal(name: str) -> str:
+    """Why a trigger may not read the variable ``name`` (a sentence naming it), or ""."""
+    if platform_secret(name):
+        return (
+            f"the secret {name} is one of agentops' own settings, which no trigger may "
+            f"read; give the trigger a variable of its own, named {TRIGGER_SECRET_PREFIX}…"
+        )
+    if name.startswith(TRIGGER_SECRET_PREFIX):
+        return ""
+    return (
+        f"the secret {name} is not one a trigger may read: give the trigger a variable "
+        f"of its own, named {TRIGGER_SECRET_PREFIX}… (tools' secrets are not triggers')"
+    )
+
+
 def config_of(trigger: Trigger) -> dict[str, Any]:
     """The trigger's config with its kind's defaults filled in (it passed the checks)."""
     config = {**DEFAULTS.get(trigger.kind, {}), **(trigger.config or {})}
@@ -121,7 +144,7 @@ def config_errors(*, kind: str, config: Any, input_mapping: str = "") -> list[st
     errors += mapping_errors(input_mapping)
     if errors or not isinstance(config, dict):
         return errors
-    errors += secret_errors(config)
+    errors += secret_errors(config, refusal=trigger_secret_refusal)
     check = KIND_CHECKS.get(kind)
     return errors + (check(config) if check else [])
 

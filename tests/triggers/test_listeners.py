@@ -175,6 +175,24 @@ def test_a_trigger_whose_config_was_written_around_the_checks_is_not_listened_fo
     assert broken.pk == int(said[0].split()[1])
 
 
+def test_a_queue_url_written_around_the_checks_never_reads_a_tools_secret(monkeypatch):
+    """The listener resolves a broker URL's secrets through the trigger's fence, not the
+    tools': a tool's secret in a URL saved past the checks is refused, not sent."""
+    from agentops.runtime.secrets import SecretRefused
+    from triggers.queues import QueueTrigger
+
+    monkeypatch.setenv("TOOL_SECRET_LEDGER", "ledger-password")
+    monkeypatch.setenv("TRIGGER_SECRET_MQ", "mq-password")
+    config = {"transport": "redis", "stream": "s", "group": "agentops"}
+    stolen = QueueTrigger(
+        1, "t", {**config, "url": "redis://:{secret:TOOL_SECRET_LEDGER}@h/0"}, None
+    )
+    with pytest.raises(SecretRefused, match="not one a trigger may read"):
+        stolen.url()
+    own = QueueTrigger(2, "t", {**config, "url": "redis://:{secret:TRIGGER_SECRET_MQ}@h/0"}, None)
+    assert own.url() == "redis://:mq-password@h/0"
+
+
 # manage.py triggers ----------------------------------------------------------------------
 
 

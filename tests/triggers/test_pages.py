@@ -96,7 +96,7 @@ def test_a_queue_url_is_shown_without_its_password(make_trigger, operator_client
     [
         ("redis://:pw-123@h:6379/0", "redis://:•••@h:6379/0"),
         ("redis://h:6379/0?password=pw-123&db=2", "redis://h:6379/0?password=•••&db=2"),
-        ("amqp://u:{secret:TOOL_SECRET_MQ}@h//", "amqp://u:{secret:TOOL_SECRET_MQ}@h//"),
+        ("amqp://u:{secret:TRIGGER_SECRET_MQ}@h//", "amqp://u:{secret:TRIGGER_SECRET_MQ}@h//"),
         ("amqps://u@h/vhost?auth_token=pw-123", "amqps://u@h/vhost?auth_token=•••"),
         ("redis://h:6379", "redis://h:6379"),
         ("redis://[::1:6379", "•••"),  # does not parse: nothing of it is shown
