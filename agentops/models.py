@@ -1,5 +1,5 @@
 """The JSON API's own tables (agentops.api): personal API tokens, the idempotency keys
-of run starts, and each token's requests per minute (the rate limit).
+of run starts, and each person's requests per minute (the rate limit).
 
 A token's secret is never stored: only the SHA-256 of it. The secret is 32 random
 bytes, so a fast hash is enough (nothing to guess from a dictionary), and the lookup is
@@ -84,17 +84,20 @@ class IdempotencyKey(models.Model):
 
 
 class ApiRateWindow(models.Model):
-    """A token's requests in one minute: one row per (token, minute), counted with an
-    UPDATE ... SET count = count + 1, so every web process shares the count."""
+    """A person's requests in one minute, all their tokens together: one row per (user,
+    minute), counted with an UPDATE ... SET count = count + 1, so every web process
+    shares the count. Per person, not per token: a token costs nothing to make, so a
+    limit per token would be no limit for someone who makes ten."""
 
-    token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, related_name="+")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     minute = models.DateTimeField()
     count = models.PositiveIntegerField(default=0)
 
     class Meta:
         constraints = [
-            models.UniqueConstraint(fields=["token", "minute"], name="api_rate_token_minute")
+            models.UniqueConstraint(fields=["user", "minute"], name="api_rate_user_minute")
         ]
+        indexes = [models.Index(fields=["minute"], name="api_rate_minute")]
 
     def __str__(self) -> str:
-        return f"{self.token_id} at {self.minute:%H:%M}: {self.count}"
+        return f"{self.user_id} at {self.minute:%H:%M}: {self.count}"

@@ -212,6 +212,18 @@ def approvals_approve(request: HttpRequest, approval_id: str, body: ApproveIn):
         )
     else:
         decision = "answer" if approval.kind == ApprovalKind.QUESTION else "approve"
+    if body.result is not None and decision != "happened":
+        # Ignored, it would approve something other than what the caller meant: an
+        # action's call as proposed, not one "with this result".
+        raise invalid(
+            [
+                field_error(
+                    "body",
+                    "/result",
+                    "only an unknown outcome resolved as happened takes a result",
+                )
+            ]
+        )
     if body.arguments is not None and approval.kind != ApprovalKind.ACTION:
         raise invalid(
             [field_error("body", "/arguments", "only an action's arguments can be edited")]

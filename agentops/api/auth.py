@@ -52,12 +52,18 @@ def caller(request: HttpRequest) -> Caller:
 
 
 def require(
-    request: HttpRequest, *, scope: str, perms: tuple[str, ...] = (), query: tuple[str, ...] = ()
+    request: HttpRequest,
+    *,
+    scope: str,
+    perms: tuple[str, ...] = (),
+    query: tuple[str, ...] = (),
+    lists: tuple[str, ...] = (),
 ) -> Caller:
     """The caller, if the token's scope and the user's permissions allow the operation;
     else a 403 that says which is missing. A query parameter the operation does not take
     (``query`` lists those it does) is a 422 naming it: a misspelt filter ignored would
-    answer another question than the one asked."""
+    answer another question than the one asked. So is one given twice that is not a
+    list (``lists``): ninja would take the last, a proxy or a log reader the first."""
     who = caller(request)
     if not who.token.allows(scope):
         raise Problem(
@@ -83,32 +89,42 @@ def require(
                 for name in unknown
             ]
         )
+    repeated = sorted(
+        name for name in request.GET if name not in lists and len(request.GET.getlist(name)) > 1
+    )
+    if repeated:
+        raise invalid(
+            [field_error("query", name, "given more than once; give it once") for name in repeated]
+        )
     return who
 
 
 def rate_check(token: ApiToken) -> None:
-    """Count this request against the token's minute; past the limit, a 429 with
-    Retry-After (the seconds left in the minute). The count is a row per (token,
-    minute) in the database, so every web process counts into the same one."""
+    """Count this request against its user's minute, all their tokens together; past
+    the limit, a 429 with Retry-After (the seconds left in the minute). The count is a
+    row per (user, minute) in the database, so every web process counts into the same
+    one; the rows of minutes gone are deleted when a minute starts, so the table holds
+    at most a row per person who called this minute or the last."""
     limit = settings.AGENTOPS_API_RATE_PER_MINUTE
     now = timezone.now()
     minute = now.replace(second=0, microsecond=0)
-    window = ApiRateWindow.objects.filter(token=token, minute=minute)
+    window = ApiRateWindow.objects.filter(user_id=token.user_id, minute=minute)
     if not window.update(count=F("count") + 1):
         try:
             with transaction.atomic():
-                ApiRateWindow.objects.create(token=token, minute=minute, count=1)
+                ApiRateWindow.objects.create(user_id=token.user_id, minute=minute, count=1)
         except IntegrityError:  # another process made the row first: count into it
             window.update(count=F("count") + 1)
         else:
-            # A new minute: the token's older rows count for nothing any more.
-            ApiRateWindow.objects.filter(token=token, minute__lt=minute).delete()
+            # A new minute: every older row counts for nothing any more, anyone's.
+            ApiRateWindow.objects.filter(minute__lt=minute).delete()
     count = window.values_list("count", flat=True).first() or 0
     if count > limit:
         left = (minute + timedelta(minutes=1) - now).total_seconds()
         raise Problem(
             429,
             "rate-limit",
-            f"This token made more than {limit} requests this minute: wait and retry.",
+            f"You made more than {limit} requests this minute, counting all your tokens: "
+            "wait and retry.",
             headers={"Retry-After": str(max(1, math.ceil(left)))},
         )

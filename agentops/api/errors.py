@@ -33,6 +33,7 @@ TITLES = {
     401: "Not authenticated",
     403: "Not allowed",
     404: "Not found",
+    405: "Method not allowed",
     409: "Conflict",
     422: "Invalid input",
     429: "Too many requests",

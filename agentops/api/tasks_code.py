@@ -114,7 +114,7 @@ def _plan_out(plan: Any) -> dict[str, Any]:
     summary="Export tasks as YAML",
 )
 def tasks_code_export(request: HttpRequest, filters: Query[ExportQuery]):
-    require(request, scope=TokenScope.READ, query=("slug",))
+    require(request, scope=TokenScope.READ, query=("slug",), lists=("slug",))
     tasks = Task.objects.all()
     if filters.slug:
         tasks = tasks.filter(slug__in=filters.slug)
