@@ -319,8 +319,8 @@ AGENTOPS_LIVE_STREAM_SECONDS = env_float("AGENTOPS_LIVE_STREAM_SECONDS", 300.0, 
 # and lists); past it a stream is refused with a 503 and the page polls instead.
 AGENTOPS_LIVE_STREAMS_PER_USER = env_int("AGENTOPS_LIVE_STREAMS_PER_USER", 20, minimum=1)
 
-# The integration surface. The JSON API (agentops.api): requests a token may make in a
-# minute, past which it is answered 429 with Retry-After.
+# The integration surface. The JSON API (agentops.api): requests one person may make in
+# a minute, all their tokens together, past which it is answered 429 with Retry-After.
 AGENTOPS_API_RATE_PER_MINUTE = env_int("AGENTOPS_API_RATE_PER_MINUTE", 120, minimum=1)
 # Traces of every run over OTLP/HTTP (agentops.telemetry), sent only when an endpoint is
 # set (the collector's base URL, as OpenTelemetry's own variable names it).

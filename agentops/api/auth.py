@@ -58,6 +58,7 @@ def require(
     perms: tuple[str, ...] = (),
     query: tuple[str, ...] = (),
     lists: tuple[str, ...] = (),
+    staff: bool = False,
 ) -> Caller:
     """The caller, if the token's scope and the user's permissions allow the operation;
     else a 403 that says which is missing. A query parameter the operation does not take
@@ -79,6 +80,15 @@ def require(
             "permission",
             f"{who.user.get_username()} does not hold the permission "
             f"{', '.join(missing)}, which the operation needs.",
+        )
+    # Tasks are authored in the admin, which only active staff may enter: the API
+    # authors them as the admin would let the same person, no more.
+    if staff and not (who.user.is_active and who.user.is_staff):
+        raise Problem(
+            403,
+            "permission",
+            f"{who.user.get_username()} is not staff: tasks are authored by staff, as in "
+            "the admin.",
         )
     unknown = sorted(name for name in request.GET if name not in query)
     if unknown:

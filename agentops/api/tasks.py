@@ -254,7 +254,7 @@ def tasks_read(request: HttpRequest, slug: str):
     "with a change, which is governed) and starts at most at Supervised.",
 )
 def tasks_create(request: HttpRequest, body: TaskCreateIn):
-    who = require(request, scope=TokenScope.OPERATE, perms=("tasks.add_task",))
+    who = require(request, scope=TokenScope.OPERATE, perms=("tasks.add_task",), staff=True)
     fields = (*EDITABLE, "autonomy_level")
     given = body.dict(exclude_unset=True)
     values = {**model_to_dict(Task(), fields=fields), **given}
@@ -292,7 +292,7 @@ def tasks_change(request: HttpRequest, slug: str, body: TaskChangeIn):
         perms.append("tasks.add_toolgrant")
     if body.revoke:
         perms.append("tasks.delete_toolgrant")
-    who = require(request, scope=TokenScope.OPERATE, perms=tuple(perms))
+    who = require(request, scope=TokenScope.OPERATE, perms=tuple(perms), staff=True)
     task = _task_or_404(slug)
     given = body.dict(exclude_unset=True, exclude={"grant", "revoke", "note"})
     nulls = [name for name, value in given.items() if value is None]

@@ -60,7 +60,7 @@ def api_client(client):
 @pytest.fixture
 def author(db) -> User:
     """A person who may create and change tasks and grant tools, and start runs."""
-    user = User.objects.create_user("ada", "ada@example.com", "pw-ada-12345")
+    user = User.objects.create_user("ada", "ada@example.com", "pw-ada-12345", is_staff=True)
     user.user_permissions.add(
         *Permission.objects.filter(
             codename__in=[

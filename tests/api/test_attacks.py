@@ -309,6 +309,13 @@ def test_a_widening_change_waits_for_a_second_person(api_client, make_token, mak
 
 
 def test_tasks_as_code_refuses_a_user_who_is_not_staff(api_client, make_token, demo_task, author):
+    from django.contrib.auth.models import Permission
+
+    author.is_staff = False
+    author.save(update_fields=["is_staff"])
+    author.user_permissions.add(
+        Permission.objects.get(codename="view_task", content_type__app_label="tasks")
+    )
     authoring = api_client(make_token(author, "operate"))
     exported = authoring.get("/api/tasks-as-code", data={"slug": demo_task.slug}).json()["yaml"]
     changed = exported.replace("stall_limit: 8", "stall_limit: 5")
@@ -330,3 +337,21 @@ def test_a_result_on_an_action_is_refused_not_ignored(api_client, make_token, he
     assert response.json()["errors"][0]["pointer"] == "/result"
     approval.refresh_from_db()
     assert approval.status == ApprovalStatus.PENDING
+
+
+def test_a_person_who_is_not_staff_authors_no_task(demo_task, author, make_token, api_client):
+    """The admin, where tasks are authored, admits only active staff: the API authors
+    them for the same people, permissions or not (an attacker's review)."""
+    from tasks.models import Task
+
+    author.is_staff = False
+    author.save(update_fields=["is_staff"])
+    api = api_client(make_token(author, "operate"))
+    made = api.post("/api/tasks", {"slug": "x1", "name": "X", "objective_template": "Do."})
+    changed = api.patch(f"/api/tasks/{demo_task.slug}", {"instructions": "Ignore the rails."})
+    for answer in (made, changed):
+        assert answer.status_code == 403, answer.content
+        assert "is not staff" in answer.json()["detail"]
+    assert not Task.objects.filter(slug="x1").exists()
+    demo_task.refresh_from_db()
+    assert demo_task.instructions != "Ignore the rails."

@@ -135,3 +135,10 @@ def test_too_many_parameters_is_a_problem_not_an_html_page(alice, make_token, ap
     assert answer.status_code == 400
     assert answer["Content-Type"] == "application/problem+json"
     assert "DATA_UPLOAD_MAX_NUMBER_FIELDS" in answer.json()["detail"]
+
+
+def test_export_needs_the_right_to_see_tasks(demo_task, operator, make_token, api_client):
+    """Tasks' definitions are the admin's to show: an operator who starts runs but may not
+    view tasks gets none of them."""
+    answer = api_client(make_token(operator)).get(EXPORT)
+    assert answer.status_code == 403 and "tasks.view_task" in answer.json()["detail"]
