@@ -3,6 +3,7 @@ payments received, and email finance a summary once a person approves."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 from django.core.mail import EmailMessage
@@ -11,6 +12,7 @@ from agentops.runtime.models import ModelTurn
 from agentops.runtime.models.scripted import check_turn, script, scripted_turn
 from agentops.runtime.tools import ToolContext, ToolError, tool
 from demo.ledger import ledger_query
+from demo.transcript import plan_steps, tool_results
 
 BATCH_SCHEMA = {
     "type": "object",
@@ -98,19 +100,6 @@ def reconcile(invoices: list[dict], payments: list[dict]) -> list[str]:
     return findings
 
 
-def tool_results(messages: list[dict]) -> dict[str, dict]:
-    """The latest result of each tool, read from the transcript."""
-    names = {}
-    for message in messages:
-        for call in message.get("tool_calls") or []:
-            names[call["id"]] = call["function"]["name"]
-    results = {}
-    for message in messages:
-        if message["role"] == "tool":
-            results[names.get(message["tool_call_id"], "?")] = json.loads(message["content"])
-    return results
-
-
 PLAN = [
     "List the invoices of the batch",
     "List the payments received against them",
@@ -120,13 +109,7 @@ PLAN = [
 ]
 
 
-def plan_update(done: int, reason: str) -> tuple[str, dict]:
-    """A plan_update call with the first ``done`` steps done and the next one doing."""
-    steps = [
-        {"title": title, "status": "done" if n < done else "doing" if n == done else "todo"}
-        for n, title in enumerate(PLAN)
-    ]
-    return ("plan_update", {"steps": steps, "reason": reason})
+plan_update = functools.partial(plan_steps, PLAN)
 
 
 def batch_of(messages: list[dict]) -> str:

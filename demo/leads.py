@@ -8,6 +8,8 @@ an example, and every choice an enumerated value."""
 
 from __future__ import annotations
 
+import functools
+
 from agentops.runtime.models import ModelTurn
 from agentops.runtime.models.scripted import check_turn, script, scripted_turn
 from agentops.runtime.tools import ToolContext, tool
@@ -22,7 +24,7 @@ from demo.crm import (
     segment_of,
 )
 from demo.store import store_query, write_once
-from demo.support import run_input, tool_results
+from demo.transcript import plan_steps, run_input, tool_results
 
 DOMAIN = {"type": "string", "pattern": "^[A-Za-z0-9.-]+\\.[A-Za-z]{2,}$", "maxLength": 253}
 
@@ -155,12 +157,7 @@ PLAN = [
 ]
 
 
-def plan_update(done: int, reason: str) -> tuple[str, dict]:
-    steps = [
-        {"title": title, "status": "done" if n < done else "doing" if n == done else "todo"}
-        for n, title in enumerate(PLAN)
-    ]
-    return ("plan_update", {"steps": steps, "reason": reason})
+plan_update = functools.partial(plan_steps, PLAN)
 
 
 def leads_check(messages: list[dict]) -> ModelTurn:

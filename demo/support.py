@@ -8,7 +8,7 @@ an example, and every choice an enumerated value."""
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 
 from agentops.runtime.models import ModelTurn
@@ -16,6 +16,7 @@ from agentops.runtime.models.scripted import check_turn, script, scripted_turn
 from agentops.runtime.tools import ToolContext, ToolError, tool
 from demo.helpdesk import CATEGORIES, PRIORITIES, helpdesk_path, ticket_label
 from demo.store import store_query, write_once
+from demo.transcript import plan_steps, run_input, tool_results
 
 EMAIL = {"type": "string", "pattern": "^[^@\\s]+@[^@\\s]+$", "maxLength": 254}
 TICKET = {"type": "string", "pattern": "^T-[0-9]{1,9}$", "description": "e.g. T-1001"}
@@ -147,24 +148,7 @@ PLAN = [
 ]
 
 
-def run_input(messages: list[dict]) -> dict:
-    """The run's input, as the engine puts it in the first user message."""
-    user = next(m for m in messages if m["role"] == "user")["content"]
-    return json.loads(user.split("Input:\n", 1)[1]) if "Input:\n" in user else {}
-
-
-def tool_results(messages: list[dict]) -> dict[str, dict]:
-    from demo.agent_tools import tool_results as results
-
-    return results(messages)
-
-
-def plan_update(done: int, reason: str) -> tuple[str, dict]:
-    steps = [
-        {"title": title, "status": "done" if n < done else "doing" if n == done else "todo"}
-        for n, title in enumerate(PLAN)
-    ]
-    return ("plan_update", {"steps": steps, "reason": reason})
+plan_update = functools.partial(plan_steps, PLAN)
 
 
 def triage(subject: str, text: str, plan: str) -> tuple[str, str]:
