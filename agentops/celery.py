@@ -29,9 +29,12 @@ def run_advance_task(run_id: str, claim_failures: int = 0) -> str:
 def runs_hand_back(**kwargs: object) -> None:
     """A worker process that stops (a prefork child recycled or shut down) first hands
     the runs its async worker has in flight back to the queue, at their next step."""
+    from agentops import telemetry
     from agentops.runtime.engine.runner import runner_drain
 
     runner_drain()
+    # Billiard's children skip threading's exit hooks too: their last spans go now.
+    telemetry.flush(telemetry.EXIT_FLUSH_MILLIS)
 
 
 @app.task(name="agentops.runs_reap", ignore_result=True)

@@ -20,6 +20,7 @@ statuses and the engine's own short reasons (clipped), nothing the agent or a to
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
 from django.db import transaction
@@ -52,6 +54,9 @@ TRACER_NAME = "agentops"
 # Attribute values the engine writes from its own text (a gate's reason, a model's
 # finish reason) are clipped: a span is not the record, the trail is.
 TEXT_CHARS = 300
+# How long a process's exit waits for its last spans: a collector that hangs must not
+# hold a worker's stop for long.
+EXIT_FLUSH_MILLIS = 2000
 # The GenAI conventions' tool types, by the kind of tool: a python tool is a function
 # the agent's host runs; http, email and mcp reach an outside service; sql a data store.
 TOOL_TYPES = {"python": "function", "sql": "datastore"}
@@ -100,14 +105,30 @@ def tracer() -> trace.Tracer | None:
                     _provider = provider_make(endpoint)
                 except Exception:
                     # Tracing must never stop a run: no traces (said once), the run goes on.
-                    logger.exception("tracing: cannot send spans to %r; tracing is off", endpoint)
+                    logger.exception(
+                        "tracing: cannot send spans to %s; tracing is off", endpoint_shown(endpoint)
+                    )
                     _provider = None
                 if old is not None:
                     old.shutdown()
     return _provider.get_tracer(TRACER_NAME) if _provider is not None else None
 
 
+def endpoint_shown(endpoint: str) -> str:
+    """The endpoint for a log line: without the credentials a URL may carry."""
+    parts = urlsplit(endpoint)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return urlunsplit((parts.scheme, f"{parts.hostname or ''}{port}", parts.path, "", ""))
+
+
 def provider_make(endpoint: str) -> TracerProvider:
+    if urlsplit(endpoint).scheme not in ("http", "https"):
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT: {endpoint_shown(endpoint)!r} is not an http(s) URL"
+        )
     # Imported here: a process with tracing off never loads the SDK or the exporter.
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -124,15 +145,20 @@ def provider_make(endpoint: str) -> TracerProvider:
     made = TracerProvider(
         resource=Resource.create({SERVICE_NAME: settings.OTEL_SERVICE_NAME}),
         id_generator=RunTraceIds(),
+        # Its own atexit shutdown would wait on a collector that hangs (seconds a
+        # process); the exit flush below is bounded instead.
+        shutdown_on_exit=False,
     )
     # OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION and the certificate variables
     # are read by the exporter itself.
     made.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(endpoint))))
     # The provider flushes at the interpreter's exit (atexit); a queue's worker process
-    # (multiprocessing, billiard) ends with os._exit, which skips atexit but still runs
-    # threading's exit hooks: the async worker drains there too (runner.runner).
-    threading._register_atexit(made.force_flush)
-    logger.info("tracing: spans go to %s", traces_url(endpoint))
+    # (multiprocessing) ends with os._exit, which skips atexit but still runs threading's
+    # exit hooks: the async worker drains there too (runner.runner). Billiard's children
+    # (Celery prefork) skip both: agentops.celery flushes when they shut down.
+    threading._register_atexit(lambda: made.force_flush(EXIT_FLUSH_MILLIS))
+    atexit.register(lambda: made.force_flush(EXIT_FLUSH_MILLIS))
+    logger.info("tracing: spans go to %s", endpoint_shown(traces_url(endpoint)))
     return made
 
 
@@ -162,7 +188,10 @@ def provider_name(model_label: str) -> str:
 
 
 def recording() -> trace.Span | None:
-    """The span of the slice being worked (or a child of it), if one records."""
+    """The span of the slice being worked (or a child of it), if one records. With
+    tracing off, none: a host's own instrumented span (a request's) gets no events."""
+    if _provider is None:
+        return None
     span = trace.get_current_span()
     return span if span.is_recording() else None
 
@@ -209,7 +238,11 @@ def run_slice(ctx: Context) -> Iterator[None]:
         )
     finally:
         _run_trace.reset(marker)
-    with trace.use_span(span, end_on_exit=True, record_exception=False):
+    # set_status_on_exception off: OpenTelemetry would write "{Type}: {message}" over
+    # error_mark's type, and a message may carry what a far side echoed.
+    with trace.use_span(
+        span, end_on_exit=True, record_exception=False, set_status_on_exception=False
+    ):
         try:
             yield
         except BaseException as error:
@@ -239,7 +272,11 @@ def chat_traced(run: Run, *, max_tokens: int | None, call: Callable[[], ModelTur
     if max_tokens:
         attributes["gen_ai.request.max_tokens"] = int(max_tokens)
     with tracer().start_as_current_span(
-        f"chat {model}", kind=SpanKind.CLIENT, attributes=attributes, record_exception=False
+        f"chat {model}",
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
     ) as span:
         try:
             turn = call()
@@ -279,6 +316,7 @@ def tool_traced(step: Step, tool: Tool, call: Callable[[], ToolResult]) -> ToolR
         kind=SpanKind.INTERNAL,
         attributes=attributes,
         record_exception=False,
+        set_status_on_exception=False,
     ) as span:
         try:
             result = call()
@@ -298,15 +336,17 @@ def doors_said(call: dict, doors: Doors) -> None:
     span = recording()
     if span is None:
         return
+    # Nothing the model wrote: a refusal's text quotes the arguments (a schema's
+    # complaint about a value), and an ungranted name is whatever the model made up.
     if doors.refusal:
-        verdict, reason = "refused", doors.refusal
+        verdict = "refused"
+        reason = "not granted" if doors.tool is None else "arguments or rules refused"
     else:
         verdict, reason = doors.decision.verdict.value, doors.decision.reason
     span.add_event(
         "agentops.gate",
         {
-            "gen_ai.tool.name": clipped(call.get("name")),
-            "gen_ai.tool.call.id": clipped(call.get("id")),
+            "gen_ai.tool.name": doors.tool.name if doors.tool is not None else "",
             "agentops.gate.verdict": verdict,
             "agentops.gate.reason": clipped(reason),
         },

@@ -264,3 +264,74 @@ def test_a_collector_that_is_down_loses_spans_never_a_run(
         assert time.monotonic() - started < 5
     finally:
         telemetry.shutdown()
+
+
+@pytest.mark.django_db
+def test_a_failing_call_is_marked_by_its_type_never_its_message(make_task, operator, receiver):
+    """OpenTelemetry would write "{Type}: {message}" as a failed span's status; a
+    message may carry what a far side echoed (a key, a prompt), so only the type goes."""
+    from types import SimpleNamespace
+
+    from tasks.services import task_version_current
+
+    task = make_task([{"content": "ok"}])
+    run = run_start(task=task, run_input={}, user=operator)
+    context = SimpleNamespace(
+        run=run, definition=task_version_current(task=task).definition, owner="test"
+    )
+
+    def leaks() -> None:
+        raise RuntimeError("Incorrect API key provided: sk-live-SECRET123")
+
+    with pytest.raises(RuntimeError), telemetry.run_slice(context):
+        telemetry.chat_traced(run, max_tokens=None, call=leaks)
+    assert telemetry.flush()
+
+    spans = receiver.of_trace(run.pk.bytes)
+    assert {span.name.split()[0] for span in spans} == {"invoke_agent", "chat"}
+    for span in spans:
+        assert span.status.message == "RuntimeError"
+        assert attributes(span)["error.type"] == "RuntimeError"
+    assert b"sk-live" not in b"".join(span.SerializeToString() for span in spans)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_call_is_said_without_what_the_model_wrote(make_task, operator, receiver):
+    """The gate's event names the verdict, never the refusal's text: a schema's
+    complaint quotes the argument's value, whatever the model put there."""
+    task = make_task(
+        [{"calls": [("test_echo", {"text": ["Alice Smith, SSN 078-05-1120"]})]}, {"content": "ok"}],
+        tools=["test_echo"],
+    )
+    run = run_start(task=task, run_input={}, user=operator)
+    run_until_rest(run)
+    assert telemetry.flush()
+
+    spans = receiver.of_trace(run.pk.bytes)
+    gates = [events(span)["agentops.gate"] for span in spans if "agentops.gate" in events(span)]
+    assert gates and gates[0]["agentops.gate.verdict"] == "refused"
+    assert gates[0]["agentops.gate.reason"] == "arguments or rules refused"
+    assert b"078-05-1120" not in b"".join(span.SerializeToString() for span in spans)
+
+
+def test_with_tracing_off_a_hosts_own_span_gets_no_events(settings):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    settings.OTEL_EXPORTER_OTLP_ENDPOINT = ""
+    telemetry.shutdown()
+    host = TracerProvider().get_tracer("the host's own instrumentation")
+    with host.start_as_current_span("POST /runs/start") as span:
+        assert span.is_recording()
+        assert telemetry.recording() is None
+
+
+def test_an_endpoint_that_is_not_http_turns_tracing_off_and_no_password_is_logged(settings, caplog):
+    try:
+        settings.OTEL_EXPORTER_OTLP_ENDPOINT = "file:///etc/passwd"
+        assert telemetry.tracer() is None
+        assert "is not an http(s) URL" in caplog.text
+        settings.OTEL_EXPORTER_OTLP_ENDPOINT = "http://agent:hunter2@127.0.0.1:9/"
+        assert telemetry.tracer() is not None
+        assert "hunter2" not in caplog.text and "127.0.0.1:9" in caplog.text
+    finally:
+        telemetry.shutdown()
