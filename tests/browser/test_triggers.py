@@ -18,7 +18,7 @@ from triggers.services import trigger_fire
 @pytest.mark.django_db(transaction=True)
 def test_a_webhook_run_is_found_by_its_trigger_and_says_what_started_it(live_server, page: Page):
     call_command("load_demo", stdout=StringIO())
-    webhook = Trigger.objects.get(kind=Trigger.Kind.WEBHOOK)
+    webhook = Trigger.objects.get(kind=Trigger.Kind.WEBHOOK, task__slug="reconcile-invoices")
     fired = trigger_fire(trigger_id=webhook.pk, key="msg_browser_1", payload=DEMO_WEBHOOK_BODY)
     assert fired.accepted
     page.set_default_timeout(15_000)
