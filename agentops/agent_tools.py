@@ -23,7 +23,10 @@ INPUT_MARK = "\n\nInput:\n"  # how the engine hands the run's input to the model
 def run_input_of(messages: list[dict]) -> dict[str, Any]:
     """The run's input, as the engine writes it into the first user message."""
     user = next(m["content"] for m in messages if m["role"] == "user")
-    _, _, text = user.partition(INPUT_MARK)
+    # The last mark: the objective before it may hold the text "Input:" on a line of its
+    # own (an email's subject rendered into it); the input after it is JSON, which
+    # escapes every line break.
+    _, _, text = user.rpartition(INPUT_MARK)
     return json.loads(text) if text else {}
 
 

@@ -4,7 +4,6 @@ payments received, and email finance a summary once a person approves."""
 from __future__ import annotations
 
 import functools
-import json
 
 from django.core.mail import EmailMessage
 
@@ -12,7 +11,7 @@ from agentops.runtime.models import ModelTurn
 from agentops.runtime.models.scripted import check_turn, script, scripted_turn
 from agentops.runtime.tools import ToolContext, ToolError, tool
 from demo.ledger import ledger_query
-from demo.transcript import plan_steps, tool_results
+from demo.transcript import plan_steps, run_input, tool_results
 
 BATCH_SCHEMA = {
     "type": "object",
@@ -113,8 +112,7 @@ plan_update = functools.partial(plan_steps, PLAN)
 
 
 def batch_of(messages: list[dict]) -> str:
-    user = next(m for m in messages if m["role"] == "user")["content"]
-    return json.loads(user.split("Input:\n", 1)[1])["batch"] if "Input:\n" in user else ""
+    return str(run_input(messages).get("batch", ""))
 
 
 def demo_check(messages: list[dict]) -> ModelTurn:

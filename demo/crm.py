@@ -48,7 +48,7 @@ CREATE TABLE company (domain TEXT PRIMARY KEY, name TEXT NOT NULL, industry TEXT
                       employees INTEGER NOT NULL, country TEXT NOT NULL, region TEXT NOT NULL);
 CREATE TABLE route (region TEXT NOT NULL, segment TEXT NOT NULL, owner TEXT NOT NULL,
                     PRIMARY KEY (region, segment));
-CREATE TABLE lead (email TEXT PRIMARY KEY, name TEXT NOT NULL, company TEXT NOT NULL,
+CREATE TABLE lead (email TEXT PRIMARY KEY COLLATE NOCASE, name TEXT NOT NULL, company TEXT NOT NULL,
                    score INTEGER NOT NULL, owner TEXT NOT NULL, run_id TEXT NOT NULL,
                    saved_at TEXT NOT NULL DEFAULT (datetime('now')));
 """
@@ -72,6 +72,11 @@ def crm_path() -> Path:
 def crm_create(path: Path | None = None) -> Path:
     """(Re)build the sample CRM: the directory and the routing table, no leads."""
     return store_create(path or crm_path(), SCHEMA, {"company": COMPANIES, "route": ROUTES})
+
+
+def score_for(industry: str, employees: int) -> int:
+    """A lead's score: how big its company is, and how well its industry fits."""
+    return SIZE_POINTS[segment_of(employees)] + INDUSTRY_POINTS[industry]
 
 
 def segment_of(employees: int) -> str:

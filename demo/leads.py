@@ -12,7 +12,7 @@ import functools
 
 from agentops.runtime.models import ModelTurn
 from agentops.runtime.models.scripted import check_turn, script, scripted_turn
-from agentops.runtime.tools import ToolContext, tool
+from agentops.runtime.tools import ToolContext, ToolError, tool
 from demo.crm import (
     INDUSTRIES,
     INDUSTRY_POINTS,
@@ -21,6 +21,7 @@ from demo.crm import (
     SEGMENTS,
     SIZE_POINTS,
     crm_path,
+    score_for,
     segment_of,
 )
 from demo.store import store_query, write_once
@@ -79,7 +80,7 @@ def lead_score(ctx: ToolContext, *, employees: int, industry: str) -> dict:
     segment = segment_of(employees)
     size, fit = SIZE_POINTS[segment], INDUSTRY_POINTS[industry]
     return {
-        "score": size + fit,
+        "score": score_for(industry, employees),
         "segment": segment,
         "why": f"{segment} ({employees} employees): {size} points; {industry}: {fit} points",
     }
@@ -133,7 +134,23 @@ def crm_lead_save(
     "company": "Contoso", "score": 80, "owner": "mara.jensen@sales.example"}."""
 
     def write(db) -> dict:
-        existed = db.execute("SELECT 1 FROM lead WHERE email = ?", (email,)).fetchone()
+        # The score decides whether a person sees the save (the grant's rule reads it):
+        # one below what the directory gives the lead's company would slip past them.
+        domain = email.rsplit("@", 1)[1]
+        company_row = db.execute(
+            "SELECT industry, employees FROM company WHERE domain = ? COLLATE NOCASE", (domain,)
+        ).fetchone()
+        industry, employees = (
+            (company_row["industry"], company_row["employees"]) if company_row else ("other", 0)
+        )
+        if score < (expected := score_for(industry, employees)):
+            raise ToolError(
+                f"the score {score} is below the lead's own, {expected}: score it with lead_score"
+            )
+        # A lead another run saved is a person's to change, not a later lead's.
+        existed = db.execute("SELECT run_id FROM lead WHERE email = ?", (email,)).fetchone()
+        if existed is not None and existed["run_id"] != str(ctx.run_id):
+            raise ToolError(f"{email} is already in the CRM: a person updates an existing lead")
         db.execute(
             "INSERT INTO lead (email, name, company, score, owner, run_id) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET name = excluded.name, "

@@ -98,14 +98,25 @@ def ticket_file(
 def reply_send(ctx: ToolContext, *, ticket: str, body: str) -> dict:
     """Send your reply to the customer of a ticket. A person reads (and may edit) it
     first. Example: {"ticket": "T-1001", "body": "Hi Dana, ..."}."""
+    # Only a ticket this run filed: an email that tells the agent to reply on another
+    # customer's ticket must not reach that customer.
     found = store_query(
-        helpdesk_path(), "SELECT sender FROM ticket WHERE id = ?", (int(ticket[2:]),)
+        helpdesk_path(),
+        "SELECT sender FROM ticket WHERE id = ? AND run_id = ?",
+        (int(ticket[2:]), str(ctx.run_id)),
     )
     if not found:
-        raise ToolError(f"there is no ticket {ticket}: file it with ticket_file first")
+        raise ToolError(
+            f"there is no ticket {ticket} filed by this run: file it with ticket_file first"
+        )
     recipient = found[0]["sender"]
 
     def write(db) -> dict:
+        replied = db.execute(
+            "SELECT 1 FROM reply WHERE ticket = ? AND run_id = ?", (ticket, str(ctx.run_id))
+        ).fetchone()
+        if replied:
+            raise ToolError(f"this run already replied on {ticket}: one reply a ticket")
         db.execute(
             "INSERT INTO reply (ticket, recipient, body, run_id) VALUES (?, ?, ?, ?)",
             (ticket, recipient, body, str(ctx.run_id)),
@@ -250,7 +261,10 @@ def support_triage(messages: list[dict]) -> ModelTurn:
         )
     reply = done.get("reply_send")
     if reply is None:
-        first = (customer.get("name") or given.get("sender_name") or "there").split()[0]
+        # A display name of spaces alone has no first word.
+        first = next(
+            iter((customer.get("name") or given.get("sender_name") or "").split()), "there"
+        )
         body = (
             f"Hi {first},\n\n{DRAFTS[filed['category']]}\n\n"
             f"Your ticket number is {filed['ticket']}.\n\nBest regards,\nThe support team"

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 
+from agentops.agent_tools import run_input_of
+
 
 def run_input(messages: list[dict]) -> dict:
     """The run's input, as the engine puts it in the first user message."""
-    user = next(m for m in messages if m["role"] == "user")["content"]
-    return json.loads(user.split("Input:\n", 1)[1]) if "Input:\n" in user else {}
+    return run_input_of(messages)
 
 
 def tool_results(messages: list[dict]) -> dict[str, dict]:
