@@ -132,3 +132,17 @@ def test_the_other_two_workflows_are_made_once_and_say_how_to_start_them():
     assert not support.grants.get(tool__name="reply_send").rules.exists()
     assert support.triggers.count() == 1
     assert "Task: Triage support email (triage-support) v2, as it was" in output.getvalue()
+
+
+def test_the_demo_is_not_loaded_where_others_can_reach_it(db, settings):
+    """Its superuser's password and its webhooks' secrets are in the docs: a deployment
+    answering other hosts gets them only when asked in words (an attacker's review)."""
+    from django.contrib.auth import get_user_model
+    from django.core.management.base import CommandError
+
+    settings.ALLOWED_HOSTS = ["agentops.example.com", "localhost"]
+    with pytest.raises(CommandError, match=r"answers agentops\.example\.com .*--allow-public"):
+        call_command("load_demo", stdout=StringIO())
+    assert not get_user_model().objects.filter(username="demo").exists()
+    call_command("load_demo", "--allow-public", stdout=StringIO())
+    assert get_user_model().objects.get(username="demo").is_superuser

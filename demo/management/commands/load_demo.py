@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from demo.crm import crm_create
@@ -19,6 +20,8 @@ from tasks.services import task_version_current, tools_sync
 from triggers.selectors import webhook_path
 
 DEMO_SLUG = "reconcile-invoices"
+# The hosts of a machine's own loopback ("testserver": Django's test client).
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1", "testserver"}
 
 
 class Command(BaseCommand):
@@ -36,9 +39,25 @@ class Command(BaseCommand):
             default="http://127.0.0.1:8000",
             help="Where the demo is served, for the webhook's curl line.",
         )
+        parser.add_argument(
+            "--allow-public",
+            action="store_true",
+            help="Load the demo (a superuser demo / demo-password, webhooks signed with "
+            "secrets printed in the docs) on a deployment that answers hosts other than "
+            "this machine's loopback.",
+        )
 
     @transaction.atomic
     def handle(self, *args, **options):
+        # The demo's login and its webhooks' secrets are public: on a deployment others
+        # can reach they would be anyone's way in.
+        public = [host for host in settings.ALLOWED_HOSTS if host not in LOCAL_HOSTS]
+        if public and not options["allow_public"]:
+            raise CommandError(
+                f"this deployment answers {', '.join(public)} (ALLOWED_HOSTS); the demo "
+                "makes a superuser with a known password and webhooks signed with public "
+                "secrets: not loaded (--allow-public to load it anyway)"
+            )
         ledger = ledger_create()
         # The sample systems are rebuilt, as the ledger is: the demo starts from its data.
         stores = [helpdesk_create(), crm_create()]
