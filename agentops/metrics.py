@@ -20,6 +20,8 @@ none per row. Scrape every 30 s or more on a large database.
 from __future__ import annotations
 
 import hmac
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
@@ -305,6 +307,26 @@ def metrics_text() -> bytes:
     return generate_latest(registry)
 
 
+_scrape_lock = threading.Lock()
+_latest: tuple[float, bytes] | None = None  # (when it was finished, the exposition)
+
+
+def metrics_text_shared() -> bytes:
+    """``metrics_text()``, computed once for every scrape that asked while it ran: a
+    scrape costs a second of database time at volume, and a process's sync views share
+    one thread under ASGI, so scrapes that pile up (two Prometheus servers, someone
+    refreshing) would each cost it again and hold the process's pages behind them. A
+    result finished after a scrape asked is as fresh as that scrape needs."""
+    global _latest
+    asked = time.monotonic()
+    with _scrape_lock:
+        if _latest is not None and _latest[0] >= asked:
+            return _latest[1]
+        text = metrics_text()
+        _latest = (time.monotonic(), text)
+        return text
+
+
 def bearer_token(request: HttpRequest) -> str | None:
     """The bearer token the request carries, None when it carries none."""
     header = request.headers.get("Authorization", "")
@@ -337,6 +359,6 @@ def metrics_view(request: HttpRequest) -> HttpResponse:
         return refused(401, "a bearer token or a staff sign-in is needed")
     elif not request.user.is_staff:
         return refused(403, "only staff may read the metrics")
-    response = HttpResponse(metrics_text(), content_type=CONTENT_TYPE_LATEST)
+    response = HttpResponse(metrics_text_shared(), content_type=CONTENT_TYPE_LATEST)
     response["Cache-Control"] = "no-store"
     return response

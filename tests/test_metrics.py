@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from django.contrib.auth.models import User
 from prometheus_client.parser import text_string_to_metric_families
@@ -133,3 +136,38 @@ def test_no_token_configured_refuses_every_bearer(client, settings):
         response = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {token}")
         assert response.status_code == 401
         assert b"agentops_" not in response.content
+
+
+def test_scrapes_that_pile_up_share_one_reading(monkeypatch):
+    """Scrapes that ask while one is being read get its result, not one read each; a
+    scrape that asks after it finished reads again (never an old figure)."""
+    from agentops import metrics
+
+    readings = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def slow() -> bytes:
+        readings.append(1)
+        started.set()
+        release.wait(5)
+        return f"reading {len(readings)}".encode()
+
+    monkeypatch.setattr(metrics, "metrics_text", slow)
+    first = threading.Thread(target=metrics.metrics_text_shared)
+    first.start()
+    started.wait(5)
+    answers: list[bytes] = []
+    waiting = [
+        threading.Thread(target=lambda: answers.append(metrics.metrics_text_shared()))
+        for _ in range(3)
+    ]
+    for thread in waiting:
+        thread.start()
+    time.sleep(0.2)  # the three wait on the first
+    release.set()
+    first.join(5)
+    for thread in waiting:
+        thread.join(5)
+    assert answers == [b"reading 1"] * 3 and len(readings) == 1
+    assert metrics.metrics_text_shared() == b"reading 2"
