@@ -4,18 +4,20 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('lineage', '0003_canonical_text'),
+        ("lineage", "0003_canonical_text"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='lineageevent',
-            options={'ordering': ['run_uuid', 'seq'], 'permissions': [('export_period', "Can export every trail's events in a period")]},
+            name="lineageevent",
+            options={
+                "ordering": ["run_uuid", "seq"],
+                "permissions": [("export_period", "Can export every trail's events in a period")],
+            },
         ),
         migrations.AddIndex(
-            model_name='lineageevent',
-            index=models.Index(fields=['at'], name='lineage_event_at'),
+            model_name="lineageevent",
+            index=models.Index(fields=["at"], name="lineage_event_at"),
         ),
     ]

@@ -4,14 +4,17 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('lineage', '0004_period_export'),
+        ("lineage", "0004_period_export"),
     ]
 
     operations = [
         migrations.AddIndex(
-            model_name='lineageevent',
-            index=models.Index(condition=models.Q(('kind', 'run.recovered')), fields=['kind'], name='lineage_event_recovered'),
+            model_name="lineageevent",
+            index=models.Index(
+                condition=models.Q(("kind", "run.recovered")),
+                fields=["kind"],
+                name="lineage_event_recovered",
+            ),
         ),
     ]
