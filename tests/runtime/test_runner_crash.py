@@ -45,7 +45,7 @@ def test_a_worker_killed_with_a_hundred_calls_in_flight_loses_nothing_and_repeat
     operator, settings, tmp_path: Path
 ):
     tools_sync()
-    with EffectSink() as sink, PacedModel(1.0, script=[]) as model:
+    with EffectSink() as sink, PacedModel(1.0, script=[], gather=RUNS, gather_seconds=60) as model:
         call = {"sink": sink.url, "markers": str(tmp_path), "pause": NO_PAUSE, "text": "pay"}
         model.script = [("crash_charge", call), ("crash_send", call)]
         settings.OPENAI_BASE_URL, settings.OPENAI_API_KEY = model.base_url, "test"
