@@ -216,6 +216,12 @@ def _mark_error(error: yaml.YAMLError, text: str = "") -> AsCodeError:
     return AsCodeError([Problem(line, column, "", f"not YAML: {said or error}")])
 
 
+def _refused_at(event: yaml.Event, message: str) -> AsCodeError:
+    """The file refused at ``event``'s place (1-based line and column)."""
+    mark = event.start_mark
+    return AsCodeError([Problem(mark.line + 1, mark.column + 1, "", message)])
+
+
 def _node_read(text: str, loader: type) -> yaml.Node | None:
     """The document's node, its events read first: anchors and aliases are refused
     before anything is built from them (a "billion laughs" file expands aliases into
@@ -226,44 +232,16 @@ def _node_read(text: str, loader: type) -> yaml.Node | None:
         if isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
             nodes += 1
             if nodes > MAX_NODES:
-                mark = event.start_mark
-                raise AsCodeError(
-                    [
-                        Problem(
-                            mark.line + 1,
-                            mark.column + 1,
-                            "",
-                            f"the file holds more than {MAX_NODES:,} values: split it",
-                        )
-                    ]
-                )
+                raise _refused_at(event, f"the file holds more than {MAX_NODES:,} values: split it")
         anchor = getattr(event, "anchor", None)
         if isinstance(event, yaml.AliasEvent) or anchor:
-            mark = event.start_mark
-            raise AsCodeError(
-                [
-                    Problem(
-                        mark.line + 1,
-                        mark.column + 1,
-                        "",
-                        "anchors and aliases (&, *) are not accepted: write the value out",
-                    )
-                ]
+            raise _refused_at(
+                event, "anchors and aliases (&, *) are not accepted: write the value out"
             )
         if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
-                mark = event.start_mark
-                raise AsCodeError(
-                    [
-                        Problem(
-                            mark.line + 1,
-                            mark.column + 1,
-                            "",
-                            f"nested deeper than {MAX_DEPTH} levels",
-                        )
-                    ]
-                )
+                raise _refused_at(event, f"nested deeper than {MAX_DEPTH} levels")
         elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
             depth -= 1
     return yaml.compose(text, Loader=loader)
