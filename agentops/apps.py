@@ -1,3 +1,5 @@
+import sys
+
 from django.apps import AppConfig
 
 
@@ -11,3 +13,9 @@ class AgentopsConfig(AppConfig):
         # Code tools and scripted models register themselves on import, the way admin
         # modules do: every installed app's agent_tools module is loaded once.
         autodiscover_modules("agent_tools")
+        # django-q2's cluster has no hook before it forks its processes (Celery's worker
+        # has worker_init, agentops.celery): its command is known by its name here.
+        if sys.argv[1:2] == ["qcluster"]:
+            from agentops.runtime.dispatch import worker_connections_keep
+
+            worker_connections_keep()

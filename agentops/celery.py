@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_init, worker_process_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentops.settings")
 
@@ -23,6 +23,15 @@ def run_advance_task(run_id: str, claim_failures: int = 0) -> str:
     from agentops.runtime.engine.jobs import run_advance_job
 
     return run_advance_job(run_id, claim_failures)
+
+
+@worker_init.connect
+def connections_keep(**kwargs: object) -> None:
+    """The worker, before its pool starts: database connections kept between tasks
+    (``dispatch.worker_connections_keep``); the pool's children inherit it."""
+    from agentops.runtime.dispatch import worker_connections_keep
+
+    worker_connections_keep()
 
 
 @worker_process_shutdown.connect

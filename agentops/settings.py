@@ -187,6 +187,11 @@ AGENTOPS_TOOL_THREADS = env_int("AGENTOPS_TOOL_THREADS", 16, minimum=1)
 # When a worker process stops, how long its runs in flight get to reach their next step
 # and go back to the queue; any still out after it are left to the reaper (their leases).
 AGENTOPS_WORKER_DRAIN_SECONDS = env_float("AGENTOPS_WORKER_DRAIN_SECONDS", 30.0, minimum=0.0)
+# How long a queue worker process keeps its database connections open between jobs
+# (Django's CONN_MAX_AGE, with its health check), set by the worker processes only
+# (dispatch.worker_connections_keep): a worker opens a connection per job otherwise, and
+# django-q2's ORM broker one per operation. 0 closes them after each, as web requests do.
+AGENTOPS_WORKER_CONN_MAX_AGE = env_int("AGENTOPS_WORKER_CONN_MAX_AGE", 300, minimum=0)
 
 # A job still going at three slices is stuck (a Python tool has no timeout of its own):
 # either queue then ends the worker process running it, which the engine treats as any
@@ -203,6 +208,9 @@ Q_CLUSTER = {
     "orm": "default",
     "workers": env_int("AGENTOPS_Q2_WORKERS", 2, minimum=1),
     "poll": 0.2,
+    # The pusher takes up to this many messages a query (one by default): with the async
+    # worker a job is a hand-over, and a burst of runs reaches the workers ten at a time.
+    "bulk": 10,
     # Retry above the timeout (django-q2 requires it); the lease stops a retried job from
     # advancing a run twice.
     "timeout": AGENTOPS_JOB_TIME_LIMIT,

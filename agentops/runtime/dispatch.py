@@ -45,8 +45,28 @@ def send(run_id: uuid.UUID, *, claim_failures: int = 0) -> None:
             str(run_id),
             task_name=f"run {run_id}",
             group="runs",
+            # A job that succeeded is not recorded: with the async worker it is a
+            # hand-over, and the monitor locks every success kept to prune one
+            # (save_limit). Failures are still recorded.
+            save=False,
             **extra,
         )
+
+
+def worker_connections_keep() -> None:
+    """In a queue worker process, before it forks its pool: keep database connections
+    open between jobs for ``AGENTOPS_WORKER_CONN_MAX_AGE`` seconds, checked before reuse
+    (``CONN_HEALTH_CHECKS``). Web processes keep ``CONN_MAX_AGE`` 0 (Django advises against
+    persistent connections under ASGI, and the development server starts a thread per
+    request); a worker, with its few long-lived threads, would otherwise reconnect for
+    every job, and django-q2's ORM broker for every operation (docs/benchmarks.md)."""
+    seconds = settings.AGENTOPS_WORKER_CONN_MAX_AGE
+    if not seconds:
+        return
+    for database in settings.DATABASES.values():
+        # Django's connections read these dicts themselves, at each connect.
+        database["CONN_MAX_AGE"] = seconds
+        database["CONN_HEALTH_CHECKS"] = True
 
 
 def runs_reap_job() -> int:

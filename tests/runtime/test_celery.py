@@ -98,11 +98,13 @@ def celery_dispatch(settings) -> Iterator[str]:
 
 @contextlib.contextmanager
 def celery_worker(
-    log: Path, queue: str, *, pool: str = "solo", **env: str
+    log: Path, queue: str, *, pool: str = "solo", include: str = "", **env: str
 ) -> Iterator[subprocess.Popen]:
-    """Run ``celery -A agentops worker`` on the test database until the block ends."""
+    """Run ``celery -A agentops worker`` on the test database until the block ends;
+    ``include`` names modules of more tasks for it to import."""
     command = [sys.executable, "-m", "celery", "-A", "agentops", "worker"]
     command += [f"--pool={pool}", "--concurrency=1", "--loglevel=INFO", "-Q", queue]
+    command += ["--include", include] if include else []
     command += ["--hostname", f"{queue}@%h"]
     command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
     with log.open("w") as output:

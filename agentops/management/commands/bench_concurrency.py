@@ -32,7 +32,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError, CommandParser
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 from django.db.models import Count, Max, Min, QuerySet
 from django.utils import timezone
 
@@ -409,6 +409,7 @@ class Command(ParagraphsCommand):
             started_clock = time.monotonic()
             started_at = timezone.now()
             cpu_before = CpuReading.now(worker.pid)
+            sessions_before = database_sessions()
             runs_send(timed)
             sent = time.monotonic() - started_clock
             ended = self.runs_wait(timed_runs, watch, deadline)
@@ -422,7 +423,8 @@ class Command(ParagraphsCommand):
             # the bench's to count.
             figures = server.figures()
             tally = runs_tally(timed_runs, since=started_at)
-            handovers = q2_handovers(timed, since=started_at) if queue == "q2" else None
+            sessions_after = database_sessions()
+            sessions = None if sessions_before is None else sessions_after - sessions_before
 
         # The last run's end as its worker recorded it, not the poll that saw it.
         wall = (tally.last_end - started_at).total_seconds() if ended and tally.last_end else waited
@@ -435,7 +437,7 @@ class Command(ParagraphsCommand):
             figures=figures,
             memory=watch.memory,
             cpu=cpu,
-            handovers=handovers,
+            sessions=sessions,
         )
         self.say(f"bench task: {task.slug}  worker process group: {worker.pid}  log: {log}")
         if options["cleanup"]:
@@ -507,7 +509,7 @@ class Command(ParagraphsCommand):
         figures: ServerFigures,
         memory: GroupMemory,
         cpu: CpuUse,
-        handovers: tuple[int, float] | None,
+        sessions: int | None,
     ) -> None:
         runs, turns, latency = options["runs"], options["turns"], options["latency"]
         workers, concurrency = options["workers"], options["concurrency"]
@@ -532,12 +534,6 @@ class Command(ParagraphsCommand):
                 f"{last:.2f} s ({tally.claimed} runs: {tally.claimed / max(last, 1e-9):.1f} a "
                 "second)"
             )
-        if handovers is not None:
-            jobs, last = handovers
-            self.say(
-                f"runs handed to a worker process by django-q2: {jobs} recorded, the last "
-                f"after {last:.2f} s"
-            )
         self.say(f"most model calls in flight: {figures.in_flight_peak} (of {runs} runs)")
         self.say(
             f"steps per second: {tally.steps / wall:.1f} ({tally.steps} steps)  "
@@ -556,6 +552,11 @@ class Command(ParagraphsCommand):
             f"database server, Redis, anything else); the machine's {os.cpu_count()} CPUs "
             f"{cpu.machine_busy:.0%} busy"
         )
+        if sessions is not None:
+            self.say(
+                f"database sessions opened while the timed runs were worked: {sessions} "
+                "(every process's, this one's included: pg_stat_database)"
+            )
         shown = ", ".join(f"{n} {status}" for status, n in sorted(tally.statuses.items()))
         self.say(
             f"errors: runs not succeeded: {tally.not_succeeded} ({shown})  tool calls failed: "
@@ -793,24 +794,17 @@ def runs_tally(runs: QuerySet[Run], *, since: datetime) -> Tally:
     )
 
 
-def q2_handovers(run_ids: list[uuid.UUID], *, since: datetime) -> tuple[int, float] | None:
-    """For how many of the runs the cluster recorded a job done, and when the last run's
-    first job ended, in seconds after ``since``: with the async worker a job ends when
-    its worker process took the run (before the engine claims it), so this is the
-    queue's own pace. The cluster's monitor records jobs a little after, and keeps the
-    last 1000 only."""
-    from django_q.models import Success
-
-    # A run's first job: one that yielded (its slice spent) was queued again later.
-    firsts = list(
-        Success.objects.filter(name__in=[f"run {run_id}" for run_id in run_ids])
-        .values("name")
-        .annotate(first=Min("stopped"))
-        .values_list("first", flat=True)
-    )
-    if not firsts:
+def database_sessions() -> int | None:
+    """How many sessions PostgreSQL has opened to this database so far (its statistics,
+    flushed first), or None on SQLite: a worker that reconnects for each job or queue
+    operation opens thousands in a bench."""
+    if connection.vendor != "postgresql":
         return None
-    return len(firsts), (max(firsts) - since).total_seconds()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        return int(cursor.fetchone()[0])
 
 
 def claiming_processes(run_ids: list[uuid.UUID]) -> set[int]:
