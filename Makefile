@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 demo: install
 	@$(PY) -m agentops.demo_env .env
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py load_demo
+	$(PY) manage.py load_demo --base-url http://127.0.0.1:$(PORT)
 	$(PY) manage.py serve --port $(PORT) --login "demo / demo-password  (then: Tasks → Reconcile invoices → Run, and approve the email in Approvals; the other two workflows: docs/workflows.md)"
 
 test: install

@@ -96,7 +96,7 @@ SUPPORT = Workflow(
         ),
     ),
     triggers=lambda task: support_triggers_create(task, address=SUPPORT_ADDRESS),
-    hint="Send a sample ticket to the inbox: python manage.py demo_send_ticket "
+    hint="Send a sample ticket to the inbox: .venv/bin/python manage.py demo_send_ticket "
     "billing-double-charge",
 )
 
@@ -157,7 +157,8 @@ LEADS = Workflow(
         ),
     ),
     triggers=lead_triggers_create,
-    hint="Post a sample lead, signed: python manage.py demo_post_lead hot-contoso",
+    hint="Post a sample lead, signed: .venv/bin/python manage.py demo_post_lead hot-contoso "
+    "--base-url {base_url}",
 )
 
 WORKFLOWS = (SUPPORT, LEADS)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import amqp.exceptions
 import kombu.exceptions
 import redis.exceptions
 from django.conf import settings
@@ -60,6 +61,10 @@ EXPECTED_ERRORS = (
     redis.exceptions.TimeoutError,
     redis.exceptions.ResponseError,
     kombu.exceptions.OperationalError,
+    # The broker ending the connection or the consumer: CONNECTION_FORCED (what every
+    # client of a RabbitMQ that restarts is sent), a consumer cancelled (its queue
+    # deleted), a heartbeat missed.
+    amqp.exceptions.ConnectionError,
     SecretMissing,
 )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,8 @@ from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
+import amqp.exceptions
+import kombu
 import pytest
 import redis
 from django.db import connection
@@ -30,7 +33,14 @@ from tasks.models import Run, Task, Trigger
 from tests.conftest import require
 from tests.peers.smtp import HOST, free_port
 from tests.peers.workers import ROOT, wait_for, worker_env
-from tests.triggers.test_queues import REDIS_URL, redis_problem
+from tests.triggers.test_queues import (
+    AMQP_URL,
+    REDIS_URL,
+    amqp_problem,
+    messages_ready,
+    publish,
+    redis_problem,
+)
 from triggers.listeners import STOP_SECONDS, Listeners
 from triggers.models import Firing
 
@@ -191,6 +201,95 @@ def test_a_queue_url_written_around_the_checks_never_reads_a_tools_secret(monkey
         stolen.url()
     own = QueueTrigger(2, "t", {**config, "url": "redis://:{secret:TRIGGER_SECRET_MQ}@h/0"}, None)
     assert own.url() == "redis://:mq-password@h/0"
+
+
+@pytest.fixture
+def amqp_queue() -> Iterator[str]:
+    """A fresh AMQP queue name; it and its dead-letter queue are deleted after."""
+    problem = amqp_problem()
+    require(not problem, problem)
+    name = f"test-listeners-{time.monotonic_ns()}"
+    yield name
+    with kombu.Connection(AMQP_URL) as conn:
+        for queue in (name, f"{name}.dead"):
+            channel = conn.channel()
+            with contextlib.suppress(amqp.exceptions.NotFound):
+                channel.queue_delete(queue)
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def rabbitmq_ports_of_this_process() -> set[int]:
+    """The local ports of this process's connections to RabbitMQ (its sockets in
+    /proc/self/fd, their rows in /proc/self/net/tcp): how the broker names them."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                local, remote, inode = row.split()[1], row.split()[2], row.split()[9]
+                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == 5672:
+                    ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def rabbitmq_close_connections_of_this_process() -> int:
+    """Have the broker close this process's connections (CONNECTION_FORCED, what every
+    client of a RabbitMQ that restarts is sent); how many it closed."""
+    ours = rabbitmq_ports_of_this_process()
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "--no-table-headers", "list_connections", "pid", "peer_port"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    closed = 0
+    for line in listed.splitlines():
+        pid, _, port = line.partition("\t")
+        if port.strip().isdigit() and int(port) in ours:
+            subprocess.run(
+                ["rabbitmqctl", "close_connection", pid, "the test: as a broker restart"],
+                capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+            closed += 1
+    return closed
+
+
+@pytest.mark.parametrize("drop", ["the queue deleted", "the connection closed by the broker"])
+def test_a_rabbitmq_that_drops_its_consumer_is_said_in_one_line_and_consumed_again(
+    make_trigger, amqp_queue, caplog, drop
+):
+    """A broker that cancels the consumer (its queue deleted) or closes the connection
+    (as RabbitMQ does to every client when it restarts): a warning line, no traceback,
+    and the consumer back on the queue, which starts the next message's run."""
+    if drop == "the connection closed by the broker":
+        require(shutil.which("rabbitmqctl") is not None, "rabbitmqctl is not installed")
+    trigger = make_trigger(
+        Trigger.Kind.QUEUE,
+        config={"transport": "amqp", "url": AMQP_URL, "queue": amqp_queue},
+    )
+    with listeners_running(smtp_host=""):
+        wait_for(lambda: "consuming" in caplog.text, what="the consumer to start")
+        publish(amqp_queue, json.dumps({"n": 1}), message_id="before")
+        wait_for(lambda: Run.objects.filter(trigger=trigger).count() == 1, what="run 1")
+
+        caplog.clear()
+        if drop == "the queue deleted":
+            with kombu.Connection(AMQP_URL) as conn:
+                conn.channel().queue_delete(amqp_queue)
+        else:
+            assert rabbitmq_close_connections_of_this_process() >= 1
+        wait_for(lambda: "trying again in" in caplog.text, what="the drop to be logged")
+        wait_for(lambda: "consuming" in caplog.text, what="the consumer to be back")
+        wait_for(lambda: messages_ready(amqp_queue) == 0, what="the queue to be there")
+        publish(amqp_queue, json.dumps({"n": 2}), message_id="after")
+        wait_for(lambda: Run.objects.filter(trigger=trigger).count() == 2, what="run 2")
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert sorted(Run.objects.values_list("input__n", flat=True)) == [1, 2]
 
 
 # manage.py triggers ----------------------------------------------------------------------

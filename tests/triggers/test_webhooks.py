@@ -10,6 +10,7 @@ import base64
 import http.client
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -456,6 +457,25 @@ def test_an_address_that_is_no_webhook_is_404_whichever_way(hook, make_trigger, 
     # Without the slash the address works too: a sender does not follow redirects.
     sender.path = sender.path.rstrip("/")
     assert sender.send("msg_bare", INVOICE)[0] == 202
+
+
+def test_each_webhook_has_an_unguessable_address_and_one_webhooks_secret_opens_no_other(
+    hook, live_server
+):
+    """192 random bits per trigger (32 URL-safe characters); a delivery signed for one
+    webhook, sent to another's address, is refused there and starts nothing."""
+    first, first_sender = hook()
+    second, _ = hook()
+    for trigger in (first, second):
+        assert len(trigger.public_id) == 32 and re.fullmatch(r"[A-Za-z0-9_-]+", trigger.public_id)
+    assert first.public_id != second.public_id and first.secret != second.secret
+
+    misdirected = Sender(live_server.url, second, first_sender.secret)
+    status, _, answer = misdirected.send("msg_cross", INVOICE)
+
+    assert (status, answer["reason"]) == (401, "signature"), answer
+    assert Run.objects.count() == 0 and Firing.objects.count() == 0
+    assert first_sender.send("msg_cross", INVOICE)[0] == 202
 
 
 def test_a_disabled_trigger_answers_409_and_records_it(hook):

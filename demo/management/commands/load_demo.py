@@ -118,11 +118,11 @@ class Command(BaseCommand):
         self.stdout.write(f"Login: {user.username} / {options['password']}")
         self.triggers_said(task, made=triggers_made, base_url=options["base_url"])
         for workflow in WORKFLOWS:
-            self.workflow_said(workflow_load(workflow))
+            self.workflow_said(workflow_load(workflow), base_url=options["base_url"])
         for store in stores:
             self.stdout.write(f"Sample store: {store}")
 
-    def workflow_said(self, loaded: Loaded) -> None:
+    def workflow_said(self, loaded: Loaded, *, base_url: str) -> None:
         task = loaded.task
         version = task_version_current(task=task)
         self.stdout.write(
@@ -137,7 +137,8 @@ class Command(BaseCommand):
         if not loaded.triggers_made:
             self.stdout.write("  (the task had triggers: they are left as they are)")
         if loaded.hint:
-            self.stdout.write(f"  {loaded.hint}")
+            # A hint may name the site, as the port make demo was given.
+            self.stdout.write("  " + loaded.hint.format(base_url=base_url.rstrip("/")))
 
     def triggers_said(self, task: Task, *, made: bool, base_url: str) -> None:
         triggers = list(task.triggers.order_by("name", "pk"))
