@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +21,8 @@ from agentops.runtime.models.base import (
     retry_after_seconds,
 )
 
+# The package's own path for Chat Completions, under its base_url.
+CHAT_PATH = "/chat/completions"
 TRANSIENT_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 # The answers whose Retry-After says when the server will take the call again (RFC 9110).
 RETRY_AFTER_STATUSES = {429, 503}
@@ -31,6 +36,14 @@ class OpenAICompatibleClient:
 
     The client does not retry by itself (``max_retries=0``): the engine owns retries, so
     every attempt is visible in the run's record.
+
+    The request goes out through the package's ``AsyncOpenAI.post`` (its base_url, key,
+    headers, timeouts and status errors) as the dict the engine built, and the answer
+    comes back as its JSON, read here: ``chat.completions.create`` would walk the request
+    through its ``TypedDict`` transform and build the answer's pydantic models, which
+    cost a worker more CPU than everything else the call does (docs/benchmarks.md,
+    bench_concurrency), for a request the engine already makes in the API's own shape
+    and an answer of which it reads six fields.
 
     A call ends at its deadline and an answer at AGENTOPS_MODEL_MAX_ANSWER_BYTES, both
     transient errors: httpx's timeouts bound each read, not the call, so a server that
@@ -76,8 +89,13 @@ class OpenAICompatibleClient:
         deadline = request.get("timeout") or self.timeout
         with self._errors_read(deadline):
             async with asyncio.timeout(deadline):
-                response = await client.chat.completions.create(**self.request(**request))
-        return self.response_read(response)
+                response = await client.post(
+                    CHAT_PATH,
+                    body=self.request(**request),
+                    cast_to=httpx2.Response,
+                    options=self.request_options(request.get("timeout")),
+                )
+        return self.response_read(answer_json(response))
 
     def request(
         self,
@@ -88,6 +106,8 @@ class OpenAICompatibleClient:
         max_tokens: int | None = None,
         timeout: float | None = None,
     ) -> dict:
+        """The request's body, as Chat Completions takes it. ``timeout`` is no part of
+        it: it goes to the package as the call's own (``request_options``)."""
         request: dict = {"model": self.model, "messages": messages}
         if tools:
             request["tools"] = tools
@@ -96,9 +116,17 @@ class OpenAICompatibleClient:
         if max_tokens:
             # max_tokens, not max_completion_tokens: every compatible server knows it.
             request["max_tokens"] = max_tokens
-        if timeout:
-            request["timeout"] = timeout
         return request
+
+    @staticmethod
+    def request_options(timeout: float | None) -> dict:
+        """The package's options for one call, as ``chat.completions.create`` sets them:
+        the API key as a bearer token, and the call's timeout (each read's, connect's
+        and write's) where it gives one, else the client's."""
+        options: dict = {"security": {"bearer_auth": True}}
+        if timeout:
+            options["timeout"] = timeout
+        return options
 
     @contextmanager
     def _errors_read(self, deadline: float) -> Iterator[None]:
@@ -133,43 +161,67 @@ class OpenAICompatibleClient:
                 retry_after=_retry_after(error),
             ) from error
 
-    def response_read(self, response: Any) -> ModelTurn:
-        if not getattr(response, "choices", None):
+    def response_read(self, answer: Any) -> ModelTurn:
+        """The turn in ``answer``, the server's JSON. No choices is a transient error (a
+        server's hiccup); choices of the wrong shape are the server's error, not the
+        engine's, and not transient: the server would answer the same again."""
+        if not isinstance(answer, dict) or not answer.get("choices"):
             raise ModelError("the model server returned no choices", transient=True)
         try:
-            return self.turn_read(response)
-        except (AttributeError, TypeError, IndexError) as error:
-            # The package builds its objects without validating them: a server's answer
-            # of the wrong shape fails here, as the server's error, not the engine's.
+            return self.turn_read(answer)
+        except (KeyError, AttributeError, TypeError, IndexError) as error:
             raise ModelError(
                 f"the model server's answer is malformed ({type(error).__name__}: {error})",
                 transient=False,
             ) from error
 
-    def turn_read(self, response: Any) -> ModelTurn:
+    def turn_read(self, answer: dict) -> ModelTurn:
         """The turn as the server sent it. Values of the wrong type or that no database
         stores are kept as sent here; the engine's ``turn_storable`` makes them storable
-        and notes each change."""
-        choice = response.choices[0]
-        message = choice.message
+        and notes each change. It reads as the package's models read an answer they
+        build without validating it: a missing field is None, an item of ``tool_calls``
+        without a function is no call, and a part that is not an object where one must
+        be (a choice, its message, a call's function, the usage) fails the read."""
+        choice = answer["choices"][0]
+        message = choice.get("message")
         calls = [
             ToolCallRequest(
-                id=call.id or "",
-                name=call.function.name,
-                arguments=call.function.arguments or "{}",
+                id=call.get("id") or "",
+                name=call["function"].get("name"),
+                arguments=call["function"].get("arguments") or "{}",
             )
-            for call in (message.tool_calls or [])
-            if getattr(call, "function", None) is not None
+            for call in (message.get("tool_calls") or [])
+            if isinstance(call, dict) and call.get("function") is not None
         ]
-        usage = response.usage
+        usage = answer.get("usage")
+        if isinstance(usage, dict):
+            # A count it does not give is None, not 0: the provider's window then keeps
+            # what the call reserved (``waits.turn_tokens``).
+            tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        elif usage:
+            raise TypeError(f"usage is a {type(usage).__name__}, not an object")
+        else:
+            tokens_in = tokens_out = 0  # many local servers report no usage
         return ModelTurn(
-            content=message.content or "",
+            content=message.get("content") or "",
             tool_calls=calls,
-            tokens_in=usage.prompt_tokens if usage else 0,
-            tokens_out=usage.completion_tokens if usage else 0,
-            model=response.model or self.model,
-            finish_reason=choice.finish_reason or "",
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            model=answer.get("model") or self.model,
+            finish_reason=choice.get("finish_reason") or "",
         )
+
+
+def answer_json(response: httpx2.Response) -> Any:
+    """The answer's body as JSON (NaN and Infinity read, as the package reads them);
+    a body that is not JSON is a transient error: a proxy's page, an answer cut short."""
+    try:
+        return json.loads(response.content)
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise ModelError(
+            f"the model server's answer is not JSON ({type(error).__name__}: {error})",
+            transient=True,
+        ) from error
 
 
 def _error_text(error: openai.APIStatusError) -> str:
@@ -233,8 +285,20 @@ class AnswerTooLarge(Exception):
 
 
 def http_client_capped() -> httpx2.AsyncClient:
-    """The httpx client under openai's, with every answer read through ``answer_cap``."""
-    return openai.DefaultAsyncHttpxClient(event_hooks={"response": [answer_cap]})
+    """The httpx client under openai's, with every answer read through ``answer_cap``,
+    on the process's TLS context (``tls_context``)."""
+    return openai.DefaultAsyncHttpxClient(
+        verify=tls_context(), event_hooks={"response": [answer_cap]}
+    )
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (the system's CA certificates, or SSL_CERT_FILE /
+    SSL_CERT_DIR), made once a process and shared by its clients, as an SSLContext may
+    be: reading the certificates costs about 20 ms of CPU, which the blocking call, with
+    a client of its own each time, would otherwise pay at every call."""
+    return httpx2.create_ssl_context()
 
 
 async def answer_cap(response: httpx2.Response) -> None:
