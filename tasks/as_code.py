@@ -622,6 +622,8 @@ class TaskPlan:
                 needed |= {"tasks.change_toolgrant", f"tasks.{perm}"}
         for trigger in self.triggers:
             needed.add(f"tasks.{trigger.action.replace('remove', 'delete')}_trigger")
+            if trigger.action != "remove":  # a trigger starts runs: as the admin asks
+                needed.add("tasks.start_run")
         return needed
 
 

@@ -3,7 +3,8 @@
 A trigger widens what runs unattended, so its form is hostile input like any other:
 the config and the mapping pass ``triggers.config.config_errors`` (each fault under its
 field, nothing saved until there are none), and only staff holding the trigger
-permissions (``tasks.add_trigger``, ``change_trigger``, ``delete_trigger``) reach it.
+permissions (``tasks.add_trigger``, ``change_trigger``, ``delete_trigger``) reach it;
+adding or changing one also takes ``tasks.start_run``, since it starts runs.
 Every add, change, rotation and deletion is written in the task's trail.
 
 A webhook's signing secret is made when the trigger is, and shown once, in the message
@@ -335,6 +336,20 @@ class TriggerAdmin(admin.ModelAdmin):
         except (ValueError, KeyError, TypeError):
             return "—"
         return format_html_join(", ", "{}", ((f"{slot:%a %Y-%m-%d %H:%M %Z}",) for slot in slots))
+
+    # Who may --------------------------------------------------------------------------
+
+    # A trigger starts runs of its task with nobody pressing Run: a person who may not
+    # start runs (tasks.start_run) may neither add one nor change one (which can enable
+    # it, point it at another task, raise its limits or choose its input).
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return super().has_add_permission(request) and request.user.has_perm("tasks.start_run")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return super().has_change_permission(request, obj) and request.user.has_perm(
+            "tasks.start_run"
+        )
 
     # Saving -------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ EDITOR_PERMISSIONS = [
     "add_trigger",
     "change_trigger",
     "delete_trigger",
+    "start_run",
 ]
 
 
@@ -533,6 +534,33 @@ def test_a_grant_needs_the_grant_permission(demo_task, alice):
     # Without a user, the plan is only shown: it says what a grant would do.
     shown = tasks_import_plan(text=yaml.safe_dump(data)).diff
     assert "    + grant ledger_payments (waits for a second person)" in shown
+
+
+def test_a_trigger_added_or_changed_needs_the_right_to_start_runs(demo_task, alice):
+    """A trigger starts runs with nobody pressing Run: as in the admin, whoever may not
+    start runs may not add one or raise its limits. Removing one needs no such right."""
+    alice.user_permissions.remove(Permission.objects.get(codename="start_run"))
+    alice = User.objects.get(pk=alice.pk)
+    data = yaml.safe_load(export())
+    triggers = data["tasks"]["reconcile-invoices"]["triggers"]
+    raised = yaml.safe_load(yaml.safe_dump(data))
+    raised["tasks"]["reconcile-invoices"]["triggers"]["Batch closed (accounting webhook)"][
+        "max_per_minute"
+    ] = 600
+    added = yaml.safe_load(yaml.safe_dump(data))
+    added["tasks"]["reconcile-invoices"]["triggers"]["Every minute"] = {
+        **triggers["Reconcile every night"],
+        "config": {**triggers["Reconcile every night"]["config"], "expression": "* * * * *"},
+    }
+    before = database_dump()
+
+    for changed in (raised, added):
+        with pytest.raises(PermissionDenied, match=r"tasks\.start_run"):
+            tasks_import_plan(text=yaml.safe_dump(changed), user=alice)
+    assert database_dump() == before
+    removed = yaml.safe_load(yaml.safe_dump(data))
+    del removed["tasks"]["reconcile-invoices"]["triggers"]["Reconcile every night"]
+    assert "tasks.start_run" not in tasks_import_plan(text=yaml.safe_dump(removed)).permissions()
 
 
 def test_the_example_file_in_the_docs_is_accepted(demo_task, alice):

@@ -46,8 +46,17 @@ def staff(codenames: list[str], *, name: str = "tess") -> Client:
 
 @pytest.fixture
 def editor() -> Client:
-    """Staff who may add, change, delete and view triggers (and view tasks)."""
-    return staff(["add_trigger", "change_trigger", "delete_trigger", "view_trigger", "view_task"])
+    """Staff who may add, change, delete and view triggers, view tasks and start runs."""
+    return staff(
+        [
+            "add_trigger",
+            "change_trigger",
+            "delete_trigger",
+            "view_trigger",
+            "view_task",
+            "start_run",
+        ]
+    )
 
 
 @pytest.fixture
@@ -265,6 +274,30 @@ def test_only_staff_with_the_trigger_permissions_may_add_one(task, outsider, cli
     assert viewer.post(ADD, form(task)).status_code == 403
     assert viewer.get(ADD).status_code == 403
     assert not Trigger.objects.exists()
+
+
+def test_trigger_permissions_without_the_right_to_start_runs_add_and_change_nothing(
+    make_trigger, task
+):
+    """A trigger starts runs with nobody pressing Run: staff who may edit triggers but
+    not start runs may neither add one nor change one (enable it, raise its limits)."""
+    may_not_run = staff(
+        ["add_trigger", "change_trigger", "view_trigger", "view_task"], name="trina"
+    )
+    assert may_not_run.get(ADD).status_code == 403
+    assert may_not_run.post(ADD, form(task)).status_code == 403
+    trigger = make_trigger(task=task, secret="whsec_" + "A" * 44, enabled=False)
+    change = reverse("admin:tasks_trigger_change", args=[trigger.pk])
+    may_not_run.post(change, form(task, name="renamed", max_per_minute="600"))
+    rotate = may_not_run.post(reverse("admin:tasks_trigger_rotate", args=[trigger.pk]))
+    assert rotate.status_code == 403
+    trigger.refresh_from_db()
+    assert (trigger.name, trigger.enabled, trigger.max_per_minute) == (
+        "webhook trigger",
+        False,
+        None,
+    )
+    assert Trigger.objects.count() == 1
 
 
 def test_a_viewer_cannot_change_rotate_or_delete(make_trigger, task):
