@@ -210,7 +210,9 @@ Q_CLUSTER = {
     "poll": 0.2,
     # The pusher takes up to this many messages a query (one by default): with the async
     # worker a job is a hand-over, and a burst of runs reaches the workers ten at a time.
-    "bulk": 10,
+    # Inline, a job is a whole slice: messages the pusher holds while every worker is busy
+    # would wait behind them, and outlive their lock (``retry``), so one at a time.
+    "bulk": 10 if AGENTOPS_WORKER_CONCURRENCY > 0 else 1,
     # Retry above the timeout (django-q2 requires it); the lease stops a retried job from
     # advancing a run twice.
     "timeout": AGENTOPS_JOB_TIME_LIMIT,

@@ -82,7 +82,7 @@ _SURROGATE_AT = re.compile(
 )
 
 
-def _nesting_check(text: str) -> None:
+def nesting_check(text: str) -> None:
     """Refuse nesting deeper than ``MAX_DEPTH`` before the parser recurses into it."""
     if text.count("[") + text.count("{") <= MAX_DEPTH:
         return  # too few brackets to be too deep: most documents stop here
@@ -152,7 +152,7 @@ class StrictJSONDecoder(json.JSONDecoder):
         super().__init__(**kwargs)
 
     def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
-        _nesting_check(s)
+        nesting_check(s)
         try:
             value = super().decode(s, *args, **kwargs)
         except _Refused as refused:

@@ -214,3 +214,45 @@ def test_every_client_shares_the_processs_tls_context():
     first, second = http_client_capped(), http_client_capped()
     contexts = {id(client._transport._pool._ssl_context) for client in (first, second)}
     assert contexts == {id(tls_context())}
+
+
+# What a hostile answer cannot make the engine carry ----------------------------------
+
+
+@PATHS
+def test_an_answer_nested_deeper_than_the_engine_reads_is_refused_before_it_is_parsed(call):
+    """A few thousand brackets fit in any answer cap; parsed, the engine's walks over
+    what it stores would run out of stack. Refused as an answer that is not JSON: a
+    server's fault, tried again."""
+    deep = b'{"choices": [{"message": {"content": "hi", "x": ' + b"[" * 3000 + b"]" * 3000
+    body = deep + b"}}]}"
+    with HostileServer() as server:
+        server.answers.append(answer_plain(body))
+        with pytest.raises(ModelError) as caught:
+            call(client_of(server.base_url))
+
+    assert caught.value.transient is True
+    assert "nesting deeper than 100 levels is not accepted" in str(caught.value)
+
+
+@PATHS
+def test_an_answer_in_utf_16_is_read_as_json_reads_bytes(call):
+    body = '{"model": "m", "choices": [{"message": {"content": "grüße"}}]}'.encode("utf-16")
+    with HostileServer() as server:
+        server.answers.append(answer_plain(body))
+        turn = call(client_of(server.base_url))
+
+    assert turn.content == "grüße"
+
+
+@PATHS
+def test_a_servers_long_error_message_is_clipped_where_the_run_would_carry_it(call):
+    """The message goes into every retry's event and the run's reason."""
+    with OpenAICompatibleServer() as server:
+        server.reply({"error": {"message": "no " * 100_000}}, status=400)
+        with pytest.raises(ModelError) as caught:
+            call(client_of(server.base_url))
+
+    said = str(caught.value)
+    assert len(said) < 1_200
+    assert "(300000 characters in all)" in said

@@ -20,6 +20,7 @@ from agentops.runtime.models.base import (
     ToolCallRequest,
     retry_after_seconds,
 )
+from agentops.strict_json import nesting_check
 
 # The package's own path for Chat Completions, under its base_url.
 CHAT_PATH = "/chat/completions"
@@ -214,9 +215,15 @@ class OpenAICompatibleClient:
 
 def answer_json(response: httpx2.Response) -> Any:
     """The answer's body as JSON (NaN and Infinity read, as the package reads them);
-    a body that is not JSON is a transient error: a proxy's page, an answer cut short."""
+    a body that is not JSON is a transient error: a proxy's page, an answer cut short.
+    Nesting deeper than ``strict_json.MAX_DEPTH`` is refused before it is parsed: the
+    engine walks what it stores, and a deep enough answer would exhaust its stack."""
     try:
-        return json.loads(response.content)
+        body = response.content
+        # As json.loads reads bytes: UTF-8, or UTF-16/32 by their first bytes.
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        nesting_check(text)
+        return json.loads(text)
     except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise ModelError(
             f"the model server's answer is not JSON ({type(error).__name__}: {error})",
@@ -224,13 +231,21 @@ def answer_json(response: httpx2.Response) -> Any:
         ) from error
 
 
+# How much of a server's error message is kept: it goes into every retry's event and
+# the run's reason, and a hostile server may send one as long as the answer cap.
+ERROR_TEXT_CHARS = 1000
+
+
 def _error_text(error: openai.APIStatusError) -> str:
     body = error.body
+    text = error.message
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return error.message
+            text = str(inner["message"])
+    if len(text) > ERROR_TEXT_CHARS:
+        text = f"{text[:ERROR_TEXT_CHARS]}… ({len(text)} characters in all)"
+    return text
 
 
 def _retry_after(error: openai.APIStatusError) -> float | None:
