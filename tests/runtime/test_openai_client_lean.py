@@ -256,3 +256,38 @@ def test_a_servers_long_error_message_is_clipped_where_the_run_would_carry_it(ca
     said = str(caught.value)
     assert len(said) < 1_200
     assert "(300000 characters in all)" in said
+
+
+def answer_over_the_cap(status_line: bytes, *headers: str):
+    """An error answer whose body is twice the cap (the test lowers it to 64 KiB)."""
+    body = b'{"error": {"message": "' + b"x" * 2**17 + b'"}}'
+
+    def answer(send, stopped) -> None:
+        send(head(len(body), *headers).replace(b"200 OK", status_line) + body)
+
+    return answer
+
+
+@PATHS
+def test_a_429_too_large_to_read_still_says_when_to_come_back(call, settings):
+    settings.AGENTOPS_MODEL_MAX_ANSWER_BYTES = 2**16
+    with HostileServer() as server:
+        server.answers.append(answer_over_the_cap(b"429 Too Many Requests", "Retry-After: 7"))
+        with pytest.raises(ModelError) as caught:
+            call(client_of(server.base_url))
+
+    error = caught.value
+    assert (error.transient, error.status, error.retry_after) == (True, 429, 7.0)
+    assert f"answered 429 with more than {2**16} bytes" in str(error)
+
+
+@PATHS
+def test_a_refusal_too_large_to_read_is_still_a_refusal(call, settings):
+    """A 400 would be answered the same again: not transient, however large."""
+    settings.AGENTOPS_MODEL_MAX_ANSWER_BYTES = 2**16
+    with HostileServer() as server:
+        server.answers.append(answer_over_the_cap(b"400 Bad Request"))
+        with pytest.raises(ModelError) as caught:
+            call(client_of(server.base_url))
+
+    assert (caught.value.transient, caught.value.status) == (False, 400)

@@ -144,13 +144,13 @@ class OpenAICompatibleClient:
                 transient=True,
             ) from error
         except AnswerTooLarge as error:
-            raise ModelError(str(error), transient=True) from error
+            raise error.model_error() from error
         except openai.APITimeoutError as error:
             raise ModelError(f"the model server timed out: {error}", transient=True) from error
         except openai.APIConnectionError as error:
             if isinstance(error.__cause__, AnswerTooLarge):
                 # Older openai versions wrap any failure of a send in this error.
-                raise ModelError(str(error.__cause__), transient=True) from error
+                raise error.__cause__.model_error() from error
             raise ModelError(
                 f"could not reach the model server: {error}", transient=True
             ) from error
@@ -290,12 +290,28 @@ def coroutine_run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 class AnswerTooLarge(Exception):
-    """A model server's answer went past AGENTOPS_MODEL_MAX_ANSWER_BYTES as it was read."""
+    """A model server's answer went past AGENTOPS_MODEL_MAX_ANSWER_BYTES as it was read,
+    with the answer's status and, for a 429 or 503, the wait its Retry-After asked for:
+    an error answer too large to read still says when to come back."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, status: int, retry_after: float | None = None) -> None:
+        self.status = status
+        self.retry_after = retry_after
+        answered = f"answered {status} with" if status >= 400 else "'s answer was"
         super().__init__(
-            f"the model server's answer was more than {limit} bytes "
+            f"the model server{answered} more than {limit} bytes "
             "(AGENTOPS_MODEL_MAX_ANSWER_BYTES); it was cut off there, unread"
+        )
+
+    def model_error(self) -> ModelError:
+        """Transient, as any answer cut off (the next may be within bounds), unless its
+        status says the server would refuse the same request again."""
+        refused = self.status >= 400 and self.status not in TRANSIENT_STATUSES
+        return ModelError(
+            str(self),
+            transient=not refused,
+            status=self.status if self.status >= 400 else None,
+            retry_after=self.retry_after,
         )
 
 
@@ -323,9 +339,12 @@ async def answer_cap(response: httpx2.Response) -> None:
     end are never decoded (zlib keeps them aside, in memory). A scratch response over
     the counted wire decodes it with httpx's own decoders, as the response would have."""
     limit = settings.AGENTOPS_MODEL_MAX_ANSWER_BYTES
-    wire = CappedStream(response.stream, limit)
-    scratch = httpx2.Response(response.status_code, headers=response.headers, stream=wire)
-    response.stream = CappedStream(scratch.aiter_bytes(), limit, wire=wire)
+    status = response.status_code
+    retry_after = retry_after_seconds(response.headers) if status in RETRY_AFTER_STATUSES else None
+    said = {"status": status, "retry_after": retry_after}
+    wire = CappedStream(response.stream, limit, said=said)
+    scratch = httpx2.Response(status, headers=response.headers, stream=wire)
+    response.stream = CappedStream(scratch.aiter_bytes(), limit, wire=wire, said=said)
     # The stream now yields the decoded bytes, which must not be decoded again.
     if "content-encoding" in response.headers:
         del response.headers["content-encoding"]
@@ -342,10 +361,12 @@ class CappedStream(httpx2.AsyncByteStream):
         source: httpx2.AsyncByteStream | AsyncGenerator[bytes, None],
         limit: int,
         *,
+        said: dict[str, Any],
         wire: httpx2.AsyncByteStream | None = None,
     ) -> None:
         self.source = source
         self.limit = limit
+        self.said = said  # the answer's status and Retry-After, for AnswerTooLarge
         self.wire = wire
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -353,7 +374,7 @@ class CappedStream(httpx2.AsyncByteStream):
         async for chunk in self.source:
             read += len(chunk)
             if read > self.limit:
-                raise AnswerTooLarge(self.limit)
+                raise AnswerTooLarge(self.limit, **self.said)
             yield chunk
 
     async def aclose(self) -> None:
