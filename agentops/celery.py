@@ -1,5 +1,6 @@
 """The Celery app for AGENTOPS_QUEUE=celery. Start a worker with
-``celery -A agentops worker``. Tasks take ids only and are acknowledged late, so a
+``celery -A agentops worker`` (``--triggers`` runs the triggers' listeners with it,
+``agentops/celery_triggers.py``). Tasks take ids only and are acknowledged late, so a
 worker lost mid-slice hands the run back; the run's lease keeps two workers apart."""
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ import os
 from celery import Celery
 from celery.signals import worker_init, worker_process_shutdown
 
+from agentops.celery_triggers import TRIGGERS_OPTION, TriggerListeners
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "agentops.settings")
 
 app = Celery("agentops")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# `celery -A agentops worker --triggers`: the listeners' process with the worker.
+app.user_options["worker"].add(TRIGGERS_OPTION)
+app.steps["worker"].add(TriggerListeners)
 
 
 @app.task(name="agentops.run_advance", acks_late=True, ignore_result=True)

@@ -52,9 +52,10 @@ class Command(BaseCommand):
             start_new_session=True,
         )
         # The schedules, the queue consumers and the SMTP listener: a process of their
-        # own, so a stuck broker never holds up the web server, stopped with the worker.
+        # own, so a stuck broker never holds up the web server, stopped with the worker,
+        # and by themselves should this process be killed outright.
         listeners = subprocess.Popen(
-            [sys.executable, "manage.py", "triggers"],
+            [sys.executable, "manage.py", "triggers", "--exit-with-parent", str(os.getpid())],
             cwd=settings.BASE_DIR,
             start_new_session=True,
         )
