@@ -17,19 +17,7 @@ from agentops.runtime.models.openai_compatible import (
 from tests.conftest import run_coroutine
 from tests.peers.openai_server import OpenAICompatibleServer, completion
 from tests.runtime.test_model_hostile import HostileServer, answer_plain, head
-
-MESSAGES = [
-    {"role": "system", "content": "You are a test."},
-    {"role": "user", "content": "Say hello."},
-]
-ECHO_SPEC = {
-    "type": "function",
-    "function": {
-        "name": "test_echo",
-        "description": "Return the text.",
-        "parameters": {"type": "object", "properties": {"text": {"type": "string"}}},
-    },
-}
+from tests.runtime.test_openai_client import ECHO_SPEC, MESSAGES
 
 
 def client_of(base_url: str, *, timeout: float = 5) -> OpenAICompatibleClient:

@@ -28,7 +28,7 @@ from tests.peers.workers import ROOT, wait_for, worker_env
 from tests.runtime.test_celery import BROKER_URL, QUEUE, queue_clear
 from tests.runtime.test_celery import redis_problem as broker_problem
 from tests.test_serve import alive
-from tests.triggers.test_listeners import process_task, smtp_answers
+from tests.triggers.test_listeners import process_task, smtp_answers, stream_trigger
 from tests.triggers.test_queues import REDIS_URL, redis_problem
 from triggers.listeners import STOP_SECONDS
 from triggers.management.commands.triggers import PARENT_CHECK_SECONDS
@@ -194,11 +194,7 @@ def test_listeners_that_die_while_the_worker_runs_are_started_again(
     make_task, make_trigger, stream, tmp_path
 ):
     client, name = stream
-    trigger = make_trigger(
-        Trigger.Kind.QUEUE,
-        task=process_task(make_task),
-        config={"transport": "redis", "url": REDIS_URL, "stream": name},
-    )
+    trigger = stream_trigger(make_task, make_trigger, name)
     log = tmp_path / "worker.log"
     with celery_worker(log, AGENTOPS_SMTP_LISTEN_HOST="") as worker:
         first = one_listeners_process(worker, log)
@@ -222,11 +218,7 @@ def test_listeners_whose_worker_is_killed_outright_end_by_themselves(
     make_task, make_trigger, stream, tmp_path
 ):
     client, name = stream
-    trigger = make_trigger(
-        Trigger.Kind.QUEUE,
-        task=process_task(make_task),
-        config={"transport": "redis", "url": REDIS_URL, "stream": name},
-    )
+    trigger = stream_trigger(make_task, make_trigger, name)
     log = tmp_path / "worker.log"
     with celery_worker(log, AGENTOPS_SMTP_LISTEN_HOST="") as worker:
         listeners = one_listeners_process(worker, log)

@@ -332,15 +332,21 @@ def triggers_process(log: Path, **env: str) -> Iterator[subprocess.Popen]:
         connection.close()
 
 
-def test_manage_py_triggers_consumes_and_stops_on_sigterm(
-    make_task, make_trigger, stream, tmp_path
-):
-    client, name = stream
-    trigger = make_trigger(
+def stream_trigger(make_task, make_trigger, name: str) -> Trigger:
+    """A queue trigger on the tests' Redis stream ``name``, starting runs of a task that
+    ends at once."""
+    return make_trigger(
         Trigger.Kind.QUEUE,
         task=process_task(make_task),
         config={"transport": "redis", "url": REDIS_URL, "stream": name},
     )
+
+
+def test_manage_py_triggers_consumes_and_stops_on_sigterm(
+    make_task, make_trigger, stream, tmp_path
+):
+    client, name = stream
+    trigger = stream_trigger(make_task, make_trigger, name)
     log = tmp_path / "triggers.log"
     with triggers_process(log) as process:
         wait_for(lambda: "consuming as" in log.read_text(), what="the consumer to start")
@@ -510,11 +516,7 @@ def test_manage_py_triggers_outlives_the_database_going_away_and_consumes_once_i
     if connection.vendor != "postgresql":
         pytest.skip("the database is a file on SQLite; the PostgreSQL pass cuts its connection")
     client, name = stream
-    trigger = make_trigger(
-        Trigger.Kind.QUEUE,
-        task=process_task(make_task),
-        config={"transport": "redis", "url": REDIS_URL, "stream": name},
-    )
+    trigger = stream_trigger(make_task, make_trigger, name)
     settings = connection.settings_dict
     relay = TcpRelay((settings["HOST"] or "127.0.0.1", int(settings["PORT"] or 5432)))
     relay.up()
