@@ -40,8 +40,11 @@ def test_a_q2_worker_keeps_its_connection_between_jobs_unless_told_not_to(tmp_pa
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize("pool", ["solo", "prefork"])
-@pytest.mark.parametrize("max_age", ["300", "0"], ids=["kept", "closed"])
+# Kept across a fork (prefork's children inherit what worker_init set in their parent),
+# and closed (the test can tell them apart) on the pool that forks nothing.
+@pytest.mark.parametrize(
+    ("pool", "max_age"), [("prefork", "300"), ("solo", "0")], ids=["kept-prefork", "closed-solo"]
+)
 def test_a_celery_workers_pool_thread_keeps_its_connection_unless_told_not_to(
     tmp_path, settings, pool, max_age
 ):
