@@ -8,7 +8,6 @@ request, reading and checking the answer, and the event loop around them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import subprocess
@@ -24,6 +23,7 @@ from django.core.management.base import CommandError, CommandParser
 
 from agentops.bench import load_average
 from agentops.commands import ParagraphsCommand
+from agentops.management.commands.bench_concurrency import whole_number
 from agentops.runtime.models.base import ModelError, ModelTurn
 from agentops.runtime.models.openai_compatible import OpenAICompatibleClient, coroutine_run
 
@@ -105,26 +105,6 @@ less than wall time does.
 """
 
 
-def calls_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and 1000000")
-    return value
-
-
-def warm_up_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 10000")
-    return value
-
-
 @dataclass(frozen=True)
 class PathFigures:
     """What ``calls`` calls on one path cost: this process's CPU, the wall time, and the
@@ -156,13 +136,13 @@ class Command(ParagraphsCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
             "--calls",
-            type=calls_count,
+            type=whole_number(1, 1_000_000),
             default=500,
             help="calls timed on each path (default 500)",
         )
         parser.add_argument(
             "--warm-up",
-            type=warm_up_count,
+            type=whole_number(0, 10_000),
             default=20,
             help="untimed calls on each path before the timed ones (default 20)",
         )
