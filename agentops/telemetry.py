@@ -202,6 +202,24 @@ def error_mark(span: trace.Span, error: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, type(error).__name__))
 
 
+@contextlib.contextmanager
+def child_span(name: str, kind: SpanKind, attributes: dict[str, Any]) -> Iterator[trace.Span]:
+    """A span within the slice's, current while the block runs; an exception out of the
+    block marks it by its type alone (``error_mark``) and goes on."""
+    with tracer().start_as_current_span(
+        name,
+        kind=kind,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as error:
+            error_mark(span, error)
+            raise
+
+
 # -- The hooks the engine calls ------------------------------------------------------
 
 
@@ -271,18 +289,8 @@ def chat_traced(run: Run, *, max_tokens: int | None, call: Callable[[], ModelTur
     }
     if max_tokens:
         attributes["gen_ai.request.max_tokens"] = int(max_tokens)
-    with tracer().start_as_current_span(
-        f"chat {model}",
-        kind=SpanKind.CLIENT,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            turn = call()
-        except BaseException as error:
-            error_mark(span, error)
-            raise
+    with child_span(f"chat {model}", SpanKind.CLIENT, attributes) as span:
+        turn = call()
         # As the server said them, before the turn is made storable: counts or nothing.
         for name, value in (
             ("gen_ai.usage.input_tokens", token_count(turn.tokens_in)),
@@ -311,18 +319,8 @@ def tool_traced(step: Step, tool: Tool, call: Callable[[], ToolResult]) -> ToolR
         "agentops.tool.side_effect": tool.side_effect,
         "agentops.step.number": step.number,
     }
-    with tracer().start_as_current_span(
-        f"execute_tool {tool.name}",
-        kind=SpanKind.INTERNAL,
-        attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            result = call()
-        except BaseException as error:
-            error_mark(span, error)
-            raise
+    with child_span(f"execute_tool {tool.name}", SpanKind.INTERNAL, attributes) as span:
+        result = call()
         if not result.ok:
             span.set_attribute("error.type", "tool_error")
             span.set_attribute("agentops.tool.transient", bool(result.transient))

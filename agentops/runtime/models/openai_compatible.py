@@ -249,11 +249,13 @@ def _error_text(error: openai.APIStatusError) -> str:
 
 
 def _retry_after(error: openai.APIStatusError) -> float | None:
-    """The wait the server asked for with a 429 or 503, in seconds, if it said."""
-    if error.status_code not in RETRY_AFTER_STATUSES:
-        return None
     response = getattr(error, "response", None)
-    return retry_after_seconds(response.headers) if response is not None else None
+    return retry_after_of(error.status_code, response.headers) if response is not None else None
+
+
+def retry_after_of(status: int, headers: Any) -> float | None:
+    """The wait the server asked for with a 429 or 503, in seconds, if it said."""
+    return retry_after_seconds(headers) if status in RETRY_AFTER_STATUSES else None
 
 
 # The async worker's clients, one per event loop and server: a client's connection pool is
@@ -340,8 +342,7 @@ async def answer_cap(response: httpx2.Response) -> None:
     the counted wire decodes it with httpx's own decoders, as the response would have."""
     limit = settings.AGENTOPS_MODEL_MAX_ANSWER_BYTES
     status = response.status_code
-    retry_after = retry_after_seconds(response.headers) if status in RETRY_AFTER_STATUSES else None
-    said = {"status": status, "retry_after": retry_after}
+    said = {"status": status, "retry_after": retry_after_of(status, response.headers)}
     wire = CappedStream(response.stream, limit, said=said)
     scratch = httpx2.Response(status, headers=response.headers, stream=wire)
     response.stream = CappedStream(scratch.aiter_bytes(), limit, wire=wire, said=said)
